@@ -1,0 +1,40 @@
+# make test   set up .venv from nothing (CPU build of torch on machines without an NVIDIA GPU), run the tests
+# make demo   set up .venv, pretrain the tokenizer + GPT core on the task world, print val loss and samples
+# make lint   ruff check + format check
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# The pinned torch: a local wheel if the machine has one; else the CPU build from PyTorch's CPU
+	@# index when there is no NVIDIA GPU (PyPI's default Linux wheel is a multi-GB CUDA build).
+	$(PIP) install -q --no-index --no-deps "$(TORCH)" 2>/dev/null || \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "$(TORCH)"; \
+	  else $(PIP) install -q "$(TORCH)" --index-url https://download.pytorch.org/whl/cpu; fi
+	$(PIP) install -q -e ".[dev]" "$(TORCH)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/aligner pretrain recipes/pretrain.yaml --train.name demo --overwrite
+	$(VENV)/bin/aligner generate runs/demo/final --temperature 0 --max-new-tokens 40 \
+	  --prompt "Question: What is 23 + 19?" --prompt "Question: Which is larger: 9.9 or 9.11?"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check aligner tests benchmarks
+	$(VENV)/bin/ruff format --check aligner tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/pretrain_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

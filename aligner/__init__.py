@@ -1,0 +1,34 @@
+"""aligner: a post-training alignment toolkit.
+
+A small, readable GPT core that a pretraining recipe trains from scratch, and trainers (SFT, reward
+models, DPO, PPO, GRPO) on one shared loop that run on that core or on any Hugging Face causal LM.
+
+Python API (imports are lazy so `import aligner` stays light):
+
+    from aligner import load_recipe, pretrain
+    recipe = load_recipe("recipes/pretrain.yaml", {"max_steps": 50})
+    result = pretrain(recipe)
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_recipe": "aligner.config",
+    "Recipe": "aligner.config",
+    "AlignerError": "aligner.errors",
+    "GPT": "aligner.model.gpt",
+    "GPTConfig": "aligner.model.gpt",
+    "pretrain": "aligner.trainers.sft",
+    "SFTTrainer": "aligner.trainers.sft",
+    "Trainer": "aligner.trainers.base",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'aligner' has no attribute {name!r}")

@@ -1,0 +1,7 @@
+"""`python -m aligner` is the `aligner` command."""
+
+import sys
+
+from aligner.cli import main
+
+sys.exit(main())

@@ -1,0 +1,171 @@
+"""Atomic checkpoints and exact-resume state.
+
+Layout of a run directory:
+
+    runs/<name>/step_000200/   model.safetensors + config.json (HF format), tokenizer files,
+                               recipe.yaml, trainer_state.pt (optimizer, scheduler, step),
+                               rng_state_<rank>.pt (one per process)
+    runs/<name>/final/         the finished run's last checkpoint (files hard-linked to its step dir)
+    runs/<name>/metrics.jsonl  one JSON object per logged step
+
+A checkpoint is written into a hidden temporary directory and renamed into place, so a crash leaves
+either the old checkpoint or the new one, never half of one. Loading never unpickles arbitrary
+objects: weights come from safetensors and trainer state from `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+STATE_FILE = "trainer_state.pt"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete step checkpoints in `run_dir`, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for p in run_dir.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Move a finished temporary directory to `target`, replacing any older one atomically enough:
+    the old directory is renamed aside first, so at every moment one complete copy exists."""
+    old = target.with_name(f".old_{target.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def temp_dir(run_dir: Path, name: str) -> Path:
+    tmp = Path(run_dir) / f".tmp_{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def link_copy(src: Path, dst: Path) -> None:
+    """Copy a directory tree using hard links where the filesystem allows (no extra disk)."""
+
+    def copy(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=copy)
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` step checkpoints (and stale temporary directories)."""
+    ckpts = list_checkpoints(run_dir)
+    for _, path in ckpts[: max(0, len(ckpts) - max(keep, 1))]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --- RNG --------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """Every RNG the loop touches, as tensors and plain Python values (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuplify(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_rng(directory: Path, rank: int) -> None:
+    torch.save(rng_state(), Path(directory) / f"rng_state_{rank}.pt")
+
+
+def load_rng(directory: Path, rank: int) -> None:
+    path = Path(directory) / f"rng_state_{rank}.pt"
+    if path.is_file():
+        set_rng_state(torch.load(path, weights_only=True))
+
+
+# --- weights ----------------------------------------------------------------------------------------
+
+
+def load_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Load safetensors weights (single file or sharded index) into `model` in place.
+
+    Missing keys are tolerated only for a tied output head (HF omits it from the file).
+    """
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for f in files:
+            state.update(load_file(directory / f))
+    else:
+        state = load_file(directory / "model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if _is_tied(model) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"{directory}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+
+
+def _is_tied(model: torch.nn.Module) -> bool:
+    head = getattr(model, "lm_head", None)
+    if hasattr(model, "get_input_embeddings"):
+        emb = model.get_input_embeddings()
+    else:  # the GPT core
+        emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    return head is not None and emb is not None and head.weight is emb.weight
+
+
+def save_trainer_state(directory: Path, state: dict) -> None:
+    torch.save(state, Path(directory) / STATE_FILE)
+
+
+def load_trainer_state(directory: Path) -> dict:
+    return torch.load(Path(directory) / STATE_FILE, weights_only=True)

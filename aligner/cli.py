@@ -1,0 +1,144 @@
+"""Command line: `aligner <command> [RECIPE] [--flag value ...]`.
+
+    aligner pretrain recipes/pretrain.yaml         # train tokenizer + GPT core on the task world
+    aligner pretrain --max_steps 100 --train.lr 1e-3
+    aligner generate runs/pretrain/final --prompt "Question: What is 7 + 5?"
+
+Errors in the user's input print one line and exit with code 2; a run stopped by a non-finite loss
+exits with code 1. Nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aligner.errors import AlignerError
+
+TRAIN_COMMANDS = {"pretrain": "train the tokenizer and the GPT core on plain text (packed, every token in the loss)"}
+
+USAGE = """usage: aligner <command> [RECIPE] [--flag value ...]
+
+commands:
+{commands}
+  generate     sample from a checkpoint: aligner generate CHECKPOINT --prompt TEXT
+
+Flags override the recipe: --lr 3e-4 (the command's own section first, then the one section that has
+the key) or --train.lr 3e-4 (always). Boolean flags may omit the value: --resume, --overwrite.
+"""
+
+
+def _usage() -> str:
+    lines = "\n".join(f"  {name:<12} {text}" for name, text in TRAIN_COMMANDS.items())
+    return USAGE.format(commands=lines)
+
+
+def run_training(command: str, argv: list[str]) -> int:
+    from aligner.config import default_recipe_path, load_recipe, parse_flags
+
+    recipe_path = None
+    if argv and not argv[0].startswith("--"):
+        recipe_path, argv = argv[0], argv[1:]
+    if recipe_path is None:
+        recipe_path = default_recipe_path(command)
+    recipe = load_recipe(recipe_path, parse_flags(argv), command=command)
+    if command == "pretrain":
+        from aligner.trainers.sft import pretrain
+
+        result = pretrain(recipe)
+        if result["metrics"]:
+            print("final " + "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
+        for prompt, completion in result["samples"]:
+            print(f"--- sample\n{prompt}{completion}")
+        print(f"checkpoint: {result['run_dir']}/final")
+    return 0
+
+
+def run_generate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="aligner generate", description="Sample from a checkpoint.")
+    p.add_argument("checkpoint", help="checkpoint directory (runs/<name>/final, a step dir, or an HF model dir)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
+    p.add_argument("--system", default=None, help="system prompt for --chat")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("-n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=["auto", "gpt", "hf"], default="auto")
+    args = p.parse_args(argv)
+
+    from pathlib import Path
+
+    from aligner.errors import ConfigError
+    from aligner.model.load import load_model, load_tokenizer
+    from aligner.model.tokenizer import end_of_turn_ids
+    from aligner.rollout.engine import SamplingParams
+    from aligner.rollout.torch_engine import TorchEngine
+
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        raise ConfigError(f"'{args.checkpoint}' is not a checkpoint directory (no config.json)")
+    tokenizer = load_tokenizer(args.checkpoint)
+    model = load_model(args.checkpoint, arch=args.arch)
+    if args.chat:
+        if not tokenizer.chat_template:
+            raise ConfigError(f"{args.checkpoint}: the tokenizer has no chat template; drop --chat")
+        texts = []
+        for prompt in args.prompt:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": prompt}
+            ]
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    else:
+        texts = args.prompt
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine = TorchEngine(model, pad_id=pad)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        n=args.n,
+        stop_ids=tuple(end_of_turn_ids(tokenizer)),
+        seed=args.seed,
+    )
+    outs = engine.generate(ids, params)
+    for i, out in enumerate(outs):
+        prompt = args.prompt[i // args.n]
+        text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        print(f"--- [{i}] {prompt}\n{text}" if args.chat else f"--- [{i}]\n{prompt}{text}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in TRAIN_COMMANDS:
+            if rest and rest[0] in ("-h", "--help"):
+                print(_usage())
+                return 0
+            return run_training(command, rest)
+        if command == "generate":
+            return run_generate(rest)
+        print(f"error: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    except AlignerError as e:
+        from aligner.trainers.base import TrainingError
+
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingError) else 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""Recipes: one dataclass per YAML section, a strict loader, and command-line overrides.
+
+A recipe is a YAML file with the sections below (all optional; each field has a typed default):
+
+    model:     what to train (the GPT core from scratch, a checkpoint, or a Hugging Face model)
+    tokenizer: where the tokenizer comes from, or how to train one
+    data:      where rows come from and how they become sequences
+    train:     the shared training loop (optimizer, schedule, batch, precision, cadence, run dir)
+    sft:       supervised fine-tuning / pretraining options
+
+Loading is strict: malformed YAML, unknown keys, wrong types and missing files raise `ConfigError`
+with one line naming the file and key (and the closest valid key). Flags override the recipe:
+`--lr 3e-4` resolves to the command's own section first, then to the one section that has that key;
+`--train.lr 3e-4` always works. Flag values are parsed as YAML scalars (`--train.trackers [tensorboard]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aligner.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def choice(default: Any, *choices: Any) -> Any:
+    """A field whose value must be one of `choices`."""
+    return field(default=default, metadata={"choices": choices})
+
+
+# --- sections -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    init_from: str | None = None  # checkpoint dir / HF model dir or hub name; None = fresh GPT core
+    arch: str = choice("gpt", "gpt", "hf")  # gpt = aligner's GPT core; hf = any AutoModelForCausalLM
+    hidden_size: int = 256  # GPT core width (fresh init only)
+    num_layers: int = 4  # GPT core depth
+    num_heads: int = 4  # attention heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention); must divide num_heads
+    intermediate_size: int | None = None  # SwiGLU width; None = 8/3 * hidden_size rounded up to 64
+    max_seq_len: int = 512  # RoPE context length written to config.json
+    rope_theta: float = 10000.0  # RoPE base
+    tie_embeddings: bool = True  # share input embedding and output head
+    trust_remote_code: bool = False  # only for hf models whose code lives in the model repo
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None  # tokenizer dir or hub name; None = init_from's tokenizer, else train one
+    vocab_size: int = 2048  # byte-level BPE vocabulary size when training one
+    chat_template: str = "prompts/chatml.jinja"  # template file (or name in prompts/) attached to it
+    train_rows: int = 20000  # rows of the training text used to fit the BPE merges
+
+
+@dataclass
+class DataConfig:
+    source: str = "world:pretrain"  # world[:kind], a jsonl/json/parquet/csv/txt file or dir, or hub name
+    split: str = "train"  # split of `source` to train on
+    eval_source: str | None = None  # None = the world's val split, or a held-out slice of `source`
+    eval_split: str = "val"  # split of eval_source
+    eval_fraction: float = 0.02  # held-out fraction of `source` when there is no eval source
+    text_field: str = "text"  # column holding plain text (pretraining)
+    num_rows: int | None = None  # use only the first N training rows
+    num_eval_rows: int | None = 500  # use only the first N eval rows
+    seq_len: int = 256  # tokens per training sequence
+    world_seed: int = 0  # seed of the built-in task world
+    world_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # task difficulty levels
+
+
+@dataclass
+class TrainConfig:
+    name: str = "pretrain"  # run name: checkpoints go to <out_dir>/<name>
+    out_dir: str = "runs"  # parent of run directories
+    seed: int = 0  # seeds init, data order and sampling
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_ratio: float = 0.03  # fraction of steps spent in linear warmup (ignored if warmup_steps set)
+    warmup_steps: int | None = None  # explicit warmup steps
+    weight_decay: float = 0.1  # AdamW decay on matrices (not on norms, biases, embeddings)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip global grad norm; 0 disables
+    micro_batch_size: int = 16  # sequences per forward/backward on each process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int | None = None  # optimizer steps; None = derive from epochs
+    epochs: float = 1.0  # passes over the training rows when max_steps is None
+    precision: str = choice("auto", "auto", "fp32", "bf16", "fp16")  # auto = bf16 autocast where supported
+    eval_every: int = 100  # steps between evals; 0 = only at the end
+    save_every: int = 200  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # step_* directories kept (final is always kept)
+    log_every: int = 1  # steps between metrics.jsonl lines
+    trackers: list[str] = field(default_factory=list)  # extra trackers: tensorboard, wandb
+    progress: bool = True  # progress bar on stderr
+    resume: bool = False  # continue from the newest checkpoint in the run dir
+    overwrite: bool = False  # replace an existing run dir instead of refusing
+
+
+@dataclass
+class SFTConfig:
+    packing: bool = True  # pack examples into full rows (pretraining text is always packed)
+    samples: int = 3  # sample generations printed at the end of the run
+    sample_tokens: int = 48  # max new tokens per printed sample
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "tokenizer": TokenizerConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "sft": SFTConfig,
+}
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    path: str | None = field(default=None, metadata={"internal": True})  # where it was loaded from
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain data (what gets saved next to every checkpoint)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_yaml(self) -> str:
+        header = f"# resolved recipe (from {self.path or 'built-in defaults'})\n"
+        return header + yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Which section a bare flag (`--lr`) looks at first, per command.
+OWN_SECTION = {"pretrain": "sft", "sft": "sft"}
+# Default recipe per command (recipes/<file>), used when no recipe path is given.
+DEFAULT_RECIPE = {"pretrain": "pretrain.yaml", "sft": "chat.yaml"}
+
+
+# --- type checking --------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return the converted value or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise _type_error(value, tp, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(value, tp, where)
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(value, tp, where)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):  # "1e3" from a flag
+            try:
+                f = float(value)
+            except ValueError:
+                raise _type_error(value, tp, where) from None
+            if f.is_integer():
+                return int(f)
+        raise _type_error(value, tp, where)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _type_error(value, tp, where)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(value, tp, where)
+    raise TypeError(f"unsupported config annotation {tp!r} at {where}")
+
+
+def _type_error(value: Any, tp: Any, where: str) -> ConfigError:
+    return ConfigError(f"{where} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _closest(key: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(options)})"
+
+
+def _public_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+def build_section(cls: type, values: dict, where: str) -> Any:
+    """Make a section dataclass from a mapping, strictly."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(values).__name__}")
+    fields = {f.name: f for f in _public_fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key '{where}.{key}'{_closest(str(key), list(fields))}")
+        kwargs[key] = _check_choice(fields[key], _coerce(value, hints[key], f"{where}.{key}"), f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _check_choice(f: dataclasses.Field, value: Any, where: str) -> Any:
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A user path: as given (relative to the working directory), else relative to the repository root."""
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else p
+
+
+def default_recipe_path(command: str) -> Path | None:
+    name = DEFAULT_RECIPE.get(command)
+    if name is None:
+        return None
+    for base in (Path("recipes"), REPO_ROOT / "recipes"):
+        if (base / name).is_file():
+            return base / name
+    return None
+
+
+def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None, command: str = "sft") -> Recipe:
+    """Load a recipe file (or the built-in defaults when `path` is None) and apply `overrides`.
+
+    `overrides` maps flag names (`lr` or `train.lr`) to values, as parsed by `parse_flags`.
+    """
+    raw: dict = {}
+    source = "built-in defaults"
+    if path is not None:
+        p = resolve_path(path)
+        source = str(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe file '{path}' not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        for section in raw:
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown section '{section}'{_closest(str(section), list(SECTIONS))}")
+        for section, values in raw.items():
+            if values is not None and not isinstance(values, dict):
+                raise ConfigError(f"{section} must be a mapping of keys to values, got {type(values).__name__}")
+        merged = {name: dict(raw.get(name) or {}) for name in SECTIONS}
+        for flag, value in (overrides or {}).items():
+            section, key = resolve_flag(flag, command)
+            merged[section][key] = value
+        recipe = Recipe(**{name: build_section(cls, merged[name], name) for name, cls in SECTIONS.items()})
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    recipe.path = str(path) if path is not None else None
+    validate(recipe)
+    return recipe
+
+
+def resolve_flag(flag: str, command: str) -> tuple[str, str]:
+    """`lr` -> ('train', 'lr'); `train.lr` -> ('train', 'lr'). Unknown or ambiguous flags raise."""
+    if "." in flag:
+        section, key = flag.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown flag '--{flag}': no section '{section}'{_closest(section, list(SECTIONS))}")
+        names = [f.name for f in _public_fields(SECTIONS[section])]
+        if key not in names:
+            raise ConfigError(f"unknown flag '--{flag}'{_closest(key, [f'{section}.{n}' for n in names])}")
+        return section, key
+    own = OWN_SECTION.get(command)
+    if own and flag in {f.name for f in _public_fields(SECTIONS[own])}:
+        return own, flag
+    hits = [name for name, cls in SECTIONS.items() if flag in {f.name for f in _public_fields(cls)}]
+    if len(hits) == 1:
+        return hits[0], flag
+    if len(hits) > 1:
+        raise ConfigError(f"ambiguous flag '--{flag}': use one of {', '.join(f'--{s}.{flag}' for s in hits)}")
+    every = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in _public_fields(cls)]
+    bare = [f.name for cls in SECTIONS.values() for f in _public_fields(cls)]
+    match = difflib.get_close_matches(flag, bare + every, n=1, cutoff=0.5)
+    hint = f" (did you mean '--{match[0]}'?)" if match else ""
+    raise ConfigError(f"unknown flag '--{flag}'{hint}")
+
+
+def parse_flags(args: list[str], bool_flags: set[str] | None = None) -> dict[str, Any]:
+    """Turn ['--lr', '3e-4', '--resume', '--train.name=x'] into {'lr': 3e-4, 'resume': True, 'train.name': 'x'}.
+
+    A flag followed by another flag (or nothing) is a boolean switch set to true. Values are YAML
+    scalars, so `--trackers [tensorboard]` is a list and `--init_from null` is None.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument '{arg}': flags look like --key value or --section.key value")
+        name = arg[2:].replace("-", "_")
+        if "=" in name:
+            name, text = name.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not (args[i + 1].startswith("--") and len(args[i + 1]) > 2):
+            text = args[i + 1]
+            i += 2
+        else:
+            out[name] = True
+            i += 1
+            continue
+        try:
+            out[name] = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            out[name] = text
+    return out
+
+
+def validate(recipe: Recipe) -> None:
+    """Cross-field checks that a single type annotation cannot express."""
+    m, t, d = recipe.model, recipe.train, recipe.data
+    where = recipe.path or "recipe"
+    checks = [
+        (m.num_heads > 0 and m.hidden_size % m.num_heads == 0, "model.hidden_size must be divisible by num_heads"),
+        (m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads == 0, "model.num_heads must be divisible by num_kv_heads"),
+        (m.arch != "hf" or m.init_from, "model.arch hf needs model.init_from (a model dir or hub name)"),
+        (t.lr > 0, "train.lr must be positive"),
+        (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
+        (0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+        (t.micro_batch_size > 0, "train.micro_batch_size must be positive"),
+        (t.grad_accum > 0, "train.grad_accum must be positive"),
+        (t.max_steps is None or t.max_steps > 0, "train.max_steps must be positive"),
+        (t.epochs > 0, "train.epochs must be positive"),
+        (d.seq_len > 1, "data.seq_len must be at least 2"),
+        (d.seq_len <= m.max_seq_len or m.init_from, "data.seq_len must not exceed model.max_seq_len"),
+        (0 <= d.eval_fraction < 1, "data.eval_fraction must be in [0, 1)"),
+        (set(t.trackers) <= {"tensorboard", "wandb"}, "train.trackers may contain only tensorboard and wandb"),
+        (t.name and "/" not in t.name and t.name not in (".", ".."), "train.name must be a plain directory name"),
+        (not (t.resume and t.overwrite), "train.resume and train.overwrite cannot both be set"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{where}: {message}")
+
+
+def save_recipe(recipe: Recipe, directory: Path) -> None:
+    (Path(directory) / "recipe.yaml").write_text(recipe.to_yaml())

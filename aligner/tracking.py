@@ -1,0 +1,139 @@
+"""Metrics: metrics.jsonl always; TensorBoard and wandb when the recipe asks; a progress bar; plots.
+
+Metric names are namespaced (`train/loss`, `eval/loss`, `dpo/margin`). Only the main process writes.
+`aligner.tracking` imports tensorboard, wandb and matplotlib lazily, with an install hint if missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from aligner.errors import ConfigError
+
+
+class Tracker:
+    """Writes one JSON object per logged step to <run_dir>/metrics.jsonl, plus optional backends."""
+
+    def __init__(self, run_dir: Path, trackers: list[str], enabled: bool = True, config: dict | None = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        if "tensorboard" in trackers:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("train.trackers has tensorboard but it is not installed: pip install tensorboard")
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        if "wandb" in trackers:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("train.trackers has wandb but it is not installed: pip install wandb")
+            self._wandb = wandb.init(project="aligner", name=Path(run_dir).name, config=config, dir=str(run_dir))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after `step` (a resumed run re-logs the steps it repeats)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    return v
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A tqdm bar over optimizer steps showing loss and tokens/s (ETA comes from tqdm)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
+            self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3g}"
+    return str(v)
+
+
+def plot_metrics(run_dir: Path, keys: tuple[str, ...] = ("train/loss", "eval/loss", "train/lr")) -> Path | None:
+    """Write <run_dir>/metrics.png with one panel per metric present; None if matplotlib is missing."""
+    rows = read_metrics(run_dir)
+    present = [k for k in keys if any(k in r for r in rows)]
+    if not present:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(4.5 * len(present), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], present):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(run_dir) / "metrics.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,400 @@
+"""THE training loop, shared by every trainer.
+
+Subclasses say only how a micro-batch is made (`collate`, or `micro_batches` for trainers that
+generate their data, such as PPO/GRPO) and how its loss is computed (`compute_loss`). This class does
+everything else: the optimizer (AdamW with weight-decay groups), warmup + cosine schedule, gradient
+clipping, bf16 autocast, gradient accumulation, multi-process data parallelism through accelerate,
+eval cadence, metrics and progress, atomic checkpoints and exact resume.
+
+Loss normalisation. `compute_loss` returns the *sum* of per-unit losses of its micro-batch (units are
+tokens for SFT, pairs for DPO), and each micro-batch carries `n_loss`, its number of units. One
+optimizer step divides by the units of the whole accumulated batch on all processes, so
+micro-batch 8 x accumulation 1 and micro-batch 2 x accumulation 4 give the same update even when
+micro-batches hold different numbers of loss tokens.
+
+Data order is a pure function of (seed, step): the examples of step s are the s-th slice of a stream
+of seeded per-epoch permutations, split across processes and micro-batches. Resuming at step s
+therefore needs only s, the model, the optimizer, the scheduler and the RNG states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from aligner import checkpoint as ckpt
+from aligner.config import Recipe, save_recipe
+from aligner.errors import AlignerError, ConfigError, DataError
+from aligner.tracking import Progress, Tracker, plot_metrics
+
+
+class TrainingError(AlignerError):
+    """The run cannot go on (non-finite loss or gradients); the last good checkpoint is kept."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CPUs and on GPUs that support it, else fp16 on GPU; otherwise as asked."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" else "fp32"
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    # bf16 autocast is applied by the loop itself (accelerate would cast every output, logits
+    # included, back to fp32); fp16 needs accelerate's gradient scaler.
+    return Accelerator(mixed_precision="fp16" if precision == "fp16" else "no")
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup from 1/warmup to 1, then cosine decay to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; do not decay norms, biases or embeddings (nor a head tied to them)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    """Shared loop. Subclasses implement `collate` (or `micro_batches`) and `compute_loss`."""
+
+    stage = "train"  # used in messages and the progress bar
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        train_data: Sequence,
+        eval_data: Sequence | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        self.recipe = recipe
+        self.cfg = recipe.train
+        self.tokenizer = tokenizer
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.accelerator = accelerator or make_accelerator(recipe.train.precision)
+        self.device = self.accelerator.device
+        self.precision = resolve_precision(self.cfg.precision, self.device)
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.run_dir = Path(self.cfg.out_dir) / self.cfg.name
+        self.step = 0
+        self._perm_cache: tuple[int, torch.Tensor] | None = None
+
+        torch.manual_seed(self.cfg.seed)
+        self.model = model
+        self.optimizer = self.make_optimizer(model)
+        self.total_steps = self.compute_total_steps()
+        warmup = self.cfg.warmup_steps
+        if warmup is None:
+            warmup = max(1, round(self.cfg.warmup_ratio * self.total_steps)) if self.cfg.warmup_ratio > 0 else 0
+        self.warmup = warmup
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, self.total_steps, warmup, self.cfg.min_lr_ratio)
+        )
+
+    # --- hooks for subclasses ------------------------------------------------------------------------
+
+    def collate(self, examples: list) -> dict:
+        """Turn examples into a micro-batch dict of tensors with `n_loss` (int) and `n_tokens` (int)."""
+        raise NotImplementedError
+
+    def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Return (sum of per-unit losses over the micro-batch, stats of floats averaged over units)."""
+        raise NotImplementedError
+
+    def eval_metrics(self, totals: dict) -> dict:
+        """Eval metrics from summed `loss` and `n_loss` over the eval set (perplexity for token losses)."""
+        loss = totals["loss"] / max(totals["n_loss"], 1)
+        return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+    # --- data order ------------------------------------------------------------------------------------
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.micro_batch_size * self.cfg.grad_accum * self.world
+
+    def compute_total_steps(self) -> int:
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        return max(1, math.ceil(self.cfg.epochs * len(self.train_data) / self.global_batch))
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._perm_cache = (epoch, torch.randperm(len(self.train_data), generator=g))
+        return self._perm_cache[1]
+
+    def step_indices(self, step: int) -> list[int]:
+        """Dataset indices of the whole global batch of optimizer step `step` (all processes)."""
+        n = len(self.train_data)
+        start = step * self.global_batch
+        out = []
+        for pos in range(start, start + self.global_batch):
+            out.append(int(self._permutation(pos // n)[pos % n]))
+        return out
+
+    def micro_batches(self, step: int) -> list[dict]:
+        """This process's `grad_accum` micro-batches for optimizer step `step`.
+
+        Micro-batch j of process r holds slice (j * world + r) of the global batch, so the union
+        over processes of micro-batch j is the same whatever the number of processes.
+        """
+        idx = self.step_indices(step)
+        mb = self.cfg.micro_batch_size
+        out = []
+        for j in range(self.cfg.grad_accum):
+            k = j * self.world + self.rank
+            out.append(self.collate([self.train_data[i] for i in idx[k * mb : (k + 1) * mb]]))
+        return out
+
+    # --- optimizer -----------------------------------------------------------------------------------
+
+    def make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        groups = param_groups(model, self.cfg.weight_decay)
+        kwargs = dict(lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), eps=1e-8)
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError):  # fused kernel not available for this device/dtype
+            return torch.optim.AdamW(groups, **kwargs)
+
+    # --- precision -----------------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.precision == "fp16":
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        return t.tolist()
+
+    # --- one optimizer step --------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> dict:
+        """Forward/backward over this step's micro-batches, clip, optimizer and scheduler step."""
+        model = self.model
+        micro = self.micro_batches(step)
+        n_local = sum(int(b["n_loss"]) for b in micro)
+        tokens_local = sum(int(b.get("n_tokens", 0)) for b in micro)
+        n_global, tokens_global = self.reduce_sum([n_local, tokens_local])
+        if n_global == 0:
+            raise DataError(f"{self.stage}: step {step + 1} has no loss tokens in any example; check the data masks")
+        loss_sum_local = torch.zeros((), dtype=torch.float64, device=self.device)
+        stats_sum: dict[str, float] = {}
+        for j, batch in enumerate(micro):
+            batch = self.to_device(batch)
+            last = j == len(micro) - 1
+            sync = contextlib.nullcontext() if last or self.world == 1 else self.accelerator.no_sync(model)
+            with sync:
+                with self.autocast():
+                    loss_sum, stats = self.compute_loss(model, batch)
+                # DDP averages gradients over processes; scale so the result is sum / n_global.
+                self.accelerator.backward(loss_sum * (self.world / n_global))
+            loss_sum_local += loss_sum.detach().double()
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * int(batch["n_loss"])
+        keys = sorted(stats_sum)
+        reduced = self.reduce_sum([loss_sum_local.item()] + [stats_sum[k] for k in keys])
+        loss = reduced[0] / n_global
+        if not math.isfinite(loss):
+            raise TrainingError(self._stop_message(step, f"train/loss is {loss}"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.cfg.grad_clip > 0:
+            grad_norm = float(self.accelerator.clip_grad_norm_(params, self.cfg.grad_clip))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        if not math.isfinite(grad_norm):
+            raise TrainingError(self._stop_message(step, f"the gradient norm is {grad_norm}"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens": tokens_global}
+        metrics.update({k: v / n_global for k, v in zip(keys, reduced[1:])})
+        return metrics
+
+    def _stop_message(self, step: int, what: str) -> str:
+        last = ckpt.latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        return f"{self.stage}: {what} at step {step + 1}; stopped without saving, {kept} (try a lower train.lr)"
+
+    # --- eval ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if not self.eval_data:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        mb = self.cfg.micro_batch_size
+        loss_sum, n = 0.0, 0
+        mine = list(range(self.rank, len(self.eval_data), self.world))
+        for start in range(0, len(mine), mb):
+            batch = self.to_device(self.collate([self.eval_data[i] for i in mine[start : start + mb]]))
+            with self.autocast():
+                loss, _ = self.compute_loss(self.model, batch)
+            loss_sum += float(loss)
+            n += int(batch["n_loss"])
+        loss_sum, n = self.reduce_sum([loss_sum, n])
+        self.model.train(was_training)
+        return self.eval_metrics({"loss": loss_sum, "n_loss": n})
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Write step_<step> atomically: all processes write their RNG state, the main one the rest."""
+        name = ckpt.step_dir_name(step)
+        tmp = self.run_dir / f".tmp_{name}"
+        if self.is_main:
+            ckpt.temp_dir(self.run_dir, name)
+        self.accelerator.wait_for_everyone()
+        ckpt.save_rng(tmp, self.rank)
+        if self.is_main:
+            self.unwrapped().save_pretrained(tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            save_recipe(self.recipe, tmp)
+            state = {
+                "step": step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "world_size": self.world,
+            }
+            ckpt.save_trainer_state(tmp, state)
+        self.accelerator.wait_for_everyone()
+        target = self.run_dir / name
+        if self.is_main:
+            ckpt.publish(tmp, target)
+            ckpt.prune(self.run_dir, self.cfg.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return target
+
+    def publish_final(self, step_dir: Path) -> Path:
+        final = self.run_dir / "final"
+        if self.is_main:
+            tmp = self.run_dir / ".tmp_final"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            ckpt.link_copy(step_dir, tmp)
+            ckpt.publish(tmp, final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def resume(self) -> None:
+        last = ckpt.latest_checkpoint(self.run_dir)
+        if last is None:
+            if self.is_main:
+                print(f"{self.stage}: --resume given but {self.run_dir} has no checkpoint; starting from step 0")
+            return
+        state = ckpt.load_trainer_state(last)
+        if state.get("world_size", 1) != self.world:
+            raise ConfigError(
+                f"{last} was written by {state.get('world_size')} processes; resume it with the same number "
+                f"(this run has {self.world}) so the data order stays the same"
+            )
+        ckpt.load_weights(self.unwrapped(), last)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        ckpt.load_rng(last, self.rank)
+        if self.is_main:
+            print(f"{self.stage}: resumed from {last} at step {self.step}")
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        """Run to `total_steps`; returns the last eval metrics (and writes runs/<name>/final)."""
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.model.train()
+        tracker = Tracker(self.run_dir, self.cfg.trackers, enabled=self.is_main, config=self.recipe.to_dict())
+        if self.cfg.resume:
+            self.resume()
+            if self.is_main:
+                tracker.truncate_after(self.step)
+        progress = Progress(self.total_steps, self.step, enabled=self.is_main and self.cfg.progress, desc=self.stage)
+        last_eval: dict = {}
+        saved_at = None
+        tok_ema = None
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                metrics = self.train_step(self.step)
+                dt = time.perf_counter() - t0
+                self.step += 1
+                tok_s = metrics["train/tokens"] / dt
+                tok_ema = tok_s if tok_ema is None else 0.9 * tok_ema + 0.1 * tok_s
+                metrics["train/tokens_per_s"] = tok_s
+                metrics["train/step_time"] = dt
+                at_end = self.step == self.total_steps
+                evaluated = False
+                if at_end or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0):
+                    last_eval = self.evaluate()
+                    metrics.update(last_eval)
+                    evaluated = bool(last_eval)
+                    if evaluated:
+                        progress.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                if self.step % self.cfg.log_every == 0 or at_end or evaluated:
+                    tracker.log(self.step, metrics)
+                progress.update(loss=metrics["train/loss"], lr=metrics["train/lr"], tok_s=round(tok_ema))
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    self.save_checkpoint(self.step)
+                    saved_at = self.step
+        finally:
+            progress.close()
+            tracker.close()
+        step_dir = self.run_dir / ckpt.step_dir_name(self.step)
+        if saved_at != self.step and not (step_dir / ckpt.STATE_FILE).is_file():
+            step_dir = self.save_checkpoint(self.step)
+        self.publish_final(step_dir)
+        if self.is_main:
+            plot_metrics(self.run_dir)
+        return last_eval
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing run unless asked; called after all inputs have been validated."""
+    run_dir = Path(run_dir)
+    has_run = run_dir.exists() and any(
+        p.name == "final" or p.name == "metrics.jsonl" or ckpt.STEP_RE.match(p.name) for p in run_dir.iterdir()
+    )
+    if has_run and not resume and not overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a run; pass --resume to continue it, --train.name NAME to start another, "
+            "or --overwrite to replace it"
+        )
+    if has_run and overwrite:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
