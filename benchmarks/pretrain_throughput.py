@@ -1,7 +1,7 @@
 """Pretraining throughput: the bare GPT core against the full trainer loop, at the same shapes.
 
-    python benchmarks/pretrain_throughput.py                   # the pretrain recipe's shapes, bf16
-    python benchmarks/pretrain_throughput.py --precision fp32 --batch 8
+    python benchmarks/pretrain_throughput.py                   # the pretrain recipe's shapes
+    python benchmarks/pretrain_throughput.py --precision bf16 --batch 8
 
 Prints tokens/s and model FLOPs utilisation (MFU) against a matmul peak measured on this machine in
 the same process, for
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from aligner.config import Recipe, TrainConfig
 from aligner.data.collate import PackedText
 from aligner.model.gpt import GPT, GPTConfig
+from aligner.trainers.base import resolve_precision
 from aligner.trainers.sft import SFTTrainer
 from aligner.tracking import read_metrics
 
@@ -120,9 +121,11 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: as the trainer picks")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = p.parse_args()
+    if args.precision == "auto":
+        args.precision = resolve_precision("auto", torch.device("cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -11,8 +11,8 @@ from aligner.trainers.base import Trainer, TrainingError, param_groups, warmup_c
 from aligner.trainers.sft import SFTTrainer
 
 
-def one_step(tmp_path, mb, accum, examples, keep_grads=False):
-    recipe = loop_recipe(tmp_path, micro_batch_size=mb, grad_accum=accum, max_steps=1, weight_decay=0.1)
+def one_step(tmp_path, mb, accum, examples, keep_grads=False, lr=3e-4):
+    recipe = loop_recipe(tmp_path, micro_batch_size=mb, grad_accum=accum, max_steps=1, weight_decay=0.1, lr=lr)
     model = tiny_gpt(seed=0)
     trainer = SFTTrainer(recipe, model, StubTokenizer(), examples)
     if keep_grads:
@@ -23,7 +23,12 @@ def one_step(tmp_path, mb, accum, examples, keep_grads=False):
 
 def test_accumulation_invariance(tmp_path):
     """micro-batch 8 x accumulation 1 == micro-batch 2 x accumulation 4 (fp32, within 1e-6),
-    with micro-batches holding different numbers of loss tokens."""
+    with micro-batches holding different numbers of loss tokens.
+
+    Gradients agree to fp32 rounding (different padding widths sum in different orders). AdamW's
+    first step is ~lr * g / (|g| + eps), which amplifies that rounding for gradient entries near
+    eps = 1e-8 by up to lr * 2e-3 here; at lr 3e-4 the parameters agree within 1e-6.
+    """
     examples = variable_examples(8)
     counts = [int((e["labels"] != -100).sum()) for e in examples]
     assert len(set(counts)) > 3  # the micro-batches really differ in loss tokens

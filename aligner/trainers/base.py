@@ -40,13 +40,22 @@ class TrainingError(AlignerError):
     """The run cannot go on (non-finite loss or gradients); the last good checkpoint is kept."""
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX-512 BF16 / AMX). On AVX2-only CPUs bf16
+    matmuls are emulated and several times slower than fp32, so autocast would hurt."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CPUs and on GPUs that support it, else fp16 on GPU; otherwise as asked."""
+    """'auto' -> bf16 on GPUs and CPUs with fast bf16, fp16 on older GPUs, else fp32; otherwise as asked."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if device.type == "cpu" else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
 def make_accelerator(precision: str) -> Accelerator:
@@ -339,6 +348,9 @@ class Trainer:
         """Run to `total_steps`; returns the last eval metrics (and writes runs/<name>/final)."""
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.model.train()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_recipe(self.recipe, self.run_dir)
         tracker = Tracker(self.run_dir, self.cfg.trackers, enabled=self.is_main, config=self.recipe.to_dict())
         if self.cfg.resume:
             self.resume()

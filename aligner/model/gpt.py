@@ -1,0 +1,427 @@
+"""The GPT core: a small decoder-only transformer with the Llama architecture.
+
+    aligner pretrain recipes/pretrain.yaml      # trains one from scratch on the built-in task world
+
+RoPE, RMSNorm, grouped-query attention and a SwiGLU MLP, no biases. Parameter names are exactly
+those of Hugging Face's `LlamaForCausalLM`, and `save_pretrained` writes a Llama `config.json`, so a
+checkpoint loads unchanged in transformers and vLLM, and `GPT.from_pretrained` reads a Llama
+checkpoint back (no biases, default RoPE).
+
+Shapes: B batch, T new tokens, S attended key positions (cached + new), D hidden size,
+H query heads, KV key/value heads, hd head size, V vocabulary.
+
+Deliberate differences from transformers' Llama: RoPE frequencies are computed on the fly from the
+config (no buffer that a dtype cast could round), and the output projections of each residual branch
+(o_proj, down_proj) start with a smaller std (GPT-2 style). Neither changes what a checkpoint means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ROPE_TYPES = ("default",)  # RoPE variants implemented here (no linear/dynamic/yarn/llama3 scaling)
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 2048  # embedding rows (the tokenizer's size, usually padded up to a multiple of 64)
+    hidden_size: int = 256  # width D of the residual stream
+    intermediate_size: int | None = None  # SwiGLU width; None -> 8/3 * D rounded up to a multiple of 64
+    num_hidden_layers: int = 4  # transformer blocks
+    num_attention_heads: int = 4  # query heads
+    num_key_value_heads: int = 2  # key/value heads shared by groups of query heads (GQA)
+    head_dim: int | None = None  # width of one head; None -> hidden_size // num_attention_heads
+    max_position_embeddings: int = 512  # longest sequence the model is meant for (RoPE has no hard limit)
+    rope_theta: float = 10000.0  # RoPE base wavelength
+    rms_norm_eps: float = 1e-5  # epsilon inside RMSNorm
+    tie_word_embeddings: bool = True  # lm_head shares the embedding matrix
+    initializer_range: float = 0.02  # std of the normal init of linear and embedding weights
+    bos_token_id: int | None = None  # beginning-of-sequence id, written to the HF configs
+    eos_token_id: int | list[int] | None = None  # end id(s); generation stops at any of them
+    pad_token_id: int | None = None  # padding id, written to the HF configs
+
+    def __post_init__(self):
+        if self.intermediate_size is None:
+            self.intermediate_size = math.ceil(8 * self.hidden_size / 3 / 64) * 64
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+
+    def to_hf_dict(self, dtype: str = "float32") -> dict:
+        """The `config.json` of an equivalent `LlamaForCausalLM`.
+
+        transformers 5 reads RoPE from `rope_parameters`; transformers 4 (and vLLM builds on it) read
+        the top-level `rope_theta`. Both are written, as are `dtype` (v5) and `torch_dtype` (v4).
+        """
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "use_cache": True,
+            "dtype": dtype,
+            "torch_dtype": dtype,
+        }
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> GPTConfig:
+        """Read a Llama `config.json` (transformers 4 or 5 style); unknown keys are ignored."""
+        if d.get("model_type") != "llama":
+            raise ValueError(f"model_type is {d.get('model_type')!r}; the GPT core reads only 'llama' checkpoints")
+        for key in ("attention_bias", "mlp_bias"):
+            if d.get(key):
+                raise ValueError(f"{key} is true; the GPT core has no biases")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act is {d['hidden_act']!r}; the GPT core implements only 'silu'")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"RoPE type {rope_type!r} is not implemented by the GPT core (only 'default')")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 is not implemented by the GPT core")
+        names = {f.name for f in fields(cls)} - {"rope_theta"}
+        kw = {k: v for k, v in d.items() if k in names and v is not None}
+        kw.setdefault("tie_word_embeddings", False)  # LlamaConfig's defaults where the file is silent
+        kw.setdefault("rms_norm_eps", 1e-6)
+        kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", cls.num_attention_heads))
+        return cls(**kw, rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))))
+
+
+# --- building blocks ------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back (as transformers' LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin tables (B, T, hd) for the given positions, in Llama's half-split layout."""
+    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float) / head_dim
+    inv_freq = 1.0 / (theta**exponents)  # (hd/2,)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, hd) queries or keys; cos/sin are (B, T, hd)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+    return x * cos + rotate_half(x) * sin
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, KV, S, hd) -> (B, KV * n_rep, S, hd): each key/value head serves n_rep query heads."""
+    if n_rep == 1:
+        return x
+    B, KV, S, hd = x.shape
+    return x[:, :, None].expand(B, KV, n_rep, S, hd).reshape(B, KV * n_rep, S, hd)
+
+
+def build_attn_mask(q_len: int, past_len: int, padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Boolean attention mask (B or 1, 1, T, S), True = may attend; None = plain causal.
+
+    Query i sits at key slot past_len + i and sees keys j <= past_len + i that are not padding.
+    None lets SDPA use `is_causal=True` (no cache, no padding). A document mask for packed rows
+    (positions restarting at 0 inside a row) would be ANDed in here.
+    """
+    if padding_mask is None and past_len == 0:
+        return None
+    q_idx = torch.arange(past_len, past_len + q_len, device=device)[:, None]  # (T, 1)
+    k_idx = torch.arange(past_len + q_len, device=device)[None, :]  # (1, S)
+    mask = (k_idx <= q_idx)[None, None]  # (1, 1, T, S)
+    if padding_mask is not None:
+        mask = mask & padding_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+        # a padding query still sees itself: SDPA returns NaN for a row with nothing to attend to
+        mask = mask | (k_idx == q_idx)
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        D = config.hidden_size
+        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd)
+        n_rep = self.n_heads // self.n_kv
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, hd)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        D, F_ = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(D, F_, bias=False)
+        self.up_proj = nn.Linear(D, F_, bias=False)
+        self.down_proj = nn.Linear(F_, D, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# --- KV cache -------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated keys and values, (B, KV, max_len, hd) per layer, filled left to right.
+
+    One forward writes its T new positions into every layer, then `GPT.forward` advances `length`.
+    Works for a prefill of many tokens and for decoding one token at a time.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0  # positions filled so far
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Store new (B, KV, T, hd) keys/values after the cached ones; return all (B, KV, S, hd)."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache overflow: {end} positions needed, max_len is {self.max_len}")
+        self.keys[layer_idx][:, :, self.length : end] = k
+        self.values[layer_idx][:, :, self.length : end] = v
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+                layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
+                norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Make lm_head use the embedding matrix (one Parameter, two names) when the config says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """normal(0, initializer_range) for matrices, ones for norms. The projections that write into the
+        residual stream (o_proj, down_proj) get std / sqrt(2 * n_layers), as in GPT-2, so the stream's
+        variance does not grow with depth."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.num_hidden_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V), or with `return_hidden` the final-norm hidden states (B, T, D).
+
+        input_ids: (B, T). attention_mask: optional (B, S) 0/1 over every key position (cached + new),
+        as in transformers, for left-padded batches. position_ids: (B, T), default cache length +
+        arange(T); RoPE is relative, so left padding with default positions changes logits only by
+        rounding, but `(mask.cumsum(-1) - 1).clamp(min=0)` matches an unpadded row exactly.
+        cache: a KVCache, updated in place.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)  # (B, T)
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask must be (B, cached + new) = {(B, past + T)}, got {attention_mask.shape}")
+        mask = build_attn_mask(T, past, attention_mask, input_ids.device)
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)  # (B, T, hd)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        x = self.model.norm(x)  # (B, T, D)
+        return x if return_hidden else self.lm_head(x)  # (B, T, V)
+
+    # --- accounting ---
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied head counts once); optionally without the embedding table."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.model.embed_tokens.weight.numel() if exclude_embeddings else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token, for MFU estimates.
+
+        6 N + 12 L H hd T, as in the PaLM paper (Chowdhery et al. 2022, appendix B) and nanoGPT's
+        `estimate_mfu`: 6 per weight that takes part in a matmul (N = all parameters but the embedding
+        lookup, plus the output head even when it shares that table), and 12 L H hd T for the attention
+        scores and the weighted sum of values over a context of T tokens.
+        """
+        c = self.config
+        n = self.num_params(exclude_embeddings=True)
+        if c.tie_word_embeddings:
+            n += self.lm_head.weight.numel()
+        return 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+
+    # --- checkpoints ---
+
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write model.safetensors + config.json + generation_config.json, loadable by transformers."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        dtype = dtype or next(self.parameters()).dtype
+        state = {
+            name: t.detach().to(device="cpu", dtype=dtype).contiguous()
+            for name, t in self.state_dict().items()
+            if not (name == "lm_head.weight" and self.config.tie_word_embeddings)  # HF omits a tied head
+        }
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        dtype_name = str(dtype).removeprefix("torch.")
+        (directory / "config.json").write_text(json.dumps(self.config.to_hf_dict(dtype_name), indent=2) + "\n")
+        c = self.config
+        gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
+        gen = {k: v for k, v in gen.items() if v is not None}
+        (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device=None, dtype: torch.dtype | None = None) -> GPT:
+        """Load a checkpoint written by `save_pretrained` or by `LlamaForCausalLM.save_pretrained`
+        (safetensors only; no biases, default RoPE). dtype None keeps the dtype stored in the file."""
+        directory = Path(directory)
+        config = GPTConfig.from_hf_dict(json.loads((directory / "config.json").read_text()))
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            state = {}
+            for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                state.update(load_file(str(directory / f)))
+        elif (directory / "model.safetensors").is_file():
+            state = load_file(str(directory / "model.safetensors"))
+        else:
+            raise ValueError(f"{directory}: no model.safetensors (pickled checkpoints are not loaded)")
+        state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+        with torch.device("meta"):  # no memory and no init work: every tensor comes from the file
+            model = cls(config)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise ValueError(
+                f"{directory}: weights do not match the config (missing {missing}, unexpected {unexpected})"
+            )
+        return model.to(device=device, dtype=dtype)

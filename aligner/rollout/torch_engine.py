@@ -1,0 +1,171 @@
+"""Batched KV-cache sampling in plain PyTorch, for the GPT core and any Hugging Face causal LM.
+
+    engine = TorchEngine(model, pad_id=tokenizer.pad_token_id)
+    completions = engine.generate(prompt_ids, SamplingParams(temperature=0.7, n=8, stop_ids=(eos,)))
+
+Prompts are left-padded into one batch (each repeated n times), prefilled once, then decoded one
+token per step from the cache: the GPT core's `KVCache`, or the model's own `past_key_values` for
+transformers models, with `attention_mask` and `position_ids = cumsum(mask) - 1` so that a padded
+row computes what it would alone. A row that emits a stop id is finished: it keeps being fed
+padding (which no other row attends to) until every row is done or `max_new_tokens` is reached.
+
+Sampling order (as in transformers): temperature, then top-k, top-p and min-p, each filter applied
+to the distribution left by the previous one. The log-prob reported for a token is taken from the
+distribution after temperature and BEFORE the top-k/top-p/min-p filters, i.e.
+log_softmax(logits / temperature); for greedy decoding (temperature 0) it is the raw log_softmax(logits).
+At temperature 1 this is exactly what a teacher-forced forward pass of the policy gives, which is
+what RL losses recompute; the filters' renormalisation is deliberately left out of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from aligner.model.gpt import GPT, KVCache
+from aligner.rollout.engine import Completion, SamplingParams
+
+# --- sampling -------------------------------------------------------------------------------------
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf every token outside the top-k / nucleus / min-p sets. logits: (B, V)."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already reach top_p (so the most likely one always stays)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(-1)  # (B, V)
+        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
+    """Next tokens (B,) and their log-probs (B,) from last-position logits (B, V) in fp32."""
+    if params.temperature == 0:
+        logprobs = logits.log_softmax(-1)
+        tokens = logits.argmax(-1)
+    else:
+        logprobs = (logits / params.temperature).log_softmax(-1)  # (B, V): reported log-probs
+        kept = filter_logits(logprobs, params.top_k, params.top_p, params.min_p)
+        tokens = torch.multinomial(kept.softmax(-1), 1, generator=generator)[:, 0]
+    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+# --- the engine -----------------------------------------------------------------------------------
+
+
+class TorchEngine:
+    """Generates with `model` in this process. `pad_id` fills left padding and finished rows (any id
+    works since padding is masked; None -> 0). `use_cache=False` recomputes the whole sequence every
+    step (slow; a reference for tests)."""
+
+    def __init__(self, model: torch.nn.Module, pad_id: int | None, use_cache: bool = True):
+        self.model = model
+        self.pad_id = 0 if pad_id is None else int(pad_id)
+        self.use_cache = use_cache
+        # a peft wrapper around the GPT core: call the wrapped GPT directly (its LoRA layers stay active)
+        self.core = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.is_gpt = isinstance(self.core, GPT)
+        # transformers models can skip the lm_head on all but the last position
+        self.hf_logits_to_keep = (
+            not self.is_gpt and "logits_to_keep" in inspect.signature(self.core.forward).parameters
+        )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """len(prompts) * params.n completions, grouped per prompt (the n samples of prompt 0 first)."""
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+        if not prompts:
+            return []
+        rows = [list(p) for p in prompts for _ in range(params.n)]
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                tokens, logps, lengths, finished = self._generate(rows, params)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        tokens, logps, lengths, finished = tokens.tolist(), logps.tolist(), lengths.tolist(), finished.tolist()
+        return [
+            Completion(
+                prompt_ids=rows[i],
+                token_ids=tokens[i][: lengths[i]],
+                logprobs=logps[i][: lengths[i]],
+                finished=finished[i],
+            )
+            for i in range(len(rows))
+        ]
+
+    def _generate(self, rows: list[list[int]], params: SamplingParams):
+        device = next(self.model.parameters()).device
+        B, P, N = len(rows), max(len(r) for r in rows), params.max_new_tokens
+        total = P + N
+        ids = torch.full((B, total), self.pad_id, dtype=torch.long)  # prompt (left-padded) then generated
+        mask = torch.ones((B, total), dtype=torch.long)  # 0 on left padding only
+        for i, r in enumerate(rows):
+            ids[i, P - len(r) : P] = torch.tensor(r)
+            mask[i, : P - len(r)] = 0
+        padded = bool((mask == 0).any())
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, total): each row counts from its first token
+        stop = torch.tensor(params.stop_ids, dtype=torch.long, device=device)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(params.seed)
+
+        logps = torch.zeros((B, N), dtype=torch.float32, device=device)
+        lengths = torch.zeros(B, dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        state = self._new_cache(B, total, device) if self.use_cache else None
+
+        logits, state = self._last_logits(ids[:, :P], mask[:, :P] if padded else None, positions[:, :P], state)
+        for t in range(N):
+            tok, logp = sample_next(logits, params, generator)  # (B,), (B,)
+            alive = ~finished
+            ids[:, P + t] = tok.masked_fill(finished, self.pad_id)
+            logps[:, t] = logp.masked_fill(finished, 0.0)
+            lengths += alive
+            if stop.numel():
+                finished |= alive & torch.isin(tok, stop)
+            if t == N - 1 or bool(finished.all()):
+                break
+            end = P + t + 1
+            start = end - 1 if self.use_cache else 0  # with a cache, feed only the newest token
+            logits, state = self._last_logits(
+                ids[:, start:end], mask[:, :end] if padded else None, positions[:, start:end], state
+            )
+        return ids[:, P:], logps, lengths, finished
+
+    def _new_cache(self, batch_size: int, max_len: int, device):
+        if self.is_gpt:
+            dtype = next(self.core.parameters()).dtype
+            return KVCache(self.core.config, batch_size, max_len, device=device, dtype=dtype)
+        return None  # transformers models create their own cache on the first call
+
+    def _last_logits(self, input_ids, attention_mask, position_ids, state):
+        """fp32 logits (B, V) of the last position, and the updated cache (None without caching)."""
+        if self.is_gpt:
+            hidden = self.core(
+                input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=state, return_hidden=True
+            )
+            return self.core.lm_head(hidden[:, -1]).float(), state
+        kw = {"logits_to_keep": 1} if self.hf_logits_to_keep else {}
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=state,
+            use_cache=self.use_cache,
+            **kw,
+        )
+        return out.logits[:, -1].float(), out.past_key_values if self.use_cache else None
