@@ -46,6 +46,8 @@ def run_training(command: str, argv: list[str]) -> int:
         from aligner.trainers.sft import pretrain
 
         result = pretrain(recipe)
+        if not result["is_main"]:
+            return 0
         if result["metrics"]:
             print("final " + "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
         for prompt, completion in result["samples"]:

@@ -368,7 +368,7 @@ def validate(recipe: Recipe) -> None:
     where = recipe.path or "recipe"
     checks = [
         (m.num_heads > 0 and m.hidden_size % m.num_heads == 0, "model.hidden_size must be divisible by num_heads"),
-        (m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads == 0, "model.num_heads must be divisible by num_kv_heads"),
+        (m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads == 0, "model.num_heads must divide by num_kv_heads"),
         (m.arch != "hf" or m.init_from, "model.arch hf needs model.init_from (a model dir or hub name)"),
         (t.lr > 0, "train.lr must be positive"),
         (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),

@@ -11,7 +11,6 @@ Importing this module must not import transformers, peft or vllm.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 

@@ -29,13 +29,14 @@ class Tracker:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError("train.trackers has tensorboard but it is not installed: pip install tensorboard")
+                hint = "train.trackers has tensorboard but it is not installed: pip install tensorboard"
+                raise ConfigError(hint) from None
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         if "wandb" in trackers:
             try:
                 import wandb
             except ImportError:
-                raise ConfigError("train.trackers has wandb but it is not installed: pip install wandb")
+                raise ConfigError("train.trackers has wandb but it is not installed: pip install wandb") from None
             self._wandb = wandb.init(project="aligner", name=Path(run_dir).name, config=config, dir=str(run_dir))
 
     def truncate_after(self, step: int) -> None:

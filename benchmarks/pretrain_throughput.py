@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from aligner.config import Recipe, TrainConfig
 from aligner.data.collate import PackedText
 from aligner.model.gpt import GPT, GPTConfig
+from aligner.tracking import read_metrics
 from aligner.trainers.base import resolve_precision
 from aligner.trainers.sft import SFTTrainer
-from aligner.tracking import read_metrics
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:

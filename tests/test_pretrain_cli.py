@@ -154,19 +154,46 @@ def test_existing_run_is_never_overwritten_without_asking(tmp_path):
     aligner("pretrain", recipe, "--overwrite", "--sft.samples", "0")
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
-                    reason="accelerate CLI not installed")
+@pytest.mark.skipif(
+    shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+    reason="accelerate CLI not installed",
+)
 def test_two_process_data_parallel_first_step_matches_single_process(tmp_path):
-    """accelerate launch --num_processes 2 --cpu (gloo): same first-step loss for the same global batch."""
+    """accelerate launch, 2 CPU processes (torchrun + gloo): same first-step loss and weights for the same
+    global batch. (accelerate 1.15's `--cpu --num_processes 2` starts one process unless given an
+    mpirun hostfile, so the torchrun launcher is used; aligner picks gloo on machines without a GPU.)"""
     recipe = tiny_recipe(tmp_path, train={"max_steps": 2, "save_every": 0, "eval_every": 0})
     aligner("pretrain", recipe, "--train.name", "one", "--micro_batch_size", "8", "--sft.samples", "0")
     launcher = str(Path(sys.executable).parent / "accelerate")
-    cmd = [launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "aligner", "pretrain", str(recipe), "--train.name", "two",
-           "--micro_batch_size", "4", "--sft.samples", "0"]
+    cmd = [
+        launcher,
+        "launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--multi_gpu",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "aligner",
+        "pretrain",
+        str(recipe),
+        "--train.name",
+        "two",
+        "--micro_batch_size",
+        "4",
+        "--sft.samples",
+        "0",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     one, two = step_losses(tmp_path / "runs" / "one"), step_losses(tmp_path / "runs" / "two")
     assert two[1] == pytest.approx(one[1], abs=1e-5)
     assert two[2] == pytest.approx(one[2], abs=1e-4)
-    assert (tmp_path / "runs" / "two" / "final" / "model.safetensors").is_file()
+    a = load_file(tmp_path / "runs" / "one" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "runs" / "two" / "final" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert proc.stdout.count("checkpoint:") == 1  # only the main process reports

@@ -13,6 +13,7 @@ import torch
 from aligner.config import ModelConfig, resolve_path
 from aligner.errors import ConfigError
 from aligner.model.gpt import GPT, GPTConfig
+from aligner.model.tokenizer import end_of_turn_ids
 
 
 def vocab_padded(n: int, multiple: int = 64) -> int:
@@ -41,10 +42,7 @@ def build_model(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
             return GPT.from_pretrained(path)
         except ValueError as e:
             raise ConfigError(f"model.init_from: {e}; set model.arch: hf to load it as a Hugging Face model") from None
-    eos = [tokenizer.eos_token_id]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in eos:
-        eos.append(im_end)
+    eos = end_of_turn_ids(tokenizer)
     gpt_cfg = GPTConfig(
         vocab_size=vocab_padded(len(tokenizer)),
         hidden_size=cfg.hidden_size,

@@ -61,7 +61,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def make_accelerator(precision: str) -> Accelerator:
     # bf16 autocast is applied by the loop itself (accelerate would cast every output, logits
     # included, back to fp32); fp16 needs accelerate's gradient scaler.
-    return Accelerator(mixed_precision="fp16" if precision == "fp16" else "no")
+    # cpu=True on machines without an accelerator makes a multi-process launch use gloo on the CPU.
+    no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    return Accelerator(mixed_precision="fp16" if precision == "fp16" else "no", cpu=no_accelerator)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -241,7 +243,8 @@ class Trainer:
         if self.cfg.grad_clip > 0:
             grad_norm = float(self.accelerator.clip_grad_norm_(params, self.cfg.grad_clip))
         else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            norms = [p.grad.norm() for p in params if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
         if not math.isfinite(grad_norm):
             raise TrainingError(self._stop_message(step, f"the gradient norm is {grad_norm}"))
         lr = self.scheduler.get_last_lr()[0]

@@ -44,8 +44,9 @@ class SFTTrainer(Trainer):
 
 def _texts(rows: list[dict], field: str, source: str) -> list[str]:
     if field not in rows[0]:
-        raise DataError(f"data.source '{source}' has no column '{field}' (columns: {', '.join(rows[0])}); "
-                        "set data.text_field")
+        raise DataError(
+            f"data.source '{source}' has no column '{field}' (columns: {', '.join(rows[0])}); set data.text_field"
+        )
     texts = [r[field] for r in rows if isinstance(r.get(field), str) and r[field].strip()]
     if not texts:
         raise DataError(f"data.source '{source}': column '{field}' holds no non-empty text")
@@ -56,11 +57,15 @@ def load_text_splits(recipe: Recipe) -> tuple[list[str], list[str]]:
     """Training and eval documents for pretraining, as the recipe's data section says."""
     d = recipe.data
     common = dict(seed=d.world_seed, levels=tuple(d.world_levels), world_kind="pretrain", text_field=d.text_field)
-    train = _texts(load_rows(d.source, d.split, n=d.num_rows, **common), d.text_field, d.source)
+
+    def texts(source: str, split: str, n: int | None) -> list[str]:
+        return _texts(load_rows(source, split, n=n, **common), d.text_field, source)
+
+    train = texts(d.source, d.split, d.num_rows)
     if d.eval_source:
-        evals = _texts(load_rows(d.eval_source, d.eval_split, n=d.num_eval_rows, **common), d.text_field, d.eval_source)
+        evals = texts(d.eval_source, d.eval_split, d.num_eval_rows)
     elif d.source.startswith("world"):
-        evals = _texts(load_rows(d.source, d.eval_split, n=d.num_eval_rows, **common), d.text_field, d.source)
+        evals = texts(d.source, d.eval_split, d.num_eval_rows)
     else:  # hold out a seeded slice of the training documents
         order = list(range(len(train)))
         random.Random(d.world_seed).shuffle(order)
@@ -117,7 +122,7 @@ def pretrain(recipe: Recipe) -> dict:
             f"precision {trainer.precision}, {trainer.world} process(es) -> {run_dir}"
         )
     metrics = trainer.train()
-    result = {"metrics": metrics, "run_dir": str(run_dir), "samples": []}
+    result = {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}
     if trainer.is_main and recipe.sft.samples > 0:
         result["samples"] = sample_continuations(
             trainer.unwrapped(), tokenizer, eval_texts or train_texts, recipe.sft.samples, recipe.sft.sample_tokens
