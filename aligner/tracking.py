@@ -89,7 +89,17 @@ class Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+            # In a log file (no terminal) print a line every 30 s instead of redrawing continuously.
+            interval = 0.1 if sys.stderr.isatty() else 30.0
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=interval,
+            )
 
     def update(self, **postfix) -> None:
         if self.bar is not None:

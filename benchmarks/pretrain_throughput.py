@@ -112,10 +112,10 @@ def trainer(args) -> list[float]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--kv-heads", type=int, default=1)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)

@@ -114,6 +114,7 @@ def pretrain(recipe: Recipe) -> dict:
     # Everything above can fail on bad input; only now is the run directory touched.
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
     trainer = SFTTrainer(recipe, model, tokenizer, train_data, eval_data)
+    trainer.stage = "pretrain"
     if trainer.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(
