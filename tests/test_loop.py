@@ -152,3 +152,16 @@ def test_data_order_is_a_function_of_step(tmp_path):
         assert sorted(seen[epoch * 10 : (epoch + 1) * 10]) == list(range(10))
     t2 = Trainer(recipe, tiny_gpt(), StubTokenizer(), examples)
     assert t2.step_indices(7) == t.step_indices(7)
+
+
+def test_tensorboard_tracker_and_plot(tmp_path):
+    examples = variable_examples(8)
+    recipe = loop_recipe(tmp_path, max_steps=3, eval_every=2, trackers=["tensorboard"])
+    SFTTrainer(recipe, tiny_gpt(), StubTokenizer(), examples, examples[:4]).train()
+    run = tmp_path / "run"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= rows[0].keys()
+    assert "eval/loss" in rows[1] and "eval/ppl" in rows[2]
+    assert (run / "metrics.png").stat().st_size > 1000
