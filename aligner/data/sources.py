@@ -2,17 +2,22 @@
 
     data:
       source: world:sft            # the task world (kinds: pretrain, sft, preference, rl)
-      source: corpus.txt           # local .jsonl / .json / .parquet / .csv / .txt, a directory, or a glob
-      source: org/dataset          # anything else is a Hugging Face hub dataset name
+      source: data/train.jsonl     # a local .jsonl / .json / .parquet / .csv / .txt file,
+      source: data/                #   a directory of them (sorted, recursive), or a glob (data/*.parquet)
+      source: org/dataset          # anything else shaped like a hub name: a Hugging Face hub dataset
 
-Local .txt files give one row per file, split further into documents wherever a line holds only
-`<|endoftext|>`. Rows come back as a list of plain dicts.
+Local files go through `datasets.load_dataset(<builder>, data_files=...)`. A local source is one split:
+`split` selects nothing there (point `eval_source` at a second file). A .txt or .md file is one
+document, split further wherever a line holds only `<|endoftext|>`: the text between separators
+becomes one row {text_field: document}. Rows come back as a list of plain dicts, the first `n` when
+`n` is given. Every failure is a `DataError` with a one-line message naming the source.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import re
 from pathlib import Path
 
 from aligner.errors import DataError
@@ -20,6 +25,7 @@ from aligner.errors import DataError
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 TEXT_SUFFIXES = {".txt", ".md"}
 DOC_SEPARATOR = "<|endoftext|>"
+_HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "name" or "org/name"; anything else is a path
 
 
 def load_rows(
@@ -32,7 +38,10 @@ def load_rows(
     world_kind: str = "sft",
     text_field: str = "text",
 ) -> list[dict]:
-    """Rows of `source` (split `split`), at most the first `n`. Raises DataError with one line."""
+    """Rows of `source` (split `split`), at most the first `n`. Raises DataError with one line.
+
+    `seed`, `levels` and `world_kind` only concern the task world; `text_field` only .txt files.
+    """
     if source == "world" or source.startswith("world:"):
         from aligner.data import world
 
@@ -40,36 +49,47 @@ def load_rows(
         rows = world.world_rows(kind, split=split, n=n, seed=seed, levels=tuple(levels))
     else:
         files = _local_files(source)
-        if files is not None:
+        if files is None:
+            rows = _load_hub(source, split)
+        else:
             rows = []
             for f in files:
                 rows.extend(_read_file(f, text_field))
-        else:
-            rows = _load_hub(source, split)
+                if n is not None and len(rows) >= n:
+                    break
     if n is not None:
         rows = rows[:n]
     if not rows:
-        raise DataError(f"data source '{source}' (split {split}) has no rows")
+        raise DataError(f"data source '{source}' (split {split}) has no rows; check the file or the split")
     return rows
 
 
+def _supported(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    return suffix in BUILDERS or suffix in TEXT_SUFFIXES
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def _local_files(source: str) -> list[Path] | None:
-    """The files a local source names, or None when it looks like a hub name."""
+    """The files a local source names, or None when it is a hub name."""
     p = Path(source).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix in BUILDERS or f.suffix in TEXT_SUFFIXES)
+        files = sorted(f for f in p.rglob("*") if f.is_file() and _supported(f) and not _hidden(f, p))
         if not files:
             raise DataError(f"data source '{source}' is a directory with no .jsonl/.json/.parquet/.csv/.txt files")
         return files
     if any(ch in source for ch in "*?["):
-        files = sorted(Path(f) for f in glob.glob(source, recursive=True))
+        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
         if not files:
             raise DataError(f"data source '{source}' matches no files")
         return files
     if p.is_file():
         return [p]
-    if p.suffix in BUILDERS or p.suffix in TEXT_SUFFIXES or source.startswith((".", "/", "~")):
-        raise DataError(f"data source: file '{source}' not found")
+    if _supported(p) or not _HUB_NAME.fullmatch(source) or source.startswith("."):
+        raise DataError(f"data source: file '{source}' not found (relative paths start at {Path.cwd()})")
     return None
 
 
@@ -77,15 +97,13 @@ def _read_file(path: Path, text_field: str) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"data source '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        docs = [d.strip("\n") for d in text.split(f"\n{DOC_SEPARATOR}\n")] if DOC_SEPARATOR in text else [text]
-        return [{text_field: d} for d in docs if d.strip()]
+        docs = re.split(rf"^{re.escape(DOC_SEPARATOR)}[ \t]*$", text, flags=re.MULTILINE)
+        return [{text_field: d.strip("\n")} for d in docs if d.strip()]
     if suffix not in BUILDERS:
         raise DataError(f"data source '{path}': unsupported file type '{suffix}' (use jsonl, json, parquet, csv, txt)")
-    if suffix == ".jsonl":
-        _check_jsonl(path)
     if path.stat().st_size == 0:
         return []
     import datasets
@@ -94,14 +112,15 @@ def _read_file(path: Path, text_field: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(BUILDERS[suffix], data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types for malformed files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"data source '{path}' could not be read: {first}") from None
+        if suffix == ".jsonl":
+            _check_jsonl(path)
+        raise DataError(f"data source '{path}' could not be read as {suffix[1:]}: {_first_line(e)}") from None
     return ds.to_list()
 
 
 def _check_jsonl(path: Path) -> None:
-    """Name the first malformed line (datasets' own error does not)."""
-    with path.open() as f:
+    """Name the first malformed line of a file datasets could not read (its own error does not)."""
+    with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -119,6 +138,15 @@ def _load_hub(name: str, split: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown name, unknown split...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"data source '{name}' is neither a local file nor a loadable hub dataset: {first}") from None
+        message = _first_line(e)
+        if "Unknown split" in message:
+            problem = f"has no split '{split}': {message}"
+        else:
+            problem = f"is neither a local file nor a loadable hub dataset: {message}"
+        raise DataError(f"data source '{name}' {problem}") from None
     return ds.to_list()
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -8,14 +8,21 @@ ends an assistant turn). There is no BOS token and encoding adds no special toke
 template is the only thing that puts special tokens into a sequence. The result is a
 `PreTrainedTokenizerFast` that `save_pretrained` writes and `AutoTokenizer.from_pretrained` reads,
 with `apply_chat_template` working.
+
+Digits are split one per token before BPE (as Llama and Qwen do): "1234" is always 1-2-3-4, so a
+small model sees the same digits whatever number they sit in, which is what arithmetic needs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aligner.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -26,7 +33,9 @@ SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, chat_template: str | None = None, min_frequency: int = 2):
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, chat_template: str | None = None, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE of `vocab_size` tokens (specials included) trained on `texts`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -35,7 +44,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, chat_template: str | 
     if vocab_size < n_base:
         raise DataError(f"tokenizer.vocab_size must be at least {n_base} (256 bytes + special tokens)")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -66,9 +77,8 @@ def load_chat_template(path_or_name: str) -> str:
     for p in candidates:
         if p.is_file():
             return p.read_text()
-    raise DataError(
-        f"tokenizer.chat_template: template '{path_or_name}' not found (give a path or a name in prompts/)"
-    )
+    looked = ", ".join(str(p) for p in dict.fromkeys(candidates))
+    raise DataError(f"tokenizer.chat_template: template '{path_or_name}' not found (looked for {looked})")
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
