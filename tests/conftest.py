@@ -40,6 +40,25 @@ def tiny_gpt(vocab: int = 64, seed: int = 0, **kw):
     return GPT(GPTConfig(**cfg))
 
 
+def tiny_llama(vocab: int = 64, seed: int = 0, **kw):
+    """A tiny transformers LlamaForCausalLM in eval mode (no special-token ids unless given)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    cfg.update(kw)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
 def variable_examples(n: int, vocab: int = 64, seed: int = 0, min_len: int = 4, max_len: int = 24) -> list[dict]:
     """Examples of different lengths with a masked prompt part, so loss-token counts differ."""
     g = torch.Generator().manual_seed(seed)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_gpt, tiny_llama
 
-from aligner.model.gpt import GPT, GPTConfig
+from aligner.model.gpt import GPT
 from aligner.rollout.engine import Completion, Engine, SamplingParams
 from aligner.rollout.torch_engine import TorchEngine, filter_logits
 
@@ -17,35 +18,11 @@ PROMPTS = [[5, 9, 13, 2, 40, 41, 7], [3, 17], [60, 1, 8, 22]]  # different lengt
 
 def make_gpt(seed: int = 0) -> GPT:
     # a larger init than training's 0.02 gives peaked distributions, so greedy choices are not near-ties
-    torch.manual_seed(seed)
-    cfg = GPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.3,
-    )
-    return GPT(cfg)
+    return tiny_gpt(vocab=VOCAB, seed=seed, max_position_embeddings=512, initializer_range=0.3)
 
 
 def make_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.3,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=PAD,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab=VOCAB, seed=seed, initializer_range=0.3, pad_token_id=PAD)
 
 
 @pytest.fixture(scope="module")
