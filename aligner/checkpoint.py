@@ -15,7 +15,6 @@ objects: weights come from safetensors and trainer state from `torch.load(weight
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -24,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+
+from aligner.model.gpt import read_safetensors
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.pt"
@@ -139,15 +139,7 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
 
     Missing keys are tolerated only for a tied output head (HF omits it from the file).
     """
-    directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state = {}
-        for f in files:
-            state.update(load_file(directory / f))
-    else:
-        state = load_file(directory / "model.safetensors")
+    state = read_safetensors(directory)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if _is_tied(model) else set()
     if set(missing) - tied or unexpected:
@@ -156,10 +148,7 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
 
 def _is_tied(model: torch.nn.Module) -> bool:
     head = getattr(model, "lm_head", None)
-    if hasattr(model, "get_input_embeddings"):
-        emb = model.get_input_embeddings()
-    else:  # the GPT core
-        emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    emb = model.get_input_embeddings()  # the GPT core and HF models both have it
     return head is not None and emb is not None and head.weight is emb.weight
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from aligner.model.gpt import GPT, GPTConfig, KVCache
 
@@ -26,29 +27,21 @@ def make_gpt(seed: int = 0, **kw) -> GPT:
 
 
 def make_llama(tie: bool, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
+    """A tiny transformers Llama, perturbed the same way as make_gpt."""
+    model = tiny_llama(
+        vocab=VOCAB,
+        seed=seed,
         intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=128,
         rope_theta=5000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=tie,
-        bos_token_id=None,
-        eos_token_id=None,
         pad_token_id=0,
     )
-    model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.02))
-    return model.eval()
+    return model
 
 
 def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:

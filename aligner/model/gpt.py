@@ -283,6 +283,20 @@ class KVCache:
         self.length = 0
 
 
+def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory: model.safetensors or a sharded index (never pickle)."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        state = {}
+        for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(str(directory / f)))
+        return state
+    if (directory / "model.safetensors").is_file():
+        return load_file(str(directory / "model.safetensors"))
+    raise ValueError(f"{directory}: no model.safetensors (pickled checkpoints are not loaded)")
+
+
 # --- the model ------------------------------------------------------------------------------------
 
 
@@ -405,15 +419,7 @@ class GPT(nn.Module):
         (safetensors only; no biases, default RoPE). dtype None keeps the dtype stored in the file."""
         directory = Path(directory)
         config = GPTConfig.from_hf_dict(json.loads((directory / "config.json").read_text()))
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            state = {}
-            for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                state.update(load_file(str(directory / f)))
-        elif (directory / "model.safetensors").is_file():
-            state = load_file(str(directory / "model.safetensors"))
-        else:
-            raise ValueError(f"{directory}: no model.safetensors (pickled checkpoints are not loaded)")
+        state = read_safetensors(directory)
         state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
         with torch.device("meta"):  # no memory and no init work: every tensor comes from the file
             model = cls(config)

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from aligner.config import REPO_ROOT
 from aligner.errors import DataError
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ PAD = "<|pad|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_tokenizer(
