@@ -1,0 +1,196 @@
+"""Conversations -> token ids and an assistant-only loss mask, with any chat template.
+
+    aligner sft recipes/chat.yaml      # renders the task world's conversations with prompts/chatml.jinja
+
+Rendering uses the tokenizer's own template (`apply_chat_template`) or a template file named in the
+recipe (`sft.chat_template`). Stock templates have no `{% generation %}` tags, so transformers'
+`return_assistant_tokens_mask` gives all zeros for them (transformers #34172). The mask here does not
+need the template's cooperation: for assistant turn i it renders the conversation prefix up to turn i
+with the generation prompt (where the reply starts) and the prefix through turn i (where it ends),
+checks that both are prefixes of the full rendering, and marks the tokens whose first character lies
+in between. The end-of-turn token (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_of_turn>`) is inside that
+span, so it is in the loss; whitespace the template puts after it (a newline) is not.
+
+The full text is tokenized once with `add_special_tokens=False`: the template alone decides where BOS
+goes, so it is never doubled. A template that renders earlier turns differently once later turns
+exist (one that strips reasoning from past turns, say) cannot be masked this way and is an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from aligner.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, template: str | None = None) -> str:
+    """The conversation as text, exactly as the template renders it (raises DataError on template errors)."""
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template; set sft.chat_template (for example prompts/chatml.jinja)")
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as e:  # jinja2 TemplateError from raise_exception, or a template bug
+        raise DataError(f"chat template: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def assistant_spans(
+    tokenizer, messages: list[dict], template: str | None = None, train_on: str = "all"
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans [start, end) of the assistant replies to train on.
+
+    A span runs from the end of the generation prompt to the end of the turn, trailing whitespace excluded.
+    """
+    text = render(tokenizer, messages, template=template)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on == "last":
+        turns = turns[-1:]
+    spans = []
+    for i in turns:
+        if i == 0:
+            raise DataError("the conversation starts with an assistant turn; it needs a user turn before it")
+        start_text = render(tokenizer, messages[:i], add_generation_prompt=True, template=template)
+        end_text = render(tokenizer, messages[: i + 1], template=template)
+        if not (text.startswith(start_text) and text.startswith(end_text) and end_text.startswith(start_text)):
+            raise DataError(
+                "the chat template renders earlier turns differently once later turns exist, so the assistant "
+                "mask cannot be computed from prefixes; use a template that renders turns independently"
+            )
+        end = len(end_text.rstrip())
+        if end > len(start_text):
+            spans.append((len(start_text), end))
+    return text, spans
+
+
+def encode_conversation(
+    tokenizer, messages: list[dict], template: str | None = None, train_on: str = "all"
+) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and a 0/1 mask, 1 on assistant tokens (end-of-turn included).
+
+    A token is in the loss when its first character lies inside an assistant span.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("assistant masks need a fast tokenizer (character offsets); load one with use_fast=True")
+    text, spans = assistant_spans(tokenizer, messages, template, train_on)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    mask = [0] * len(ids)
+    k = 0
+    for t, (s, e) in enumerate(offsets):
+        while k < len(spans) and spans[k][1] <= s:
+            k += 1
+        if k < len(spans) and spans[k][0] <= s < spans[k][1] and e > s:
+            mask[t] = 1
+    return ids, mask
+
+
+def encode_prompt(tokenizer, messages: list[dict], template: str | None = None) -> list[int]:
+    """Token ids of a prompt ending in the generation prompt, rendered exactly as in training."""
+    text = render(tokenizer, messages, add_generation_prompt=True, template=template)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def end_of_turn_ids(tokenizer, template: str | None = None) -> list[int]:
+    """Ids that end a reply under this template (the special token closing an assistant turn), plus EOS."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    out = []
+    try:
+        ids, mask = encode_conversation(tokenizer, probe, template)
+        last = ids[max(i for i, m in enumerate(mask) if m)]
+        if tokenizer.convert_ids_to_tokens(last) in tokenizer.get_added_vocab():
+            out.append(last)
+    except (DataError, ValueError):  # no template, or nothing masked
+        pass
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in out:
+        out.append(tokenizer.eos_token_id)
+    return out
+
+
+# --- datasets of conversations ------------------------------------------------------------------
+
+
+@dataclass
+class EncodeReport:
+    """What happened to each conversation on the way to training examples."""
+
+    conversations: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_no_loss: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    lengths: list[int] = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        parts = [f"{self.conversations} conversations -> {self.kept} examples"]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated to the max length")
+        if self.dropped_overlong:
+            parts.append(f"{self.dropped_overlong} dropped as longer than the max length")
+        if self.dropped_no_loss:
+            parts.append(f"{self.dropped_no_loss} dropped with no assistant tokens left")
+        parts.append(f"{self.loss_tokens}/{self.tokens} tokens in the loss")
+        return ", ".join(parts)
+
+
+def encode_dataset(
+    records: Sequence[dict],
+    tokenizer,
+    max_len: int,
+    *,
+    template: str | None = None,
+    train_on: str = "all",
+    overlong: str = "truncate",
+    source: str = "dataset",
+) -> tuple[list[dict], EncodeReport]:
+    """Records {"messages": [...]} -> examples {"input_ids", "labels"} (labels shifted, IGNORE_INDEX off-mask).
+
+    `max_len` counts model inputs (one less than the conversation's tokens). Over-long conversations are
+    cut to max_len (`overlong: truncate`) or left out (`drop`); either way they are counted. A dataset
+    with no assistant token anywhere is an error, never a silent zero loss.
+    """
+    import torch
+
+    if overlong not in ("truncate", "drop", "error"):
+        raise DataError(f"sft.overlong must be truncate, drop or error, got '{overlong}'")
+    report = EncodeReport(conversations=len(records))
+    examples = []
+    for i, rec in enumerate(records):
+        try:
+            ids, mask = encode_conversation(tokenizer, rec["messages"], template, train_on)
+        except DataError as e:
+            raise DataError(f"{source} row {i + 1}: {e}") from None
+        if len(ids) - 1 > max_len:
+            if overlong == "error":
+                raise DataError(
+                    f"{source} row {i + 1}: {len(ids)} tokens, longer than the max length {max_len} + 1; "
+                    "raise data.seq_len or set sft.overlong to truncate or drop"
+                )
+            if overlong == "drop":
+                report.dropped_overlong += 1
+                continue
+            ids, mask = ids[: max_len + 1], mask[: max_len + 1]
+            report.truncated += 1
+        if sum(mask[1:]) == 0:
+            report.dropped_no_loss += 1
+            continue
+        ids_t = torch.tensor(ids, dtype=torch.int64)
+        labels = torch.where(torch.tensor(mask[1:], dtype=torch.bool), ids_t[1:], IGNORE_INDEX)
+        examples.append({"input_ids": ids_t[:-1], "labels": labels})
+        report.kept += 1
+        report.tokens += len(ids) - 1
+        report.loss_tokens += sum(mask[1:])
+        report.lengths.append(len(ids) - 1)
+    if not examples:
+        why = (
+            "every conversation was longer than the max length"
+            if report.dropped_overlong == report.conversations
+            else "no conversation has assistant tokens to train on (the assistant masks are all zero)"
+        )
+        raise DataError(f"{source}: {why}; {report.summary()}")
+    return examples, report
