@@ -139,6 +139,15 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
 
     Missing keys are tolerated only for a tied output head (HF omits it from the file).
     """
+    adapter = Path(directory) / "adapter_model.safetensors"
+    if adapter.is_file():  # a LoRA checkpoint: only the adapter weights were saved
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"{directory}: adapter weights do not match the model ({result.unexpected_keys})")
+        return
     state = read_safetensors(directory)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if _is_tied(model) else set()

@@ -2,7 +2,9 @@
 
     aligner pretrain recipes/pretrain.yaml         # train tokenizer + GPT core on the task world
     aligner pretrain --max_steps 100 --train.lr 1e-3
-    aligner generate runs/pretrain/final --prompt "Question: What is 7 + 5?"
+    aligner sft recipes/chat.yaml                  # chat SFT from runs/pretrain/final
+    aligner generate runs/sft/final --chat --prompt "What is 7 + 5?"
+    aligner export runs/sft_lora/final out/merged  # merge a LoRA adapter into a full HF model
 
 Errors in the user's input print one line and exit with code 2; a run stopped by a non-finite loss
 exits with code 1. Nothing imports this module.
@@ -15,13 +17,17 @@ import sys
 
 from aligner.errors import AlignerError
 
-TRAIN_COMMANDS = {"pretrain": "train the tokenizer and the GPT core on plain text (packed, every token in the loss)"}
+TRAIN_COMMANDS = {
+    "pretrain": "train the tokenizer and the GPT core on plain text (packed, every token in the loss)",
+    "sft": "supervised fine-tuning on conversations (assistant-only loss), full, LoRA or QLoRA",
+}
 
 USAGE = """usage: aligner <command> [RECIPE] [--flag value ...]
 
 commands:
 {commands}
   generate     sample from a checkpoint: aligner generate CHECKPOINT --prompt TEXT
+  export       merge a LoRA checkpoint into a full model: aligner export CHECKPOINT OUT_DIR
 
 Flags override the recipe: --lr 3e-4 (the command's own section first, then the one section that has
 the key) or --train.lr 3e-4 (always). Boolean flags may omit the value: --resume, --overwrite.
@@ -43,16 +49,34 @@ def run_training(command: str, argv: list[str]) -> int:
         recipe_path = default_recipe_path(command)
     recipe = load_recipe(recipe_path, parse_flags(argv), command=command)
     if command == "pretrain":
-        from aligner.trainers.sft import pretrain
+        from aligner.trainers.sft import pretrain as run
+    else:
+        from aligner.trainers.sft import sft as run
+    result = run(recipe)
+    if not result["is_main"]:
+        return 0
+    if result["metrics"]:
+        print("final " + "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
+    if "accuracy" in result:
+        acc = result["accuracy"]
+        lo, hi = acc["ci95"]
+        print(f"held-out accuracy {acc['accuracy']:.3f} (95% interval {lo:.3f}-{hi:.3f}, {acc['n']} items)")
+    for prompt, completion in result["samples"]:
+        print(f"--- sample\n{prompt}{completion}" if command == "pretrain" else f"--- answer {prompt}\n{completion}")
+    print(f"checkpoint: {result['run_dir']}/final")
+    return 0
 
-        result = pretrain(recipe)
-        if not result["is_main"]:
-            return 0
-        if result["metrics"]:
-            print("final " + "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
-        for prompt, completion in result["samples"]:
-            print(f"--- sample\n{prompt}{completion}")
-        print(f"checkpoint: {result['run_dir']}/final")
+
+def run_export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="aligner export", description="Merge a LoRA adapter into a full model.")
+    p.add_argument("checkpoint", help="a checkpoint holding an adapter (runs/<name>/final)")
+    p.add_argument("out_dir", help="where to write the merged model (HF format) and its tokenizer")
+    p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    args = p.parse_args(argv)
+    from aligner.model.load import export_merged
+
+    out = export_merged(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+    print(f"merged model: {out}")
     return 0
 
 
@@ -130,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_training(command, rest)
         if command == "generate":
             return run_generate(rest)
+        if command == "export":
+            return run_export(rest)
         print(f"error: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
     except AlignerError as e:

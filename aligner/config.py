@@ -6,7 +6,8 @@ A recipe is a YAML file with the sections below (all optional; each field has a 
     tokenizer: where the tokenizer comes from, or how to train one
     data:      where rows come from and how they become sequences
     train:     the shared training loop (optimizer, schedule, batch, precision, cadence, run dir)
-    sft:       supervised fine-tuning / pretraining options
+    sft:       supervised fine-tuning / pretraining options (chat template, loss mask, packing)
+    lora:      LoRA / QLoRA adapters instead of full fine-tuning
 
 Loading is strict: malformed YAML, unknown keys, wrong types and missing files raise `ConfigError`
 with one line naming the file and key (and the closest valid key). Flags override the recipe:
@@ -70,6 +71,7 @@ class DataConfig:
     eval_split: str = "val"  # split of eval_source
     eval_fraction: float = 0.02  # held-out fraction of `source` when there is no eval source
     text_field: str = "text"  # column holding plain text (pretraining)
+    format: str | None = None  # row format (messages, sharegpt, alpaca, prompt_completion, text); None = detect
     num_rows: int | None = None  # use only the first N training rows
     num_eval_rows: int | None = 500  # use only the first N eval rows
     seq_len: int = 256  # tokens per training sequence
@@ -107,9 +109,26 @@ class TrainConfig:
 
 @dataclass
 class SFTConfig:
-    packing: bool = True  # pack examples into full rows (pretraining text is always packed)
+    chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
+    train_on: str = choice("all", "all", "last")  # assistant turns in the loss: every one, or only the last
+    overlong: str = choice("truncate", "truncate", "drop", "error")  # conversations over data.seq_len tokens
+    packing: bool = True  # padding-free packing of each micro-batch (same loss, less padding)
+    accuracy_items: int = 500  # held-out task-world items for exact-match accuracy at the end; 0 = skip
+    accuracy_tokens: int = 160  # max new tokens per answer in that eval
     samples: int = 3  # sample generations printed at the end of the run
     sample_tokens: int = 48  # max new tokens per printed sample
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False  # train low-rank adapters (peft) instead of every weight
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # scaling numerator: W = W0 + (alpha / r) * B @ A
+    dropout: float = 0.05  # dropout on the adapter input
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # names; all-linear = all but the head
+    quantize: str = choice("none", "none", "nf4")  # nf4 = QLoRA: frozen base in 4-bit NF4 (bitsandbytes)
+    double_quant: bool = True  # QLoRA: quantize the quantization constants too
+    compute_dtype: str = choice("bf16", "bf16", "fp32")  # QLoRA: dtype the 4-bit matmuls compute in
 
 
 SECTIONS: dict[str, type] = {
@@ -118,6 +137,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "sft": SFTConfig,
+    "lora": LoRAConfig,
 }
 
 
@@ -128,6 +148,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     path: str | None = field(default=None, metadata={"internal": True})  # where it was loaded from
 
     def to_dict(self) -> dict:
@@ -383,6 +404,10 @@ def validate(recipe: Recipe) -> None:
         (set(t.trackers) <= {"tensorboard", "wandb"}, "train.trackers may contain only tensorboard and wandb"),
         (t.name and "/" not in t.name and t.name not in (".", ".."), "train.name must be a plain directory name"),
         (not (t.resume and t.overwrite), "train.resume and train.overwrite cannot both be set"),
+        (recipe.lora.r > 0 and recipe.lora.alpha > 0, "lora.r and lora.alpha must be positive"),
+        (0 <= recipe.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+        (recipe.lora.quantize == "none" or recipe.lora.enabled, "lora.quantize nf4 (QLoRA) needs lora.enabled: true"),
+        (recipe.sft.accuracy_items >= 0, "sft.accuracy_items must be 0 or more"),
     ]
     for ok, message in checks:
         if not ok:

@@ -91,6 +91,59 @@ def loop_recipe(out_dir: Path, **train) -> Recipe:
     return Recipe(train=TrainConfig(**base))
 
 
+TEXT = [
+    "What is 12 + 30? 12 + 30 = 42. Final answer: 42. Which is larger: 9.9 or 9.11? The larger is 9.9.",
+    "Count the letter r in strawberry. There are 3. Be brief. You are a helpful assistant.",
+] * 20
+
+# template -> (special tokens, bos, eos, end-of-turn token, post-processor adds BOS)
+FAMILIES = {
+    "chatml": (["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>", "<|im_end|>", False),
+    "qwen": (["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>", "<|im_end|>", False),
+    "llama3": (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|eot_id|>",
+        True,
+    ),
+    "mistral": (["<s>", "</s>", "<pad>"], "<s>", "</s>", "</s>", True),
+    "gemma": (
+        ["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"],
+        "<bos>",
+        "<eos>",
+        "<end_of_turn>",
+        True,
+    ),
+}
+
+
+def chat_tokenizer(name: str):
+    """A small byte-level BPE with the family's specials; some add BOS on encode, like their real tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from aligner.model.tokenizer import load_chat_template
+
+    specials, bos, eos, _, adds_bos = FAMILIES[name]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(TEXT, trainer=trainer)
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    pad = [s for s in specials if "pad" in s][0]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad)
+    fast.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in (bos, eos, pad)]})
+    fast.chat_template = load_chat_template(name)
+    return fast
+
+
 @pytest.fixture
 def python() -> str:
     return sys.executable

@@ -61,3 +61,46 @@ def pad_examples(examples: Sequence[dict], pad_id: int, multiple_of: int = 1) ->
         "n_loss": int((labels != IGNORE_INDEX).sum()),
         "n_tokens": sum(lengths),
     }
+
+
+def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
+    """Padding-free packing: put examples end to end into as few rows of `row_len` tokens as fit.
+
+    Rows are filled first-fit, longest example first. position_ids restart at 0 for every example
+    (and for the padding at the end of a row), which the GPT core and transformers models read as
+    document boundaries: attention never crosses examples, so the loss and gradients are those of the
+    unpacked batch, with fewer padded positions. Returns the `pad_examples` keys plus position_ids.
+    """
+    lengths = [len(e["input_ids"]) for e in examples]
+    row_len = max([row_len, *lengths])
+    rows: list[list[int]] = []  # example indices per row
+    fill: list[int] = []
+    for i in sorted(range(len(examples)), key=lambda i: -lengths[i]):
+        for r in range(len(rows)):
+            if fill[r] + lengths[i] <= row_len:
+                rows[r].append(i)
+                fill[r] += lengths[i]
+                break
+        else:
+            rows.append([i])
+            fill.append(lengths[i])
+    width = max(fill)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.int64)
+    positions = torch.zeros((len(rows), width), dtype=torch.int64)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            n = lengths[i]
+            ids[r, at : at + n] = torch.as_tensor(examples[i]["input_ids"])
+            labels[r, at : at + n] = torch.as_tensor(examples[i]["labels"])
+            positions[r, at : at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(width - at)  # padding is a document of its own
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": positions,
+        "n_loss": int((labels != IGNORE_INDEX).sum()),
+        "n_tokens": sum(lengths),
+    }

@@ -171,18 +171,38 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(B, KV, n_rep, S, hd).reshape(B, KV * n_rep, S, hd)
 
 
-def build_attn_mask(q_len: int, past_len: int, padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+def packed_document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Document index of every token of padding-free packed rows, or None when no row is packed.
+
+    A new document starts wherever the position does not follow the previous one (positions restart
+    at 0 for each packed example), the same rule transformers uses, so both see the same documents.
+    """
+    first = position_ids[:, :1] - 1
+    starts = torch.diff(position_ids, prepend=first, dim=-1) != 1  # (B, T)
+    docs = starts.cumsum(-1)  # (B, T)
+    return None if bool((docs[:, -1] == 0).all()) else docs
+
+
+def build_attn_mask(
+    q_len: int,
+    past_len: int,
+    padding_mask: torch.Tensor | None,
+    device,
+    document_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """Boolean attention mask (B or 1, 1, T, S), True = may attend; None = plain causal.
 
-    Query i sits at key slot past_len + i and sees keys j <= past_len + i that are not padding.
-    None lets SDPA use `is_causal=True` (no cache, no padding). A document mask for packed rows
-    (positions restarting at 0 inside a row) would be ANDed in here.
+    Query i sits at key slot past_len + i and sees keys j <= past_len + i that are not padding and,
+    for packed rows (`document_ids`, (B, T), no cache), that belong to the same document.
+    None lets SDPA use `is_causal=True` (no cache, no padding, no packing).
     """
-    if padding_mask is None and past_len == 0:
+    if padding_mask is None and past_len == 0 and document_ids is None:
         return None
     q_idx = torch.arange(past_len, past_len + q_len, device=device)[:, None]  # (T, 1)
     k_idx = torch.arange(past_len + q_len, device=device)[None, :]  # (1, S)
     mask = (k_idx <= q_idx)[None, None]  # (1, 1, T, S)
+    if document_ids is not None:
+        mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])  # (B, 1, T, T)
     if padding_mask is not None:
         mask = mask & padding_mask.bool()[:, None, None, :]  # (B, 1, T, S)
         # a padding query still sees itself: SDPA returns NaN for a row with nothing to attend to
@@ -354,15 +374,20 @@ class GPT(nn.Module):
         as in transformers, for left-padded batches. position_ids: (B, T), default cache length +
         arange(T); RoPE is relative, so left padding with default positions changes logits only by
         rounding, but `(mask.cumsum(-1) - 1).clamp(min=0)` matches an unpadded row exactly.
-        cache: a KVCache, updated in place.
+        cache: a KVCache, updated in place. Padding-free packing: position_ids restarting at 0 inside a
+        row (no cache, no attention_mask) start a new document, and attention never crosses documents.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        explicit_positions = position_ids is not None
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)  # (B, T)
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask must be (B, cached + new) = {(B, past + T)}, got {attention_mask.shape}")
-        mask = build_attn_mask(T, past, attention_mask, input_ids.device)
+        docs = None
+        if explicit_positions and cache is None and attention_mask is None:
+            docs = packed_document_ids(position_ids)  # padding-free packed rows: attend within a document
+        mask = build_attn_mask(T, past, attention_mask, input_ids.device, docs)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)  # (B, T, hd)
         for layer in self.model.layers:

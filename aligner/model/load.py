@@ -1,6 +1,9 @@
-"""One entry for models and tokenizers: the GPT core (fresh or from a checkpoint) or any HF causal LM.
+"""One entry for models and tokenizers: the GPT core (fresh or from a checkpoint) or any HF causal LM,
+full-parameter or with LoRA / QLoRA adapters (peft + bitsandbytes).
 
-transformers is imported only here (and in the tokenizer module) inside model/.
+transformers, peft and bitsandbytes are imported only here (and the tokenizer module) inside model/,
+lazily, so `import aligner.losses` stays light. A checkpoint that holds an adapter
+(adapter_config.json) loads as its base model with the adapter merged in.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from aligner.config import ModelConfig, resolve_path
+from aligner.config import LoRAConfig, ModelConfig, resolve_path
 from aligner.errors import ConfigError
 from aligner.model.gpt import GPT, GPTConfig
 from aligner.model.tokenizer import end_of_turn_ids
@@ -71,11 +74,68 @@ def load_hf_model(name_or_path: str, trust_remote_code: bool = False, dtype: tor
 
 
 def load_model(path: str | Path, arch: str = "auto") -> torch.nn.Module:
-    """Load any checkpoint for inference: the GPT core when it can, else transformers."""
+    """Load any checkpoint for inference: the GPT core when it can, else transformers; adapters merged."""
     path = resolve_path(path)
+    if (path / "adapter_config.json").is_file():
+        return load_adapter_model(path, merge=True)
     if arch == "gpt" or (arch == "auto" and is_gpt_checkpoint(path)):
         return GPT.from_pretrained(path)
     return load_hf_model(str(path))
+
+
+# --- LoRA / QLoRA ------------------------------------------------------------------------------------
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Names (last component) of every linear projection except the output head: LoRA's "all-linear"."""
+    names = set()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if is_linear and module is not head:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoRAConfig, base_path: str | None = None) -> torch.nn.Module:
+    """Wrap `model` with trainable LoRA adapters (peft); base weights are frozen.
+
+    Works for the GPT core (a plain nn.Module to peft) and HF models. `base_path` is recorded in the
+    adapter config so a saved adapter knows which weights it applies to.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = linear_module_names(model) if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [t for t in targets if t not in present]
+    if unknown or not targets:
+        raise ConfigError(
+            f"lora.target_modules: no module named {', '.join(unknown) or '(none)'} in the model "
+            f"(linear projections: {', '.join(linear_module_names(model))}; or use all-linear)"
+        )
+    config = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type=None if isinstance(model, GPT) else "CAUSAL_LM",
+        base_model_name_or_path=base_path,
+    )
+    return get_peft_model(model, config)
+
+
+def load_adapter_model(path: str | Path, merge: bool = False) -> torch.nn.Module:
+    """A saved adapter on its base model (read from adapter_config.json), optionally merged into it."""
+    from peft import PeftModel
+
+    path = resolve_path(path)
+    base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_path:
+        raise ConfigError(f"{path}/adapter_config.json does not say which base model the adapter belongs to")
+    base = load_model(base_path)
+    model = PeftModel.from_pretrained(base, str(path))
+    return model.merge_and_unload() if merge else model
 
 
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
@@ -98,3 +158,43 @@ def has_tokenizer(path: str | Path) -> bool:
 def logits_of(output) -> torch.Tensor:
     """Logits from the GPT core (a tensor) or an HF model (an output object)."""
     return output if torch.is_tensor(output) else output.logits
+
+
+def base_config(model: torch.nn.Module):
+    """The config of the model inside any wrappers (DDP's .module, peft's base model)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.config
+
+
+def causal_lm_logits(model: torch.nn.Module, input_ids: torch.Tensor, position_ids=None) -> torch.Tensor:
+    """Logits (B, T, V) of the GPT core or an HF model, wrapped or not; position_ids may pack rows."""
+    if isinstance(base_config(model), GPTConfig):
+        return model(input_ids, position_ids=position_ids)
+    # no cache and no attention mask: transformers reads restarting position_ids as packed documents
+    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+def export_merged(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Merge the adapter of `checkpoint` into its base model (loaded in full precision, also for QLoRA)
+    and write a full HF-format model plus tokenizer to `out_dir`, atomically."""
+    import shutil
+
+    src = resolve_path(checkpoint)
+    if not (src / "adapter_config.json").is_file():
+        raise ConfigError(f"'{checkpoint}' holds no LoRA adapter (adapter_config.json); it is already a full model")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"'{out_dir}' exists and is not empty; pass --overwrite to replace it")
+    model = load_adapter_model(src, merge=True)
+    tmp = out.with_name(f".tmp_{out.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    if has_tokenizer(src):
+        load_tokenizer(src).save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,26 +1,33 @@
 """Supervised fine-tuning and pretraining: next-token cross-entropy over loss tokens.
 
+    aligner sft recipes/chat.yaml                 # chat SFT of the pretrained GPT core (the default recipe)
+    aligner sft recipes/sft_lora.yaml             # an HF model with LoRA adapters
     aligner pretrain recipes/pretrain.yaml        # GPT core + BPE tokenizer from scratch, packed text
-    aligner pretrain --max_steps 200 --lr 1e-3    # flags override the recipe
 
 Pretraining is not a separate trainer: it is SFT over packed plain text with every token in the
-loss. The loss is summed over loss tokens and divided by the loop by the number of loss tokens in
-the whole accumulated batch (REFERENCE.md, SFT).
+loss. Chat SFT renders each conversation with the chat template and puts only assistant tokens (each
+turn's end-of-turn token included) in the loss (aligner.data.chat). The loss is summed over loss
+tokens and divided by the loop by the number of loss tokens in the whole accumulated batch
+(REFERENCE.md, SFT). With `sft.packing` each micro-batch is packed padding-free: the same examples,
+the same loss, fewer padded positions.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import torch
 
 from aligner.config import Recipe
-from aligner.data.collate import PackedText, pad_examples
+from aligner.data.chat import encode_dataset
+from aligner.data.collate import PackedText, pack_examples, pad_examples
+from aligner.data.formats import to_records
 from aligner.data.sources import load_rows
-from aligner.errors import DataError
+from aligner.errors import ConfigError, DataError
 from aligner.losses import sft_loss
-from aligner.model.load import build_model, has_tokenizer, load_tokenizer, logits_of
+from aligner.model.load import apply_lora, build_model, causal_lm_logits, has_tokenizer, load_tokenizer
 from aligner.model.tokenizer import load_chat_template, train_tokenizer
 from aligner.trainers.base import Trainer, prepare_run_dir
 
@@ -29,12 +36,21 @@ class SFTTrainer(Trainer):
     """Examples are {"input_ids", "labels"} with shifted labels; the loss is summed token NLL."""
 
     stage = "sft"
+    packing = False  # padding-free packing of each micro-batch into rows of `row_len` tokens
+    row_len = 0
 
     def collate(self, examples: list) -> dict:
-        return pad_examples(examples, self.tokenizer.pad_token_id)
+        if self.packing:
+            return pack_examples(examples, self.pad_id, self.row_len)
+        return pad_examples(examples, self.pad_id)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
 
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = logits_of(model(batch["input_ids"]))  # (B, T, V)
+        logits = causal_lm_logits(model, batch["input_ids"], batch.get("position_ids"))  # (B, T, V)
         loss, _ = sft_loss(logits, batch["labels"])
         return loss, {}
 
@@ -53,29 +69,38 @@ def _texts(rows: list[dict], field: str, source: str) -> list[str]:
     return texts
 
 
-def load_text_splits(recipe: Recipe) -> tuple[list[str], list[str]]:
-    """Training and eval documents for pretraining, as the recipe's data section says."""
+def load_splits(recipe: Recipe, world_kind: str) -> tuple[list[dict], list[dict]]:
+    """Training and eval rows as the recipe's data section says.
+
+    Eval rows come from data.eval_source, else the task world's eval split, else a seeded
+    data.eval_fraction slice held out of the training rows.
+    """
     d = recipe.data
-    common = dict(seed=d.world_seed, levels=tuple(d.world_levels), world_kind="pretrain", text_field=d.text_field)
-
-    def texts(source: str, split: str, n: int | None) -> list[str]:
-        return _texts(load_rows(source, split, n=n, **common), d.text_field, source)
-
-    train = texts(d.source, d.split, d.num_rows)
+    common = dict(seed=d.world_seed, levels=tuple(d.world_levels), world_kind=world_kind, text_field=d.text_field)
+    train = load_rows(d.source, d.split, n=d.num_rows, **common)
+    if not train:
+        raise DataError(f"data.source '{d.source}' (split {d.split}) has no rows")
     if d.eval_source:
-        evals = texts(d.eval_source, d.eval_split, d.num_eval_rows)
+        evals = load_rows(d.eval_source, d.eval_split, n=d.num_eval_rows, **common)
     elif d.source.startswith("world"):
-        evals = texts(d.source, d.eval_split, d.num_eval_rows)
-    else:  # hold out a seeded slice of the training documents
+        evals = load_rows(d.source, d.eval_split, n=d.num_eval_rows, **common)
+    else:  # hold out a seeded slice of the training rows
         order = list(range(len(train)))
         random.Random(d.world_seed).shuffle(order)
         n_eval = round(len(train) * d.eval_fraction)
         if d.num_eval_rows is not None:
             n_eval = min(n_eval, d.num_eval_rows)
         held = set(order[:n_eval])
-        evals = [t for i, t in enumerate(train) if i in held]
-        train = [t for i, t in enumerate(train) if i not in held]
+        evals = [r for i, r in enumerate(train) if i in held]
+        train = [r for i, r in enumerate(train) if i not in held]
     return train, evals
+
+
+def load_text_splits(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """Training and eval documents for pretraining."""
+    d = recipe.data
+    train, evals = load_splits(recipe, "pretrain")
+    return _texts(train, d.text_field, d.source), (_texts(evals, d.text_field, "the eval split") if evals else [])
 
 
 def get_tokenizer(recipe: Recipe, texts: list[str]):
@@ -142,3 +167,91 @@ def sample_continuations(model, tokenizer, texts: list[str], n: int, max_new_tok
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=(tokenizer.eos_token_id,))
     outs = engine.generate(ids, params)
     return [(p, tokenizer.decode(o.token_ids, skip_special_tokens=True)) for p, o in zip(prompts, outs)]
+
+
+# --- chat SFT ------------------------------------------------------------------------------------------
+
+
+def sft_tokenizer(recipe: Recipe):
+    """The tokenizer of tokenizer.path or model.init_from, with the recipe's chat template attached."""
+    t, m, s = recipe.tokenizer, recipe.model, recipe.sft
+    path = t.path or m.init_from
+    if not path:
+        raise ConfigError("sft needs a tokenizer: set model.init_from (a checkpoint or HF model) or tokenizer.path")
+    tokenizer = load_tokenizer(path, trust_remote_code=m.trust_remote_code)
+    if s.chat_template:  # attached, so every checkpoint of the run carries the template it was trained with
+        tokenizer.chat_template = load_chat_template(s.chat_template)
+    if not tokenizer.chat_template:
+        raise ConfigError(f"the tokenizer of '{path}' has no chat template; set sft.chat_template (e.g. chatml)")
+    return tokenizer
+
+
+def prepare_model(recipe: Recipe, tokenizer) -> torch.nn.Module:
+    """The policy: GPT core or HF model, with LoRA / QLoRA adapters when the recipe asks for them."""
+    torch.manual_seed(recipe.train.seed)  # same initial weights (and adapters) on every process and run
+    lora = recipe.lora
+    if lora.enabled and lora.quantize == "nf4":
+        from aligner.model.load import build_qlora_model
+
+        return build_qlora_model(recipe.model, lora, tokenizer)
+    model = build_model(recipe.model, tokenizer)
+    if lora.enabled:
+        base = str(Path(recipe.model.init_from).resolve()) if recipe.model.init_from else None
+        model = apply_lora(model, lora, base_path=base)
+    return model
+
+
+def encode_conversations(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict] | None, str]:
+    """Train and eval examples (input_ids, shifted labels) and a one-line report of what was kept."""
+    d, s = recipe.data, recipe.sft
+    train_rows, eval_rows = load_splits(recipe, "sft")
+    where = f"data.source '{d.source}'"
+    train_recs = to_records(train_rows, d.format, where)
+    if "messages" not in train_recs[0]:
+        raise DataError(f"{where} holds plain text, not conversations; train on it with `aligner pretrain`")
+    opts = dict(train_on=s.train_on, overlong=s.overlong)
+    train, report = encode_dataset(train_recs, tokenizer, d.seq_len, source=where, **opts)
+    evals = None
+    if eval_rows:
+        eval_recs = to_records(eval_rows, d.format, "the eval split")
+        evals, _ = encode_dataset(eval_recs, tokenizer, d.seq_len, source="the eval split", **opts)
+    return train, evals, report.summary()
+
+
+def sft(recipe: Recipe) -> dict:
+    """Chat SFT: render, mask, (pack,) train; returns eval metrics, held-out accuracy and samples."""
+    d, s = recipe.data, recipe.sft
+    tokenizer = sft_tokenizer(recipe)
+    train_data, eval_data, report = encode_conversations(recipe, tokenizer)
+    model = prepare_model(recipe, tokenizer)
+    run_dir = Path(recipe.train.out_dir) / recipe.train.name
+    prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)  # inputs are valid by now
+    trainer = SFTTrainer(recipe, model, tokenizer, train_data, eval_data)
+    trainer.packing, trainer.row_len = s.packing, d.seq_len
+    if trainer.is_main:
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        kind = "QLoRA" if recipe.lora.quantize == "nf4" else "LoRA" if recipe.lora.enabled else "full"
+        print(f"sft: {report}")
+        print(
+            f"sft: {kind}, {trainable / 1e6:.2f}M of {total / 1e6:.2f}M params trained, {trainer.total_steps} steps, "
+            f"packing {'on' if s.packing else 'off'}, precision {trainer.precision}, {trainer.world} process(es) "
+            f"-> {run_dir}"
+        )
+    metrics = trainer.train()
+    result = {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}
+    if trainer.is_main and s.accuracy_items and d.source.startswith("world"):
+        from aligner.data.world import world_rows
+        from aligner.evaluate import exact_match
+
+        rows = world_rows("rl", "test", n=s.accuracy_items, seed=d.world_seed, levels=tuple(d.world_levels))
+        acc = exact_match(trainer.unwrapped(), tokenizer, rows, max_new_tokens=s.accuracy_tokens)
+        result["accuracy"] = acc
+        result["samples"] = [(c["answer"], c["completion"]) for c in acc["completions"][: s.samples]]
+        trainer_metrics = {"eval/accuracy": acc["accuracy"], "eval/accuracy_lo": acc["ci95"][0]}
+        trainer_metrics["eval/accuracy_hi"] = acc["ci95"][1]
+        (run_dir / "accuracy.json").write_text(
+            json.dumps({k: v for k, v in acc.items() if k != "completions"} | {"split": "test"}, indent=1)
+        )
+        metrics.update(trainer_metrics)
+    return result
