@@ -28,6 +28,7 @@ commands:
 {commands}
   generate     sample from a checkpoint: aligner generate CHECKPOINT --prompt TEXT
   export       merge a LoRA checkpoint into a full model: aligner export CHECKPOINT OUT_DIR
+  eval         held-out exact-match accuracy on the task world: aligner eval CHECKPOINT --items 500
 
 Flags override the recipe: --lr 3e-4 (the command's own section first, then the one section that has
 the key) or --train.lr 3e-4 (always). Boolean flags may omit the value: --resume, --overwrite.
@@ -64,6 +65,42 @@ def run_training(command: str, argv: list[str]) -> int:
     for prompt, completion in result["samples"]:
         print(f"--- sample\n{prompt}{completion}" if command == "pretrain" else f"--- answer {prompt}\n{completion}")
     print(f"checkpoint: {result['run_dir']}/final")
+    return 0
+
+
+def run_eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="aligner eval", description="Held-out exact-match accuracy (greedy).")
+    p.add_argument("checkpoint", help="checkpoint directory (full model or adapter)")
+    p.add_argument("--items", type=int, default=500, help="task-world items to answer")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--seed", type=int, default=0, help="task-world seed")
+    p.add_argument("--template", default=None, help="chat template file or prompts/ name (default: the tokenizer's)")
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--out", default=None, help="write the result (and every completion) to this JSON file")
+    args = p.parse_args(argv)
+
+    import json
+    from pathlib import Path
+
+    from aligner.data.world import world_rows
+    from aligner.errors import ConfigError
+    from aligner.evaluate import exact_match
+    from aligner.model.load import load_model, load_tokenizer
+    from aligner.model.tokenizer import load_chat_template
+
+    ckpt = Path(args.checkpoint)
+    if not ((ckpt / "config.json").is_file() or (ckpt / "adapter_config.json").is_file()):
+        raise ConfigError(f"'{args.checkpoint}' is not a checkpoint directory (no config.json)")
+    tokenizer = load_tokenizer(ckpt)
+    template = load_chat_template(args.template) if args.template else None
+    model = load_model(ckpt)
+    rows = world_rows("rl", args.split, n=args.items, seed=args.seed)
+    result = exact_match(model, tokenizer, rows, template=template, max_new_tokens=args.max_new_tokens)
+    lo, hi = result["ci95"]
+    acc, n = result["accuracy"], result["n"]
+    print(f"{args.checkpoint}: accuracy {acc:.3f} (95% interval {lo:.3f}-{hi:.3f}, {n} items)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
 
 
@@ -156,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(rest)
         if command == "export":
             return run_export(rest)
+        if command == "eval":
+            return run_eval(rest)
         print(f"error: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
     except AlignerError as e:

@@ -125,6 +125,11 @@ class GPTConfig:
         kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", cls.num_attention_heads))
         return cls(**kw, rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))))
 
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> GPTConfig:
+        """The config of a checkpoint directory (peft calls this when it saves an adapter)."""
+        return cls.from_hf_dict(json.loads((Path(directory) / "config.json").read_text()))
+
 
 # --- building blocks ------------------------------------------------------------------------------
 

@@ -113,6 +113,8 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig, base_path: str | None = 
             f"lora.target_modules: no module named {', '.join(unknown) or '(none)'} in the model "
             f"(linear projections: {', '.join(linear_module_names(model))}; or use all-linear)"
         )
+    if base_path:
+        model.name_or_path = base_path  # peft records it as the adapter's base_model_name_or_path
     config = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -130,10 +132,12 @@ def load_adapter_model(path: str | Path, merge: bool = False) -> torch.nn.Module
     from peft import PeftModel
 
     path = resolve_path(path)
-    base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    config = json.loads((path / "adapter_config.json").read_text())
+    base_path = config.get("base_model_name_or_path")
     if not base_path:
         raise ConfigError(f"{path}/adapter_config.json does not say which base model the adapter belongs to")
-    base = load_model(base_path)
+    # apply_lora gives the GPT core a plain PeftModel (no task type) and HF models a causal-LM one
+    base = load_model(base_path, arch="hf" if config.get("task_type") == "CAUSAL_LM" else "gpt")
     model = PeftModel.from_pretrained(base, str(path))
     return model.merge_and_unload() if merge else model
 
