@@ -144,6 +144,27 @@ def chat_tokenizer(name: str):
     return fast
 
 
+@pytest.fixture(scope="session")
+def bases(tmp_path_factory):
+    """A tokenizer with the ChatML template, saved next to a tiny GPT core and a tiny transformers Llama."""
+    root = tmp_path_factory.mktemp("bases")
+    from aligner.config import ModelConfig
+    from aligner.data.world import world_rows
+    from aligner.model.load import build_model, vocab_padded
+    from aligner.model.tokenizer import load_chat_template, train_tokenizer
+
+    texts = [r["text"] for r in world_rows("pretrain", "train", n=300)]
+    tok = train_tokenizer(texts, vocab_size=400, chat_template=load_chat_template("chatml"))
+    torch.manual_seed(0)
+    gpt = build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=512), tok)
+    gpt.save_pretrained(root / "gpt")
+    tok.save_pretrained(root / "gpt")
+    llama = tiny_llama(vocab=vocab_padded(len(tok)), pad_token_id=tok.pad_token_id, max_position_embeddings=512)
+    llama.save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    return root
+
+
 @pytest.fixture
 def python() -> str:
     return sys.executable

@@ -165,3 +165,39 @@ def test_tensorboard_tracker_and_plot(tmp_path):
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= rows[0].keys()
     assert "eval/loss" in rows[1] and "eval/ppl" in rows[2]
     assert (run / "metrics.png").stat().st_size > 1000
+
+
+def test_exact_resume_with_lora_adapters(tmp_path):
+    """The same for a LoRA run: checkpoints hold only the adapter, and resuming loads it back exactly."""
+    from aligner.config import LoRAConfig
+    from aligner.model.load import apply_lora
+
+    def lora_gpt(seed):
+        torch.manual_seed(seed)
+        return apply_lora(tiny_gpt(seed=0), LoRAConfig(enabled=True, r=4, alpha=8, dropout=0.1))
+
+    examples = variable_examples(24, seed=3)
+    full = SFTTrainer(
+        loop_recipe(tmp_path, name="full", max_steps=6, save_every=3), lora_gpt(1), StubTokenizer(), examples
+    )
+    full.train()
+    cut = SFTTrainer(
+        loop_recipe(tmp_path, name="cut", max_steps=6, save_every=3), lora_gpt(1), StubTokenizer(), examples
+    )
+    real_step = cut.train_step
+
+    def crash_at_4(step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_step(step)
+
+    cut.train_step = crash_at_4
+    with pytest.raises(KeyboardInterrupt):
+        cut.train()
+    assert (tmp_path / "cut" / "step_000003" / "adapter_model.safetensors").is_file()
+    recipe = loop_recipe(tmp_path, name="cut", max_steps=6, save_every=3, resume=True)
+    resumed = SFTTrainer(recipe, lora_gpt(99), StubTokenizer(), examples)  # other adapter init: must be loaded
+    resumed.train()
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    for (name, pa), pb in zip(full.unwrapped().named_parameters(), resumed.unwrapped().parameters()):
+        assert torch.equal(pa, pb), name

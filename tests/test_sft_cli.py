@@ -7,29 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_llama
 
 from aligner.cli import main
-from aligner.config import LoRAConfig, ModelConfig, load_recipe
-from aligner.data.world import world_rows
-from aligner.model.load import apply_lora, build_model, causal_lm_logits, load_adapter_model, load_model, vocab_padded
-from aligner.model.tokenizer import load_chat_template, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    """A tokenizer with the ChatML template, saved next to a tiny GPT core and a tiny transformers Llama."""
-    root = tmp_path_factory.mktemp("bases")
-    texts = [r["text"] for r in world_rows("pretrain", "train", n=300)]
-    tok = train_tokenizer(texts, vocab_size=400, chat_template=load_chat_template("chatml"))
-    torch.manual_seed(0)
-    gpt = build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=512), tok)
-    gpt.save_pretrained(root / "gpt")
-    tok.save_pretrained(root / "gpt")
-    llama = tiny_llama(vocab=vocab_padded(len(tok)), pad_token_id=tok.pad_token_id, max_position_embeddings=512)
-    llama.save_pretrained(root / "llama")
-    tok.save_pretrained(root / "llama")
-    return root
+from aligner.config import LoRAConfig, load_recipe
+from aligner.model.load import apply_lora, causal_lm_logits, load_adapter_model, load_model
 
 
 def sft_recipe(tmp_path: Path, base: Path, arch: str = "gpt", **sections) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from aligner.config import Recipe
+from aligner.config import Recipe, resolve_path
 from aligner.data.chat import encode_dataset
 from aligner.data.collate import PackedText, pack_examples, pad_examples
 from aligner.data.formats import to_records
@@ -196,7 +196,7 @@ def prepare_model(recipe: Recipe, tokenizer) -> torch.nn.Module:
         return build_qlora_model(recipe.model, lora, tokenizer)
     model = build_model(recipe.model, tokenizer)
     if lora.enabled:
-        base = str(Path(recipe.model.init_from).resolve()) if recipe.model.init_from else None
+        base = str(resolve_path(recipe.model.init_from).resolve()) if recipe.model.init_from else None
         model = apply_lora(model, lora, base_path=base)
     return model
 
