@@ -135,28 +135,25 @@ def run_generate(argv: list[str]) -> int:
 
     from pathlib import Path
 
+    from aligner.data.chat import encode_prompt, end_of_turn_ids
     from aligner.errors import ConfigError
     from aligner.model.load import load_model, load_tokenizer
-    from aligner.model.tokenizer import end_of_turn_ids
     from aligner.rollout.engine import SamplingParams
     from aligner.rollout.torch_engine import TorchEngine
 
-    if not (Path(args.checkpoint) / "config.json").is_file():
+    ckpt = Path(args.checkpoint)
+    if not ((ckpt / "config.json").is_file() or (ckpt / "adapter_config.json").is_file()):
         raise ConfigError(f"'{args.checkpoint}' is not a checkpoint directory (no config.json)")
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_model(args.checkpoint, arch=args.arch)
     if args.chat:
         if not tokenizer.chat_template:
             raise ConfigError(f"{args.checkpoint}: the tokenizer has no chat template; drop --chat")
-        texts = []
-        for prompt in args.prompt:
-            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-                {"role": "user", "content": prompt}
-            ]
-            texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        # rendered exactly as SFT rendered its prompts (generation prompt appended)
+        ids = [encode_prompt(tokenizer, system + [{"role": "user", "content": p}]) for p in args.prompt]
     else:
-        texts = args.prompt
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in args.prompt]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     engine = TorchEngine(model, pad_id=pad)
     params = SamplingParams(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from aligner.config import Recipe, TrainConfig
 
@@ -163,6 +164,31 @@ def bases(tmp_path_factory):
     llama.save_pretrained(root / "llama")
     tok.save_pretrained(root / "llama")
     return root
+
+
+def sft_recipe(tmp_path: Path, base: Path, arch: str = "gpt", **sections) -> Path:
+    recipe = {
+        "model": {"init_from": str(base), "arch": arch},
+        "sft": {"chat_template": "chatml", "accuracy_items": 8, "accuracy_tokens": 12, "samples": 1},
+        "data": {"source": "world:sft", "num_rows": 48, "num_eval_rows": 8, "seq_len": 256},
+        "train": {
+            "out_dir": str(tmp_path / "runs"),
+            "name": "s",
+            "max_steps": 3,
+            "micro_batch_size": 4,
+            "precision": "fp32",
+            "eval_every": 0,
+            "save_every": 0,
+            "progress": False,
+            "lr": 1e-2,
+        },
+        "lora": {},
+    }
+    for section, values in sections.items():
+        recipe[section].update(values)
+    path = tmp_path / "sft.yaml"
+    path.write_text("# test recipe\n" + yaml.safe_dump(recipe))
+    return path
 
 
 @pytest.fixture

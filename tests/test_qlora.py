@@ -9,6 +9,7 @@ AVX-512 BF16 (the machine running the tests may not).
 
 import pytest
 import torch
+from conftest import sft_recipe
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA tests need the qlora extra (bitsandbytes)")
 
@@ -36,7 +37,6 @@ def four_bit_layers(model):
 @pytest.mark.parametrize("arch", ["gpt", "hf"])
 def test_adapters_train_after_eval_and_generate_base_frozen(bases, tmp_path, arch):
     from aligner.trainers.sft import SFTTrainer, encode_conversations, sft_tokenizer
-    from test_sft_cli import sft_recipe
 
     model, tok, path = qlora_model(bases, arch)
     layers = four_bit_layers(model)
@@ -97,7 +97,6 @@ def test_guard_stops_cpu_repacking_where_bitsandbytes_would_do_it(bases, monkeyp
 
 def test_qlora_sft_and_export_through_the_cli(bases, tmp_path, capsys):
     from aligner.cli import main
-    from test_sft_cli import sft_recipe
 
     recipe = sft_recipe(tmp_path, bases / "gpt", lora={"enabled": True, "quantize": "nf4", "r": 4, "alpha": 8})
     assert main(["sft", str(recipe), "--accuracy_items", "0"]) == 0

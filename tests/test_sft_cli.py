@@ -6,36 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import sft_recipe
 
 from aligner.cli import main
 from aligner.config import LoRAConfig, load_recipe
 from aligner.model.load import apply_lora, causal_lm_logits, load_adapter_model, load_model
-
-
-def sft_recipe(tmp_path: Path, base: Path, arch: str = "gpt", **sections) -> Path:
-    recipe = {
-        "model": {"init_from": str(base), "arch": arch},
-        "sft": {"chat_template": "chatml", "accuracy_items": 8, "accuracy_tokens": 12, "samples": 1},
-        "data": {"source": "world:sft", "num_rows": 48, "num_eval_rows": 8, "seq_len": 256},
-        "train": {
-            "out_dir": str(tmp_path / "runs"),
-            "name": "s",
-            "max_steps": 3,
-            "micro_batch_size": 4,
-            "precision": "fp32",
-            "eval_every": 0,
-            "save_every": 0,
-            "progress": False,
-            "lr": 1e-2,
-        },
-        "lora": {},
-    }
-    for section, values in sections.items():
-        recipe[section].update(values)
-    path = tmp_path / "sft.yaml"
-    path.write_text("# test recipe\n" + yaml.safe_dump(recipe))
-    return path
 
 
 def test_sft_gpt_core_full(bases, tmp_path, capsys):
@@ -80,16 +55,26 @@ def test_lora_trains_adapters_only_and_exports(bases, tmp_path, capsys, arch):
     assert main(["export", str(final), str(tmp_path / "merged")]) == 2  # refuses to overwrite
 
 
-def test_lora_leaves_base_weights_unchanged(bases, tmp_path):
+@pytest.mark.parametrize("arch", ["gpt", "hf"])
+def test_lora_leaves_base_weights_unchanged(bases, tmp_path, arch):
+    """After an eval pass and a generation, a train step moves every adapter weight and no base weight."""
+    from aligner.rollout.engine import SamplingParams
+    from aligner.rollout.torch_engine import TorchEngine
     from aligner.trainers.sft import SFTTrainer, encode_conversations, sft_tokenizer
 
-    recipe = load_recipe(sft_recipe(tmp_path, bases / "llama", "hf", lora={"enabled": True}))
+    base_dir = bases / ("gpt" if arch == "gpt" else "llama")
+    recipe = load_recipe(sft_recipe(tmp_path, base_dir, arch, lora={"enabled": True}))
     tok = sft_tokenizer(recipe)
     train, _, _ = encode_conversations(recipe, tok)
-    model = apply_lora(load_model(bases / "llama"), LoRAConfig(enabled=True, r=4, alpha=8))
+    model = apply_lora(load_model(base_dir, arch=arch), LoRAConfig(enabled=True, r=4, alpha=8))
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     assert lora and all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    model.eval()
+    with torch.no_grad():
+        causal_lm_logits(model, torch.randint(2, 300, (2, 12)))
+    TorchEngine(model, pad_id=tok.pad_token_id).generate([[5, 6, 7]], SamplingParams(max_new_tokens=4))
+    model.train()
     trainer = SFTTrainer(recipe, model, tok, train)
     trainer.train_step(0)
     trainer.train_step(1)
