@@ -41,10 +41,14 @@ def tiny_gpt(vocab: int = 64, seed: int = 0, **kw):
     return GPT(GPTConfig(**cfg))
 
 
-def tiny_llama(vocab: int = 64, seed: int = 0, **kw):
-    """A tiny transformers LlamaForCausalLM in eval mode (no special-token ids unless given)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_hf(family: str = "llama", vocab: int = 64, seed: int = 0, **kw):
+    """A tiny transformers causal LM (llama or qwen2) in eval mode (no special-token ids unless given)."""
+    import transformers
 
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
     torch.manual_seed(seed)
     cfg = dict(
         vocab_size=vocab,
@@ -57,7 +61,11 @@ def tiny_llama(vocab: int = 64, seed: int = 0, **kw):
         eos_token_id=None,
     )
     cfg.update(kw)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    return model_cls(config_cls(**cfg)).eval()
+
+
+def tiny_llama(vocab: int = 64, seed: int = 0, **kw):
+    return tiny_hf("llama", vocab, seed, **kw)
 
 
 def variable_examples(n: int, vocab: int = 64, seed: int = 0, min_len: int = 4, max_len: int = 24) -> list[dict]:

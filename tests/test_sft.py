@@ -6,30 +6,13 @@ task world, rendered with the ChatML template by a tokenizer built in conftest.
 
 import pytest
 import torch
-from conftest import chat_tokenizer, tiny_gpt, tiny_llama
+from conftest import chat_tokenizer, tiny_gpt, tiny_hf, tiny_llama
 
 from aligner.data.chat import encode_conversation, encode_dataset
 from aligner.data.collate import pack_examples, pad_examples
 from aligner.data.world import world_rows
 from aligner.losses import sft_loss
 from aligner.model.load import causal_lm_logits
-
-
-def tiny_qwen2(vocab: int, seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +33,7 @@ def make(kind: str, vocab: int):
         return tiny_gpt(vocab=vocab)
     if kind == "llama":
         return tiny_llama(vocab=vocab)
-    return tiny_qwen2(vocab)
+    return tiny_hf("qwen2", vocab)
 
 
 def test_loss_equals_trl_sft_trainer(tok, examples, tmp_path):
