@@ -128,7 +128,7 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # names; all-linear = all but the head
     quantize: str = choice("none", "none", "nf4")  # nf4 = QLoRA: frozen base in 4-bit NF4 (bitsandbytes)
     double_quant: bool = True  # QLoRA: quantize the quantization constants too
-    compute_dtype: str = choice("bf16", "bf16", "fp32")  # QLoRA: dtype the 4-bit matmuls compute in
+    compute_dtype: str = choice("auto", "auto", "bf16", "fp32")  # QLoRA matmul dtype; auto = bf16 where it is fast
 
 
 SECTIONS: dict[str, type] = {

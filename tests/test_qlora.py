@@ -18,7 +18,9 @@ from aligner.model.load import build_qlora_model, causal_lm_logits, load_model  
 from aligner.rollout.engine import SamplingParams  # noqa: E402
 from aligner.rollout.torch_engine import TorchEngine  # noqa: E402
 
-QLORA = LoRAConfig(enabled=True, r=4, alpha=8, dropout=0.0, quantize="nf4")
+QLORA = LoRAConfig(
+    enabled=True, r=4, alpha=8, dropout=0.0, quantize="nf4", compute_dtype="bf16"
+)  # as QLoRA prescribes
 
 
 def qlora_model(bases, arch: str):
@@ -43,6 +45,8 @@ def test_adapters_train_after_eval_and_generate_base_frozen(bases, tmp_path, arc
     assert len(layers) == 14  # q, k, v, o, gate, up, down in each of 2 blocks
     wrappers = [m for m in model.modules() if type(m).__module__.startswith("peft.tuners.lora.bnb")]
     assert len(wrappers) == 14  # peft's LoRA layers for 4-bit bases, not its generic ones
+    assert all(m.compute_dtype == torch.bfloat16 and m.weight.quant_type == "nf4" for m in layers)
+    assert all(m.weight.compress_statistics for m in layers)  # double quantization
     base = {id(m): (m.weight.data.clone(), m.weight.quant_state.absmax.clone()) for m in layers}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert lora and all("lora_" in n for n in lora)

@@ -135,7 +135,21 @@ def _bitsandbytes():
     return bnb
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX-512 BF16 / AMX). On AVX2-only CPUs bf16
+    matmuls are emulated and several times slower than fp32, so autocast would hurt."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _compute_dtype(cfg: LoRAConfig) -> torch.dtype:
+    """bf16 as QLoRA prescribes, except under `auto` on CPUs without native bf16 (AVX2-only), where
+    bf16 matmuls are emulated and about ten times slower than fp32."""
+    if cfg.compute_dtype == "auto":
+        fast = torch.cuda.is_available() or cpu_has_fast_bf16()
+        return torch.bfloat16 if fast else torch.float32
     return torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32
 
 

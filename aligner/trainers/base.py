@@ -33,20 +33,12 @@ from accelerate import Accelerator
 from aligner import checkpoint as ckpt
 from aligner.config import Recipe, save_recipe
 from aligner.errors import AlignerError, ConfigError, DataError
+from aligner.model.load import cpu_has_fast_bf16
 from aligner.tracking import Progress, Tracker, plot_metrics
 
 
 class TrainingError(AlignerError):
     """The run cannot go on (non-finite loss or gradients); the last good checkpoint is kept."""
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where oneDNN has native bf16 kernels (AVX-512 BF16 / AMX). On AVX2-only CPUs bf16
-    matmuls are emulated and several times slower than fp32, so autocast would hurt."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
