@@ -135,7 +135,7 @@ def run_generate(argv: list[str]) -> int:
 
     from pathlib import Path
 
-    from aligner.data.chat import encode_prompt, end_of_turn_ids
+    from aligner.data.chat import encode_prompt, reply_stop_ids
     from aligner.errors import ConfigError
     from aligner.model.load import load_model, load_tokenizer
     from aligner.rollout.engine import SamplingParams
@@ -163,7 +163,7 @@ def run_generate(argv: list[str]) -> int:
         top_p=args.top_p,
         min_p=args.min_p,
         n=args.n,
-        stop_ids=tuple(end_of_turn_ids(tokenizer)),
+        stop_ids=tuple(reply_stop_ids(tokenizer)),
         seed=args.seed,
     )
     outs = engine.generate(ids, params)

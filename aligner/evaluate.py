@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from aligner.data.chat import encode_prompt, end_of_turn_ids
+from aligner.data.chat import encode_prompt, reply_stop_ids
 from aligner.data.world import is_correct
 
 
@@ -51,7 +51,7 @@ def exact_match(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     engine = TorchEngine(model, pad_id=pad)
     params = SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tuple(end_of_turn_ids(tokenizer, template))
+        max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tuple(reply_stop_ids(tokenizer, template))
     )
     completions, correct = [], 0
     for start in range(0, len(rows), batch_size):

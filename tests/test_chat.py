@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import FAMILIES, chat_tokenizer
 
-from aligner.data.chat import IGNORE_INDEX, encode_conversation, encode_dataset, encode_prompt, end_of_turn_ids, render
+from aligner.data.chat import IGNORE_INDEX, encode_conversation, encode_dataset, encode_prompt, render, reply_stop_ids
 from aligner.errors import DataError
 from aligner.model.tokenizer import load_chat_template
 
@@ -85,10 +85,10 @@ def test_generation_prompt_is_the_training_prefix(family):
     assert ids[: len(prompt)] == prompt and first == len(prompt)
 
 
-def test_end_of_turn_ids(family):
+def test_reply_stop_ids(family):
     name, tok = family
     eot = tok.convert_tokens_to_ids(FAMILIES[name][3])
-    ids = end_of_turn_ids(tok)
+    ids = reply_stop_ids(tok)
     assert ids[0] == eot and tok.eos_token_id in ids
 
 

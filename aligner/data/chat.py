@@ -94,7 +94,7 @@ def encode_prompt(tokenizer, messages: list[dict], template: str | None = None) 
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def end_of_turn_ids(tokenizer, template: str | None = None) -> list[int]:
+def reply_stop_ids(tokenizer, template: str | None = None) -> list[int]:
     """Ids that end a reply under this template (the special token closing an assistant turn), plus EOS."""
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
     out = []
