@@ -5,9 +5,10 @@ models, DPO, PPO, GRPO) on one shared loop that run on that core or on any Huggi
 
 Python API (imports are lazy so `import aligner` stays light):
 
-    from aligner import load_recipe, pretrain
+    from aligner import load_recipe, pretrain, sft
     recipe = load_recipe("recipes/pretrain.yaml", {"max_steps": 50})
     result = pretrain(recipe)
+    result = sft(load_recipe("recipes/chat.yaml", {"max_steps": 50}, command="sft"))
 """
 
 __version__ = "0.1.0"
@@ -19,6 +20,9 @@ _LAZY = {
     "GPT": "aligner.model.gpt",
     "GPTConfig": "aligner.model.gpt",
     "pretrain": "aligner.trainers.sft",
+    "sft": "aligner.trainers.sft",
+    "exact_match": "aligner.evaluate",
+    "encode_conversation": "aligner.data.chat",
     "SFTTrainer": "aligner.trainers.sft",
     "Trainer": "aligner.trainers.base",
 }
