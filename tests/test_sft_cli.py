@@ -137,3 +137,33 @@ def test_template_without_system_role(bases, tmp_path, capsys):
     assert main(["sft", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "row 1: chat template: Mistral [INST] template has no system role" in err
+
+
+@pytest.mark.slow
+def test_two_process_lora_sft_matches_single_process(bases, tmp_path):
+    """accelerate launch, 2 CPU processes, LoRA + packing: the first step's loss equals one process with
+    the same global batch (packed rows differ per process; the loss is normalised over both)."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = sft_recipe(
+        tmp_path, bases / "gpt", lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}, sft={"accuracy_items": 0}
+    )
+    assert main(["sft", str(recipe), "--train.name", "one", "--micro_batch_size", "8", "--max_steps", "2"]) == 0
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    cmd = [launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "aligner", "sft", str(recipe)]
+    cmd += ["--train.name", "two", "--micro_batch_size", "4", "--max_steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def losses(name):
+        rows = [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train/loss"] for r in rows}
+
+    one, two = losses("one"), losses("two")
+    assert two[1] == pytest.approx(one[1], abs=1e-5) and two[2] == pytest.approx(one[2], abs=1e-4)
+    assert (tmp_path / "runs" / "two" / "final" / "adapter_model.safetensors").is_file()
+    assert proc.stdout.count("checkpoint:") == 1
