@@ -61,6 +61,20 @@ def losses(run_dir):
     return {r["step"]: r["train/loss"] for r in rows}
 
 
+def train_until_crash(trainer, crash_step: int) -> None:
+    """Run `trainer` and interrupt it (as Ctrl-C would) when it reaches step index `crash_step`."""
+    real_step = trainer.train_step
+
+    def step_or_crash(step):
+        if step == crash_step:
+            raise KeyboardInterrupt
+        return real_step(step)
+
+    trainer.train_step = step_or_crash
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+
+
 def test_exact_resume_in_process(tmp_path):
     """A run interrupted after a checkpoint and resumed equals an uninterrupted run, exactly."""
     examples = variable_examples(24, seed=3)
@@ -70,16 +84,7 @@ def test_exact_resume_in_process(tmp_path):
 
     recipe = loop_recipe(tmp_path, name="cut", max_steps=8, save_every=3, eval_every=4)
     cut = SFTTrainer(recipe, tiny_gpt(seed=0), StubTokenizer(), examples, examples[:5])
-    real_step = cut.train_step
-
-    def crash_at_5(step):
-        if step == 5:
-            raise KeyboardInterrupt
-        return real_step(step)
-
-    cut.train_step = crash_at_5
-    with pytest.raises(KeyboardInterrupt):
-        cut.train()
+    train_until_crash(cut, 5)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "cut")] == [3]
     assert max(losses(tmp_path / "cut")) == 5  # steps 4 and 5 were logged before the crash
 
@@ -184,16 +189,7 @@ def test_exact_resume_with_lora_adapters(tmp_path):
     cut = SFTTrainer(
         loop_recipe(tmp_path, name="cut", max_steps=6, save_every=3), lora_gpt(1), StubTokenizer(), examples
     )
-    real_step = cut.train_step
-
-    def crash_at_4(step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_step(step)
-
-    cut.train_step = crash_at_4
-    with pytest.raises(KeyboardInterrupt):
-        cut.train()
+    train_until_crash(cut, 4)
     assert (tmp_path / "cut" / "step_000003" / "adapter_model.safetensors").is_file()
     recipe = loop_recipe(tmp_path, name="cut", max_steps=6, save_every=3, resume=True)
     resumed = SFTTrainer(recipe, lora_gpt(99), StubTokenizer(), examples)  # other adapter init: must be loaded
