@@ -11,6 +11,7 @@ Importing this module must not import transformers, peft or vllm.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -57,3 +58,159 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     nll = -token_logprobs(logits, labels)  # (B, T)
     loss = (nll * mask).sum()
     return loss, {"tokens": int(mask.sum())}
+
+
+# --- preference losses -------------------------------------------------------------------------------
+#
+# Inputs are sequence log-probs summed over completion tokens, (B,) each: `chosen_logps`,
+# `rejected_logps` under the policy and `ref_chosen_logps`, `ref_rejected_logps` under the reference
+# (zeros for reference-free variants), plus completion lengths where a variant averages per token.
+# Each returns (sum of per-pair losses, stats averaged over pairs); the loop divides by the pairs of
+# the whole accumulated batch, like tokens for SFT. One function per variant, chosen from
+# PREFERENCE_LOSSES by name (REFERENCE.md, DPO family).
+
+
+def _pair_stats(beta: float, chosen_logratios, rejected_logratios, chosen_logps, rejected_logps) -> dict:
+    """Implicit rewards beta * log(pi / ref), their accuracy and margin, and the raw log-probs (means)."""
+    with torch.no_grad():
+        rc, rr = beta * chosen_logratios, beta * rejected_logratios
+        return {
+            "rewards/chosen": float(rc.mean()),
+            "rewards/rejected": float(rr.mean()),
+            "rewards/accuracy": float((rc > rr).float().mean()),
+            "rewards/margin": float((rc - rr).mean()),
+            "logps/chosen": float(chosen_logps.mean()),
+            "logps/rejected": float(rejected_logps.mean()),
+        }
+
+
+def _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    return chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+
+
+def dpo_sigmoid_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1, **_):
+    """DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * h), h = (pi_c - ref_c) - (pi_r - ref_r)."""
+    c, r = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    losses = -F.logsigmoid(beta * (c - r))  # (B,)
+    return losses.sum(), _pair_stats(beta, c, r, chosen_logps, rejected_logps)
+
+
+def dpo_cdpo_loss(
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1, label_smoothing=0.0, **_
+):
+    """Conservative DPO (Mitchell 2023): labels flipped with probability eps,
+    -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)."""
+    c, r = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = beta * (c - r)
+    losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    return losses.sum(), _pair_stats(beta, c, r, chosen_logps, rejected_logps)
+
+
+def dpo_robust_loss(
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1, label_smoothing=0.0, **_
+):
+    """Robust DPO (Chowdhury et al. 2024, eq. 9): unbiased under label noise eps,
+    (-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)."""
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust DPO needs label_smoothing in [0, 0.5), got {label_smoothing}")
+    c, r = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = beta * (c - r)
+    eps = label_smoothing
+    losses = (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
+    return losses.sum(), _pair_stats(beta, c, r, chosen_logps, rejected_logps)
+
+
+def dpo_hinge_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1, **_):
+    """Hinge / SLiC (Zhao et al. 2023): max(0, 1 - beta h)."""
+    c, r = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    losses = torch.relu(1 - beta * (c - r))
+    return losses.sum(), _pair_stats(beta, c, r, chosen_logps, rejected_logps)
+
+
+def ipo_loss(
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1, *, chosen_len, rejected_len, **_
+):
+    """IPO (Azar et al. 2023, eq. 17) on per-token averages: (h_avg - 1 / (2 beta))^2,
+    h_avg = (pi_c - ref_c) / |y_c| - (pi_r - ref_r) / |y_r| (the normalisation TRL uses, confirmed by the authors)."""
+    c, r = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = c / chosen_len.clamp(min=1) - r / rejected_len.clamp(min=1)
+    losses = (h - 1 / (2 * beta)) ** 2
+    return losses.sum(), _pair_stats(beta, c, r, chosen_logps, rejected_logps)
+
+
+def simpo_loss(chosen_logps, rejected_logps, *, chosen_len, rejected_len, beta=2.0, gamma=0.5, **_):
+    """SimPO (Meng et al. 2024, eq. 6), reference-free: -log sigmoid(beta (avg pi_c - avg pi_r) - gamma),
+    avg = summed log-prob / completion length. Rewards in the stats are beta * avg log-probs."""
+    avg_c, avg_r = chosen_logps / chosen_len.clamp(min=1), rejected_logps / rejected_len.clamp(min=1)
+    losses = -F.logsigmoid(beta * (avg_c - avg_r) - gamma)
+    return losses.sum(), _pair_stats(beta, avg_c, avg_r, chosen_logps, rejected_logps)
+
+
+def orpo_loss(chosen_logps, rejected_logps, *, chosen_len, rejected_len, lam=0.1, **_):
+    """ORPO (Hong et al. 2024, eqs. 6-7), reference-free: NLL(y_c) - lam * log sigmoid(log odds_c - log odds_r),
+    odds = p / (1 - p) with p = exp(average token log-prob). The NLL term is the chosen completion's
+    per-token mean for each pair (the paper averages over the batch's chosen tokens)."""
+    avg_c, avg_r = chosen_logps / chosen_len.clamp(min=1), rejected_logps / rejected_len.clamp(min=1)
+    # log odds = log p - log(1 - p), with log(1 - p) = log(-expm1(log p)) computed stably
+    log_odds = (avg_c - torch.log(-torch.expm1(avg_c))) - (avg_r - torch.log(-torch.expm1(avg_r)))
+    ratio = F.logsigmoid(log_odds)
+    losses = -avg_c - lam * ratio
+    stats = _pair_stats(lam, avg_c, avg_r, chosen_logps, rejected_logps)
+    stats.update({"orpo/log_odds_ratio": float(ratio.detach().mean()), "orpo/nll": float(-avg_c.detach().mean())})
+    return losses.sum(), stats
+
+
+def kto_loss(
+    logps,
+    ref_logps,
+    desirable,
+    kl,
+    beta=0.1,
+    desirable_weight=1.0,
+    undesirable_weight=1.0,
+    **_,
+):
+    """KTO (Ethayarajh et al. 2024, eq. 8) on unpaired examples: with r = log(pi / ref) and the
+    reference point z = max(kl, 0) (detached), desirable: w_D (1 - sigmoid(beta (r - z))),
+    undesirable: w_U (1 - sigmoid(beta (z - r))). `desirable` is a (B,) bool tensor; `kl` a scalar
+    estimate of KL(pi || ref) from mismatched prompt/completion pairs (TRL's estimator)."""
+    z = torch.as_tensor(kl, dtype=logps.dtype, device=logps.device).detach().clamp(min=0)
+    r = logps - ref_logps  # (B,)
+    good = desirable_weight * (1 - torch.sigmoid(beta * (r - z)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z - r)))
+    losses = torch.where(desirable, good, bad)
+    with torch.no_grad():
+        stats = {"kl": float(z), "rewards/mean": float((beta * r).mean())}
+    return losses.sum(), stats
+
+
+def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, center_coef=0.0):
+    """Reward-model loss (Bradley-Terry; InstructGPT eq. 1): -log sigmoid(r_c - r_r - m) per pair, plus
+    center_coef * (r_c + r_r)^2 to keep rewards centred (Eisenstein et al. 2023, arXiv 2312.09244)."""
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    losses = -F.logsigmoid(diff)
+    if center_coef:
+        losses = losses + center_coef * (chosen_rewards + rejected_rewards) ** 2
+    with torch.no_grad():
+        both = torch.cat([chosen_rewards, rejected_rewards])
+        stats = {
+            "accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
+            "margin": float((chosen_rewards - rejected_rewards).mean()),
+            "reward_mean": float(both.mean()),
+            "reward_std": float(both.std()) if both.numel() > 1 else 0.0,
+        }
+    return losses.sum(), stats
+
+
+PREFERENCE_LOSSES = {
+    "sigmoid": dpo_sigmoid_loss,
+    "cdpo": dpo_cdpo_loss,
+    "robust": dpo_robust_loss,
+    "hinge": dpo_hinge_loss,
+    "ipo": ipo_loss,
+    "simpo": simpo_loss,
+    "orpo": orpo_loss,
+}
+REFERENCE_FREE = {"simpo", "orpo"}
