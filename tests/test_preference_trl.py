@@ -120,3 +120,45 @@ def test_bradley_terry_matches_trl_reward_trainer(tmp_path, with_margin):
     ours, stats = bradley_terry_loss(chosen, rejected, margin=margin if with_margin else None, center_coef=0.01)
     # TRL's centring term is the batch mean of (r_c + r_r)^2, added once: per pair it is the same sum / B
     assert abs(float(ours) / 3 - trl_loss) < 1e-5
+
+
+def test_kto_matches_trl_kto_trainer(tmp_path):
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    from aligner.losses import kto_loss
+
+    tok = chat_tokenizer("chatml")
+    vocab = len(tok)
+    policy, ref = tiny_llama(vocab=vocab, seed=0), tiny_llama(vocab=vocab, seed=1)
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(4.0)  # a sharper reference: the KL estimate is positive, so z is not clamped away
+    args = KTOConfig(
+        output_dir=str(tmp_path),
+        beta=0.2,
+        desirable_weight=1.0,
+        undesirable_weight=1.3,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+    )
+    rows = [{"prompt": "2 + 2?", "completion": c, "label": c == " 4"} for c in (" 4", " 5")]
+    data = Dataset.from_list(rows)
+    trainer = KTOTrainer(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
+    main = batch(vocab, pairs=3, seed=0)  # 6 unpaired rows
+    mismatched = batch(vocab, pairs=3, seed=1)  # the KL estimate's prompt/completion pairs
+    label = torch.tensor([True, False, True, True, False, False])
+    inputs = dict(main, label=label)
+    inputs.update({f"KL_{k}": v for k, v in mismatched.items()})
+    trainer.model.eval()
+    trl_loss = float(trainer._compute_loss(trainer.model, dict(inputs), return_outputs=False))
+
+    logps = torch.cat(sequence_logps(trainer.model, main))
+    ref_logps = torch.cat(sequence_logps(trainer.ref_model, main))
+    kl_logps = torch.cat(sequence_logps(trainer.model, mismatched))
+    ref_kl_logps = torch.cat(sequence_logps(trainer.ref_model, mismatched))
+    kl = (kl_logps - ref_kl_logps).mean()
+    ours, stats = kto_loss(logps, ref_logps, label, kl, beta=0.2, desirable_weight=1.0, undesirable_weight=1.3)
+    assert abs(float(ours) / 6 - trl_loss) < 1e-5
+    assert stats["kl"] == pytest.approx(float(kl.clamp(min=0)))
+    assert float(kl) > 0.05
