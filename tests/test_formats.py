@@ -61,3 +61,73 @@ def test_explicit_format_with_missing_columns():
         to_records([{"prompt": "a", "completion": "b"}], fmt="alpaca")
     with pytest.raises(DataError, match="not one of"):
         to_records([{"text": "a"}], fmt="yaml")
+
+
+# --- preference data ------------------------------------------------------------------------------
+
+from aligner.data.formats import parse_hh, to_preference_records  # noqa: E402
+
+PU = {"role": "user", "content": "Which is larger: 9.9 or 9.11?"}
+PGOOD = {"role": "assistant", "content": "9.90 > 9.11\nFinal answer: 9.9"}
+PBAD = {"role": "assistant", "content": "Final answer: 9.11"}
+
+
+def test_preference_strings_and_message_lists():
+    recs, report = to_preference_records(
+        [
+            {"prompt": PU["content"], "chosen": PGOOD["content"], "rejected": PBAD["content"], "margin": 2},
+            {"prompt": [PU], "chosen": [PGOOD], "rejected": [PBAD]},
+        ]
+    )
+    assert recs[0] == {"prompt": [PU], "chosen": [PGOOD], "rejected": [PBAD], "margin": 2.0}
+    assert recs[1] == {"prompt": [PU], "chosen": [PGOOD], "rejected": [PBAD]}
+    assert report == {"rows": 2, "kept": 2, "identical": 0}
+
+
+def test_whole_conversations_share_their_prompt():
+    system = {"role": "system", "content": "Be brief."}
+    rows = [{"prompt": PU["content"], "chosen": [system, PU, PGOOD], "rejected": [system, PU, PBAD]}]
+    (rec,), _ = to_preference_records(rows)
+    assert rec == {"prompt": [system, PU], "chosen": [PGOOD], "rejected": [PBAD]}
+    (rec,), _ = to_preference_records([{"chosen": [PU, PGOOD], "rejected": [PU, PBAD]}])  # no prompt column
+    assert rec["prompt"] == [PU]
+
+
+def test_hh_strings():
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant: 4"
+    rejected = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant: 5"
+    (rec,), _ = to_preference_records([{"chosen": chosen, "rejected": rejected}])
+    assert [m["role"] for m in rec["prompt"]] == ["user", "assistant", "user"]
+    assert rec["chosen"] == [{"role": "assistant", "content": "4"}] and rec["rejected"][0]["content"] == "5"
+    assert parse_hh("Human: q\n\nAssistant: a", "x") == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]
+
+
+def test_unpaired_rows_for_kto():
+    recs, _ = to_preference_records(
+        [{"prompt": "q", "completion": "a", "label": True}, {"prompt": "q", "completion": "b", "label": False}]
+    )
+    assert recs[0] == {
+        "prompt": [{"role": "user", "content": "q"}],
+        "completion": [{"role": "assistant", "content": "a"}],
+        "label": True,
+    }
+    assert recs[1]["label"] is False
+
+
+def test_bad_preference_rows():
+    ok = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    with pytest.raises(DataError, match="row 2: missing rejected"):
+        to_preference_records([ok, {"prompt": "q", "chosen": "a"}], fmt="preference", source="p.jsonl")
+    with pytest.raises(DataError, match="fit no preference format"):
+        to_preference_records([{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match="row 1: empty prompt"):
+        to_preference_records([{"prompt": "  ", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match="prefixes do not match"):
+        to_preference_records([{"chosen": [PU, PGOOD], "rejected": [{"role": "user", "content": "other"}, PBAD]}])
+    recs, report = to_preference_records([ok, {"prompt": "q", "chosen": "same", "rejected": "same"}])
+    assert report["identical"] == 1 and len(recs) == 1
+    with pytest.raises(DataError, match="identical chosen and rejected"):
+        to_preference_records([{"prompt": "q", "chosen": "same", "rejected": "same"}])

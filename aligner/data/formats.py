@@ -13,10 +13,20 @@ system / user / assistant; plain text becomes {"text": ...}. Other columns of a 
 
 `detect_format` picks the format from the columns of the first row; a recipe can name it instead.
 A dataset that fits none gets one line naming the columns it has and the formats it could be.
+
+Preference data (`to_preference_records`) becomes {"prompt": [messages], "chosen": [assistant turns],
+"rejected": [assistant turns]} (+ "margin" when the row has one):
+
+    format       columns
+    preference   chosen, rejected (+ prompt): strings or message lists; whole conversations that
+                 repeat the prompt (binarized preference sets) have their shared prefix taken as the prompt
+    hh           chosen, rejected as "\n\nHuman: ... \n\nAssistant: ..." strings (Anthropic HH style)
+    unpaired     prompt, completion, label (KTO: label true = desirable)
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from aligner.errors import DataError
@@ -140,3 +150,125 @@ def to_records(rows: list[dict], fmt: str | None = None, source: str = "dataset"
         extra = {k: v for k, v in row.items() if k not in consumed}
         records.append({**extra, "messages": messages})
     return records
+
+
+# --- preference data ---------------------------------------------------------------------------------
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_hh(text: str, where: str) -> list[dict]:
+    """ "\n\nHuman: q\n\nAssistant: a" -> [{"role": "user", ...}, {"role": "assistant", ...}]."""
+    parts = HH_TURN.split("\n\n" + text.lstrip("\n"))  # ["", "Human", q, "Assistant", a, ...]
+    if len(parts) < 3 or parts[0].strip():
+        raise DataError(f"{where}: not a '\\n\\nHuman: ... \\n\\nAssistant: ...' conversation")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def _split_shared_prefix(chosen: list[dict], rejected: list[dict], where: str) -> tuple[list, list, list]:
+    """Conversations that repeat the prompt: (shared prefix, chosen rest, rejected rest)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    prompt, c, r = chosen[:n], chosen[n:], rejected[n:]
+    if not prompt or any(m["role"] != "assistant" for m in c + r):
+        raise DataError(
+            f"{where}: chosen and rejected conversations must share the prompt turns and differ only in the "
+            "assistant's reply (their prefixes do not match)"
+        )
+    return prompt, c, r
+
+
+def _preference(row: dict, where: str) -> dict:
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise DataError(f"{where}: 'chosen' and 'rejected' must both be strings or both message lists")
+    if isinstance(chosen, str):
+        chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+    else:
+        chosen, rejected = _check_turns(chosen, where, "chosen"), _check_turns(rejected, where, "rejected")
+        if chosen and chosen[0]["role"] != "assistant":  # whole conversations that repeat the prompt
+            shared, chosen, rejected = _split_shared_prefix(chosen, rejected, where)
+            if isinstance(prompt, str) and not any(m["content"] == prompt for m in shared):
+                raise DataError(f"{where}: the chosen/rejected conversations do not contain the row's prompt")
+            prompt = shared
+    if prompt is None:
+        raise DataError(f"{where}: replies without the conversation need a 'prompt' column")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    prompt = _check_turns(prompt, where, "prompt")
+    if not any(m["content"].strip() for m in prompt):
+        raise DataError(f"{where}: empty prompt")
+    if not chosen or not rejected:
+        raise DataError(f"{where}: empty chosen or rejected reply")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _hh(row: dict, where: str) -> dict:
+    chosen, rejected = parse_hh(row["chosen"], where), parse_hh(row["rejected"], where)
+    prompt, c, r = _split_shared_prefix(chosen, rejected, where)
+    return {"prompt": prompt, "chosen": c, "rejected": r}
+
+
+def _check_turns(turns, where: str, column: str) -> list[dict]:
+    if not isinstance(turns, list):
+        raise DataError(f"{where}: '{column}' must be a string or a list of messages")
+    out = []
+    for j, m in enumerate(turns):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m or m["role"] not in ROLES:
+            raise DataError(f"{where}: {column} message {j} needs a role ({', '.join(ROLES)}) and content")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+PREFERENCE_SIGNATURES: dict[str, tuple[str, ...]] = {
+    "unpaired": ("prompt", "completion", "label"),
+    "preference": ("chosen", "rejected"),
+}
+
+
+def detect_preference_format(row: dict, source: str) -> str:
+    cols = set(row)
+    if {"chosen", "rejected"} <= cols:
+        text = row["chosen"]
+        return "hh" if "prompt" not in cols and isinstance(text, str) and HH_TURN.search(text) else "preference"
+    if {"prompt", "completion", "label"} <= cols:
+        return "unpaired"
+    raise DataError(
+        f"{source}: rows have columns {', '.join(sorted(cols)) or '(none)'}, which fit no preference format; "
+        "expected chosen + rejected (+ prompt), or prompt + completion + label (or set data.format)"
+    )
+
+
+def to_preference_records(rows: list[dict], fmt: str | None = None, source: str = "dataset") -> tuple[list, dict]:
+    """Canonical preference records and counts {"rows", "kept", "identical"}: pairs whose chosen and rejected
+    replies are identical carry no preference and are dropped (counted); anything malformed is an error."""
+    if not rows:
+        raise DataError(f"{source} has no rows")
+    fmt = fmt or detect_preference_format(rows[0], source)
+    needed = {"hh": ("chosen", "rejected"), **PREFERENCE_SIGNATURES}.get(fmt)
+    if needed is None:
+        raise DataError(f"data.format '{fmt}' is not a preference format (preference, hh, unpaired)")
+    records, identical = [], 0
+    for i, row in enumerate(rows):
+        where = _where(source, i)
+        missing = [c for c in needed if row.get(c) is None]
+        if missing:
+            raise DataError(f"{where}: missing {', '.join(missing)} (format {fmt} needs {', '.join(needed)})")
+        if fmt == "unpaired":
+            rec = _preference(
+                {"prompt": row["prompt"], "chosen": row["completion"], "rejected": row["completion"]}, where
+            )
+            records.append({"prompt": rec["prompt"], "completion": rec["chosen"], "label": bool(row["label"])})
+            continue
+        rec = _hh(row, where) if fmt == "hh" else _preference(row, where)
+        if rec["chosen"] == rec["rejected"]:
+            identical += 1
+            continue
+        if row.get("margin") is not None:
+            rec["margin"] = float(row["margin"])
+        records.append(rec)
+    if not records:
+        raise DataError(f"{source}: no usable pairs ({identical} of {len(rows)} have identical chosen and rejected)")
+    return records, {"rows": len(rows), "kept": len(records), "identical": identical}
