@@ -3,6 +3,7 @@
     aligner pretrain recipes/pretrain.yaml         # train tokenizer + GPT core on the task world
     aligner pretrain --max_steps 100 --train.lr 1e-3
     aligner sft recipes/chat.yaml                  # chat SFT from runs/pretrain/final
+    aligner dpo --beta 0.1                         # DPO from runs/sft/final (recipes/dpo.yaml)
     aligner generate runs/sft/final --chat --prompt "What is 7 + 5?"
     aligner export runs/sft_lora/final out/merged  # merge a LoRA adapter into a full HF model
 
@@ -20,6 +21,7 @@ from aligner.errors import AlignerError
 TRAIN_COMMANDS = {
     "pretrain": "train the tokenizer and the GPT core on plain text (packed, every token in the loss)",
     "sft": "supervised fine-tuning on conversations (assistant-only loss), full, LoRA or QLoRA",
+    "dpo": "preference optimisation (DPO, cDPO, robust, hinge, IPO, SimPO, ORPO) from the SFT model",
 }
 
 USAGE = """usage: aligner <command> [RECIPE] [--flag value ...]
@@ -51,8 +53,10 @@ def run_training(command: str, argv: list[str]) -> int:
     recipe = load_recipe(recipe_path, parse_flags(argv), command=command)
     if command == "pretrain":
         from aligner.trainers.sft import pretrain as run
-    else:
+    elif command == "sft":
         from aligner.trainers.sft import sft as run
+    else:
+        from aligner.trainers.dpo import dpo as run
     result = run(recipe)
     if not result["is_main"]:
         return 0

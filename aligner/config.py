@@ -8,6 +8,7 @@ A recipe is a YAML file with the sections below (all optional; each field has a 
     train:     the shared training loop (optimizer, schedule, batch, precision, cadence, run dir)
     sft:       supervised fine-tuning / pretraining options (chat template, loss mask, packing)
     lora:      LoRA / QLoRA adapters instead of full fine-tuning
+    dpo:       direct preference optimisation and its variants
 
 Loading is strict: malformed YAML, unknown keys, wrong types and missing files raise `ConfigError`
 with one line naming the file and key (and the closest valid key). Flags override the recipe:
@@ -131,6 +132,21 @@ class LoRAConfig:
     compute_dtype: str = choice("auto", "auto", "bf16", "fp32")  # QLoRA matmul dtype; auto = bf16 where it is fast
 
 
+@dataclass
+class DPOConfig:
+    loss: str = choice("sigmoid", "sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo")  # variant
+    beta: float = 0.1  # strength of the implicit KL to the reference (SimPO: reward scale, ~2.0)
+    label_smoothing: float = 0.0  # cdpo / robust: assumed probability that a pair's label is flipped
+    simpo_gamma: float = 0.5  # SimPO target reward margin
+    orpo_lambda: float = 0.1  # ORPO weight of the odds-ratio term against the chosen NLL
+    precompute_ref: bool = False  # reference log-probs computed once before training and cached on disk
+    ref_cache_dir: str = "runs/.ref_cache"  # where precomputed reference log-probs are kept (keyed by model + data)
+    chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
+    overlong: str = choice("truncate", "truncate", "drop", "error")  # pairs over data.seq_len tokens
+    accuracy_items: int = 500  # held-out task-world items for exact-match accuracy at the end; 0 = skip
+    accuracy_tokens: int = 160  # max new tokens per answer in that eval
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "tokenizer": TokenizerConfig,
@@ -138,6 +154,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "sft": SFTConfig,
     "lora": LoRAConfig,
+    "dpo": DPOConfig,
 }
 
 
@@ -149,6 +166,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     path: str | None = field(default=None, metadata={"internal": True})  # where it was loaded from
 
     def to_dict(self) -> dict:
@@ -161,9 +179,9 @@ class Recipe:
 
 
 # Which section a bare flag (`--lr`) looks at first, per command.
-OWN_SECTION = {"pretrain": "sft", "sft": "sft"}
+OWN_SECTION = {"pretrain": "sft", "sft": "sft", "dpo": "dpo"}
 # Default recipe per command (recipes/<file>), used when no recipe path is given.
-DEFAULT_RECIPE = {"pretrain": "pretrain.yaml", "sft": "chat.yaml"}
+DEFAULT_RECIPE = {"pretrain": "pretrain.yaml", "sft": "chat.yaml", "dpo": "dpo.yaml"}
 
 
 # --- type checking --------------------------------------------------------------------------------
@@ -408,6 +426,8 @@ def validate(recipe: Recipe) -> None:
         (0 <= recipe.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
         (recipe.lora.quantize == "none" or recipe.lora.enabled, "lora.quantize nf4 (QLoRA) needs lora.enabled: true"),
         (recipe.sft.accuracy_items >= 0, "sft.accuracy_items must be 0 or more"),
+        (recipe.dpo.beta > 0, "dpo.beta must be positive"),
+        (0 <= recipe.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
     ]
     for ok, message in checks:
         if not ok:

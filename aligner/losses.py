@@ -214,3 +214,11 @@ PREFERENCE_LOSSES = {
     "orpo": orpo_loss,
 }
 REFERENCE_FREE = {"simpo", "orpo"}
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each row's loss tokens and their number: ((B,), (B,)) from logits (B, T, V)
+    aligned with labels (B, T) (IGNORE_INDEX outside the completion)."""
+    mask = labels != IGNORE_INDEX
+    logps = token_logprobs(logits, labels) * mask  # (B, T)
+    return logps.sum(-1), mask.sum(-1).to(logps.dtype)

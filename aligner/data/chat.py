@@ -194,3 +194,63 @@ def encode_dataset(
         )
         raise DataError(f"{source}: {why}; {report.summary()}")
     return examples, report
+
+
+# --- preference pairs --------------------------------------------------------------------------------
+
+
+def encode_reply(tokenizer, prompt: list[dict], reply: list[dict], template: str | None = None):
+    """Token ids of prompt + reply and a 0/1 mask on the reply's assistant tokens only (end-of-turn included)."""
+    ids, mask = encode_conversation(tokenizer, prompt + reply, template)
+    n_prompt = len(encode_prompt(tokenizer, prompt, template))
+    return ids, [0] * n_prompt + mask[n_prompt:]
+
+
+def _shifted(ids: list[int], mask: list[int]) -> dict:
+    import torch
+
+    ids_t = torch.tensor(ids, dtype=torch.int64)
+    labels = torch.where(torch.tensor(mask[1:], dtype=torch.bool), ids_t[1:], IGNORE_INDEX)
+    return {"input_ids": ids_t[:-1], "labels": labels}
+
+
+def encode_preferences(
+    records: Sequence[dict],
+    tokenizer,
+    max_len: int,
+    *,
+    template: str | None = None,
+    overlong: str = "truncate",
+    source: str = "dataset",
+) -> tuple[list[dict], EncodeReport]:
+    """Paired records -> {"chosen": example, "rejected": example, "margin"?} with SFT-style shifted labels
+    on the replies only. Over-long sequences lose the end of the reply (`truncate`) or the pair
+    (`drop`); a pair left without reply tokens on either side is dropped; all counted in the report."""
+    report = EncodeReport(conversations=len(records))
+    out = []
+    for i, rec in enumerate(records):
+        try:
+            sides = [encode_reply(tokenizer, rec["prompt"], rec[k], template) for k in ("chosen", "rejected")]
+        except DataError as e:
+            raise DataError(f"{source} row {i + 1}: {e}") from None
+        if any(len(ids) - 1 > max_len for ids, _ in sides):
+            if overlong == "error":
+                raise DataError(f"{source} row {i + 1}: longer than the max length {max_len} + 1 tokens")
+            if overlong == "drop":
+                report.dropped_overlong += 1
+                continue
+            sides = [(ids[: max_len + 1], mask[: max_len + 1]) for ids, mask in sides]
+            report.truncated += 1
+        if any(sum(mask[1:]) == 0 for _, mask in sides):
+            report.dropped_no_loss += 1
+            continue
+        pair = {"chosen": _shifted(*sides[0]), "rejected": _shifted(*sides[1])}
+        if "margin" in rec:
+            pair["margin"] = rec["margin"]
+        out.append(pair)
+        report.kept += 1
+        report.tokens += sum(len(ids) - 1 for ids, _ in sides)
+        report.loss_tokens += sum(sum(mask[1:]) for _, mask in sides)
+    if not out:
+        raise DataError(f"{source}: no pair has reply tokens within the max length; {report.summary()}")
+    return out, report

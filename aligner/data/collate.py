@@ -104,3 +104,17 @@ def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
         "n_loss": int((labels != IGNORE_INDEX).sum()),
         "n_tokens": sum(lengths),
     }
+
+
+def pad_pairs(pairs: Sequence[dict], pad_id: int) -> dict:
+    """Preference pairs -> one right-padded batch of 2B rows, chosen first then rejected (one forward for
+    both), with `n_loss` = B pairs and, when pairs carry them, `margin` (B,) and `ref_logps` (2B,)."""
+    batch = pad_examples([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
+    batch["n_loss"] = len(pairs)
+    if all("margin" in p for p in pairs):
+        batch["margin"] = torch.tensor([float(p["margin"]) for p in pairs])
+    if all("ref_logps" in p for p in pairs):
+        batch["ref_logps"] = torch.tensor(
+            [float(p["ref_logps"][0]) for p in pairs] + [float(p["ref_logps"][1]) for p in pairs]
+        )
+    return batch

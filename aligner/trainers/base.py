@@ -129,7 +129,8 @@ class Trainer:
         raise NotImplementedError
 
     def eval_metrics(self, totals: dict) -> dict:
-        """Eval metrics from summed `loss` and `n_loss` over the eval set (perplexity for token losses)."""
+        """Eval metrics from summed `loss` and `n_loss` over the eval set (perplexity for token losses);
+        `totals` also holds the means over units of the stats `compute_loss` returned."""
         loss = totals["loss"] / max(totals["n_loss"], 1)
         return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
 
@@ -244,7 +245,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens": tokens_global}
-        metrics.update({k: v / n_global for k, v in zip(keys, reduced[1:])})
+        metrics.update({f"{self.stage}/{k}": v / n_global for k, v in zip(keys, reduced[1:])})  # dpo/rewards/...
         return metrics
 
     def _stop_message(self, step: int, what: str) -> str:
@@ -261,17 +262,22 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         mb = self.cfg.micro_batch_size
-        loss_sum, n = 0.0, 0
+        loss_sum, n, stats_sum = 0.0, 0, {}
         mine = list(range(self.rank, len(self.eval_data), self.world))
         for start in range(0, len(mine), mb):
             batch = self.to_device(self.collate([self.eval_data[i] for i in mine[start : start + mb]]))
             with self.autocast():
-                loss, _ = self.compute_loss(self.model, batch)
+                loss, stats = self.compute_loss(self.model, batch)
             loss_sum += float(loss)
             n += int(batch["n_loss"])
-        loss_sum, n = self.reduce_sum([loss_sum, n])
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * int(batch["n_loss"])
+        keys = sorted(stats_sum)
+        reduced = self.reduce_sum([loss_sum, n] + [stats_sum[k] for k in keys])
         self.model.train(was_training)
-        return self.eval_metrics({"loss": loss_sum, "n_loss": n})
+        totals = {"loss": reduced[0], "n_loss": reduced[1]}
+        totals.update({k: v / max(reduced[1], 1) for k, v in zip(keys, reduced[2:])})  # means over units
+        return self.eval_metrics(totals)
 
     # --- checkpoints ---------------------------------------------------------------------------------
 

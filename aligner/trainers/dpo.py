@@ -1,0 +1,198 @@
+"""Direct preference optimisation and its family on the shared loop.
+
+    aligner dpo                                   # recipes/dpo.yaml: DPO from runs/sft/final on the task world
+    aligner dpo --beta 0.1 --loss ipo             # another variant (sigmoid, cdpo, robust, hinge, ipo, simpo, orpo)
+    aligner dpo recipes/dpo_lora.yaml             # LoRA: the reference is the model with its adapter disabled
+
+Chosen and rejected replies go through one forward pass (a 2B-row batch, chosen first); each side's
+log-probs are summed over its reply tokens and handed to one loss function from
+`aligner.losses.PREFERENCE_LOSSES`. The reference is a frozen copy of the starting model, or, with
+LoRA, the same model with the adapter disabled (no second copy), or nothing for the reference-free
+variants (SimPO, ORPO). With `dpo.precompute_ref` the reference log-probs are computed once before
+training, stored under `dpo.ref_cache_dir` keyed by the reference weights and the tokenized data,
+and reused by later runs; no reference model is held during training then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+from pathlib import Path
+
+import torch
+
+from aligner.config import Recipe
+from aligner.data.chat import encode_preferences
+from aligner.data.collate import pad_pairs
+from aligner.data.formats import to_preference_records
+from aligner.errors import DataError
+from aligner.losses import PREFERENCE_LOSSES, REFERENCE_FREE, sequence_logps
+from aligner.model.load import causal_lm_logits
+from aligner.trainers.base import Trainer, prepare_run_dir
+
+
+class DPOTrainer(Trainer):
+    """Examples are pairs {"chosen", "rejected"} of SFT-style examples (+ "margin", "ref_logps")."""
+
+    stage = "dpo"
+
+    def __init__(self, recipe: Recipe, model, tokenizer, train_data, eval_data=None, ref_model=None, **kw):
+        super().__init__(recipe, model, tokenizer, train_data, eval_data, **kw)
+        self.dpo = recipe.dpo
+        self.loss_fn = PREFERENCE_LOSSES[self.dpo.loss]
+        self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
+
+    def collate(self, pairs: list) -> dict:
+        pad = self.tokenizer.pad_token_id
+        return pad_pairs(pairs, pad if pad is not None else self.tokenizer.eos_token_id)
+
+    # --- log-probs --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def logps_of(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed reply log-probs and reply lengths of every row, ((2B,), (2B,))."""
+        return sequence_logps(causal_lm_logits(model, batch["input_ids"]), batch["labels"])
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        if self.ref_model is not None:
+            with self.autocast():
+                return self.logps_of(self.ref_model, batch)[0]
+        model = self.unwrapped()
+        if not hasattr(model, "disable_adapter"):
+            raise RuntimeError("dpo: no reference model, no adapter to disable and no precomputed log-probs")
+        with model.disable_adapter(), self.autocast():  # LoRA: the base model is the reference
+            return self.logps_of(model, batch)[0]
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        logps, lengths = self.logps_of(model, batch)  # (2B,), (2B,)
+        chosen, rejected = logps.chunk(2)
+        chosen_len, rejected_len = lengths.chunk(2)
+        kw = dict(chosen_logps=chosen, rejected_logps=rejected, chosen_len=chosen_len, rejected_len=rejected_len)
+        if self.dpo.loss not in REFERENCE_FREE:
+            ref_chosen, ref_rejected = self.reference_logps(batch).to(logps.dtype).chunk(2)
+            kw.update(ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+        d = self.dpo
+        loss, stats = self.loss_fn(
+            **kw, beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.simpo_gamma, lam=d.orpo_lambda
+        )
+        return loss, stats
+
+    def eval_metrics(self, totals: dict) -> dict:
+        out = {"eval/loss": totals["loss"] / max(totals["n_loss"], 1)}
+        out.update({f"eval/{k}": v for k, v in totals.items() if k not in ("loss", "n_loss")})
+        return out
+
+    # --- precomputed reference log-probs --------------------------------------------------------------
+
+    @torch.no_grad()
+    def precompute_reference(self, datasets: list[list[dict]], reference, cache_dir: Path) -> bool:
+        """Attach "ref_logps" (chosen, rejected) to every pair, from the disk cache when it has them.
+
+        The key hashes the reference's weights and the token ids of every pair, so a cache entry is
+        reused only for the same reference and the same data. Returns True when it was read from disk.
+        """
+        key = _cache_key(reference, datasets)
+        path = Path(cache_dir) / f"ref_logps_{key}.pt"
+        if path.is_file():
+            cached = torch.load(path, weights_only=True)
+            for data, values in zip(datasets, cached):
+                for pair, v in zip(data, values):
+                    pair["ref_logps"] = v
+            return True
+        reference.eval()
+        results = []
+        for data in datasets:
+            values = []
+            for start in range(0, len(data), self.cfg.micro_batch_size):
+                batch = self.to_device(self.collate(data[start : start + self.cfg.micro_batch_size]))
+                with self.autocast():
+                    chosen, rejected = self.logps_of(reference, batch)[0].float().cpu().chunk(2)
+                values.extend(torch.stack([chosen, rejected], dim=1))  # (B, 2)
+            for pair, v in zip(data, values):
+                pair["ref_logps"] = v
+            results.append(torch.stack(values) if values else torch.zeros(0, 2))
+        if self.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(results, tmp)
+            tmp.replace(path)
+        return False
+
+
+def _cache_key(model: torch.nn.Module, datasets: list[list[dict]]) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    for data in datasets:
+        for pair in data:
+            for side in ("chosen", "rejected"):
+                h.update(pair[side]["input_ids"].numpy().tobytes())
+                h.update(pair[side]["labels"].numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def encode_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict] | None, str]:
+    """Train and eval pairs, tokenized with the chat template, and a one-line report."""
+    from aligner.trainers.sft import load_splits
+
+    d, o = recipe.data, recipe.dpo
+    train_rows, eval_rows = load_splits(recipe, "preference")
+    where = f"data.source '{d.source}'"
+    records, counts = to_preference_records(train_rows, d.format, where)
+    if "completion" in records[0]:
+        raise DataError(f"{where} holds unpaired (KTO) rows; aligner dpo needs chosen/rejected pairs")
+    train, report = encode_preferences(records, tokenizer, d.seq_len, overlong=o.overlong, source=where)
+    evals = None
+    if eval_rows:
+        eval_records, _ = to_preference_records(eval_rows, d.format, "the eval split")
+        evals, _ = encode_preferences(eval_records, tokenizer, d.seq_len, overlong=o.overlong, source="the eval split")
+    dropped = f", {counts['identical']} with identical chosen and rejected dropped" if counts["identical"] else ""
+    return train, evals, report.summary().replace("conversations", "pairs") + dropped
+
+
+def dpo(recipe: Recipe) -> dict:
+    """Preference optimisation from the recipe's model (default: the SFT run); returns eval metrics."""
+    from aligner.trainers.sft import prepare_model, sft_tokenizer
+
+    d, o = recipe.data, recipe.dpo
+    recipe.sft.chat_template = o.chat_template or recipe.sft.chat_template
+    tokenizer = sft_tokenizer(recipe)
+    train_data, eval_data, report = encode_pairs(recipe, tokenizer)
+    model = prepare_model(recipe, tokenizer)
+    needs_ref = o.loss not in REFERENCE_FREE
+    # full fine-tuning keeps a frozen copy as the reference; LoRA disables its adapter instead
+    ref_model = copy.deepcopy(model).requires_grad_(False) if needs_ref and not recipe.lora.enabled else None
+    run_dir = Path(recipe.train.out_dir) / recipe.train.name
+    prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
+    trainer = DPOTrainer(recipe, model, tokenizer, train_data, eval_data, ref_model=ref_model)
+    if needs_ref and o.precompute_ref:
+        reference = trainer.ref_model if trainer.ref_model is not None else model
+        ctx = model.disable_adapter() if trainer.ref_model is None else contextlib.nullcontext()
+        datasets = [train_data] + ([eval_data] if eval_data else [])
+        with ctx:
+            cached = trainer.precompute_reference(datasets, reference, Path(o.ref_cache_dir))
+        trainer.ref_model = None  # not needed any more: every pair carries its reference log-probs
+        if trainer.is_main:
+            print(f"dpo: reference log-probs {'read from' if cached else 'computed and saved to'} {o.ref_cache_dir}")
+    if trainer.is_main:
+        ref = "adapter disabled" if recipe.lora.enabled else "frozen copy"
+        ref = "none" if not needs_ref else "precomputed" if o.precompute_ref else ref
+        print(f"dpo: {report}")
+        print(f"dpo: loss {o.loss}, beta {o.beta}, reference {ref}, {trainer.total_steps} steps -> {run_dir}")
+    metrics = trainer.train()
+    result = {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}
+    if trainer.is_main and o.accuracy_items and d.source.startswith("world"):
+        from aligner.data.world import world_rows
+        from aligner.evaluate import exact_match
+
+        rows = world_rows("rl", "test", n=o.accuracy_items, seed=d.world_seed, levels=tuple(d.world_levels))
+        result["accuracy"] = exact_match(trainer.unwrapped(), tokenizer, rows, max_new_tokens=o.accuracy_tokens)
+    return result

@@ -1,0 +1,85 @@
+"""`aligner dpo` end to end on a tiny GPT core: the reference (frozen copy, adapter disabled, precomputed
+and cached), the first step's loss, eval metrics, and bad preference data."""
+
+import json
+import math
+
+import pytest
+import yaml
+
+from aligner.cli import main
+
+
+def dpo_recipe(tmp_path, base, **sections):
+    recipe = {
+        "model": {"init_from": str(base)},
+        "dpo": {"accuracy_items": 0, "ref_cache_dir": str(tmp_path / "cache")},
+        "data": {"source": "world:preference", "num_rows": 32, "num_eval_rows": 8, "seq_len": 256},
+        "train": {
+            "out_dir": str(tmp_path / "runs"),
+            "name": "d",
+            "max_steps": 3,
+            "micro_batch_size": 4,
+            "precision": "fp32",
+            "eval_every": 0,
+            "save_every": 0,
+            "progress": False,
+            "lr": 1e-3,
+            "warmup_steps": 1,
+        },
+        "sft": {"chat_template": "chatml"},
+        "lora": {},
+    }
+    for section, values in sections.items():
+        recipe[section].update(values)
+    path = tmp_path / "dpo.yaml"
+    path.write_text("# test recipe\n" + yaml.safe_dump(recipe))
+    return path
+
+
+def metrics(tmp_path, name="d"):
+    return [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_first_step_is_log2_and_eval_reports_reward_accuracy(bases, tmp_path, capsys, lora):
+    """At step 1 the policy equals its reference (a copy, or LoRA with B = 0), so h = 0 and the loss is ln 2."""
+    recipe = dpo_recipe(tmp_path, bases / "gpt", lora={"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0})
+    assert main(["dpo", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert ("reference adapter disabled" if lora else "reference frozen copy") in out
+    rows = metrics(tmp_path)
+    assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[0]["dpo/rewards/margin"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[-1]["train/loss"] != pytest.approx(math.log(2), abs=1e-4)  # it learned something
+    assert "eval/rewards/accuracy" in rows[-1] and "eval/loss" in rows[-1]
+
+
+def test_precomputed_reference_matches_and_is_reused(bases, tmp_path, capsys):
+    recipe = dpo_recipe(tmp_path, bases / "gpt")
+    assert main(["dpo", str(recipe), "--train.name", "live"]) == 0
+    assert main(["dpo", str(recipe), "--train.name", "pre", "--precompute_ref"]) == 0
+    assert "computed and saved to" in capsys.readouterr().out
+    live, pre = metrics(tmp_path, "live"), metrics(tmp_path, "pre")
+    for a, b in zip(live, pre):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-5)
+    assert main(["dpo", str(recipe), "--train.name", "again", "--precompute_ref"]) == 0
+    assert "read from" in capsys.readouterr().out
+    assert [r["train/loss"] for r in metrics(tmp_path, "again")] == [r["train/loss"] for r in pre]
+
+
+def test_reference_free_variants_run(bases, tmp_path):
+    for loss in ("simpo", "orpo"):
+        recipe = dpo_recipe(tmp_path, bases / "gpt", dpo={"loss": loss, "beta": 2.0})
+        assert main(["dpo", str(recipe), "--train.name", loss]) == 0
+        assert math.isfinite(metrics(tmp_path, loss)[-1]["train/loss"])
+
+
+def test_bad_preference_data(bases, tmp_path, capsys):
+    rows = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}, {"prompt": "2+2?", "chosen": "4"}]
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = dpo_recipe(tmp_path, bases / "gpt", data={"source": str(data), "num_eval_rows": None})
+    assert main(["dpo", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "row 2: missing rejected" in err and not (tmp_path / "runs").exists()
