@@ -174,29 +174,27 @@ def bases(tmp_path_factory):
     return root
 
 
+def tiny_run_recipe(tmp_path: Path, recipe: dict, sections: dict, file: str) -> Path:
+    """Write `recipe` with a tiny, quiet, fp32 train section (3 steps, no evals or checkpoints) and the
+    test's `sections` overrides merged in; returns the file."""
+    train = dict(out_dir=str(tmp_path / "runs"), max_steps=3, micro_batch_size=4, precision="fp32")
+    train.update(eval_every=0, save_every=0, progress=False)
+    recipe = {"lora": {}, **recipe, "train": {**train, **recipe.get("train", {})}}
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    path = tmp_path / file
+    path.write_text("# test recipe\n" + yaml.safe_dump(recipe))
+    return path
+
+
 def sft_recipe(tmp_path: Path, base: Path, arch: str = "gpt", **sections) -> Path:
     recipe = {
         "model": {"init_from": str(base), "arch": arch},
         "sft": {"chat_template": "chatml", "accuracy_items": 8, "accuracy_tokens": 12, "samples": 1},
         "data": {"source": "world:sft", "num_rows": 48, "num_eval_rows": 8, "seq_len": 256},
-        "train": {
-            "out_dir": str(tmp_path / "runs"),
-            "name": "s",
-            "max_steps": 3,
-            "micro_batch_size": 4,
-            "precision": "fp32",
-            "eval_every": 0,
-            "save_every": 0,
-            "progress": False,
-            "lr": 1e-2,
-        },
-        "lora": {},
+        "train": {"name": "s", "lr": 1e-2},
     }
-    for section, values in sections.items():
-        recipe[section].update(values)
-    path = tmp_path / "sft.yaml"
-    path.write_text("# test recipe\n" + yaml.safe_dump(recipe))
-    return path
+    return tiny_run_recipe(tmp_path, recipe, sections, "sft.yaml")
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-import yaml
+from conftest import tiny_run_recipe
 
 from aligner.cli import main
 
@@ -15,26 +15,10 @@ def dpo_recipe(tmp_path, base, **sections):
         "model": {"init_from": str(base)},
         "dpo": {"accuracy_items": 0, "ref_cache_dir": str(tmp_path / "cache")},
         "data": {"source": "world:preference", "num_rows": 32, "num_eval_rows": 8, "seq_len": 256},
-        "train": {
-            "out_dir": str(tmp_path / "runs"),
-            "name": "d",
-            "max_steps": 3,
-            "micro_batch_size": 4,
-            "precision": "fp32",
-            "eval_every": 0,
-            "save_every": 0,
-            "progress": False,
-            "lr": 1e-3,
-            "warmup_steps": 1,
-        },
+        "train": {"name": "d", "lr": 1e-3, "warmup_steps": 1},
         "sft": {"chat_template": "chatml"},
-        "lora": {},
     }
-    for section, values in sections.items():
-        recipe[section].update(values)
-    path = tmp_path / "dpo.yaml"
-    path.write_text("# test recipe\n" + yaml.safe_dump(recipe))
-    return path
+    return tiny_run_recipe(tmp_path, recipe, sections, "dpo.yaml")
 
 
 def metrics(tmp_path, name="d"):
