@@ -160,7 +160,7 @@ def encode_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict] | No
 
 def dpo(recipe: Recipe) -> dict:
     """Preference optimisation from the recipe's model (default: the SFT run); returns eval metrics."""
-    from aligner.trainers.sft import prepare_model, sft_tokenizer
+    from aligner.trainers.sft import final_accuracy, prepare_model, sft_tokenizer
 
     d, o = recipe.data, recipe.dpo
     recipe.sft.chat_template = o.chat_template or recipe.sft.chat_template
@@ -179,7 +179,7 @@ def dpo(recipe: Recipe) -> dict:
         datasets = [train_data] + ([eval_data] if eval_data else [])
         with ctx:
             cached = trainer.precompute_reference(datasets, reference, Path(o.ref_cache_dir))
-        trainer.ref_model = None  # not needed any more: every pair carries its reference log-probs
+        trainer.ref_model = ref_model = None  # not needed any more: every pair carries its reference log-probs
         if trainer.is_main:
             print(f"dpo: reference log-probs {'read from' if cached else 'computed and saved to'} {o.ref_cache_dir}")
     if trainer.is_main:
@@ -190,9 +190,6 @@ def dpo(recipe: Recipe) -> dict:
     metrics = trainer.train()
     result = {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}
     if trainer.is_main and o.accuracy_items and d.source.startswith("world"):
-        from aligner.data.world import world_rows
-        from aligner.evaluate import exact_match
-
-        rows = world_rows("rl", "test", n=o.accuracy_items, seed=d.world_seed, levels=tuple(d.world_levels))
-        result["accuracy"] = exact_match(trainer.unwrapped(), tokenizer, rows, max_new_tokens=o.accuracy_tokens)
+        acc = final_accuracy(recipe, trainer.unwrapped(), tokenizer, o.accuracy_items, o.accuracy_tokens, run_dir)
+        result["accuracy"] = acc
     return result

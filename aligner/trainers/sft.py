@@ -241,17 +241,22 @@ def sft(recipe: Recipe) -> dict:
     metrics = trainer.train()
     result = {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}
     if trainer.is_main and s.accuracy_items and d.source.startswith("world"):
-        from aligner.data.world import world_rows
-        from aligner.evaluate import exact_match
-
-        rows = world_rows("rl", "test", n=s.accuracy_items, seed=d.world_seed, levels=tuple(d.world_levels))
-        acc = exact_match(trainer.unwrapped(), tokenizer, rows, max_new_tokens=s.accuracy_tokens)
+        acc = final_accuracy(recipe, trainer.unwrapped(), tokenizer, s.accuracy_items, s.accuracy_tokens, run_dir)
         result["accuracy"] = acc
         result["samples"] = [(c["answer"], c["completion"]) for c in acc["completions"][: s.samples]]
-        trainer_metrics = {"eval/accuracy": acc["accuracy"], "eval/accuracy_lo": acc["ci95"][0]}
-        trainer_metrics["eval/accuracy_hi"] = acc["ci95"][1]
-        (run_dir / "accuracy.json").write_text(
-            json.dumps({k: v for k, v in acc.items() if k != "completions"} | {"split": "test"}, indent=1)
-        )
-        metrics.update(trainer_metrics)
+        metrics.update({"eval/accuracy": acc["accuracy"], "eval/accuracy_lo": acc["ci95"][0]})
+        metrics["eval/accuracy_hi"] = acc["ci95"][1]
     return result
+
+
+def final_accuracy(recipe: Recipe, model, tokenizer, items: int, max_new_tokens: int, run_dir: Path) -> dict:
+    """Held-out exact-match accuracy on the task world's test split, also written to run_dir/accuracy.json."""
+    from aligner.data.world import world_rows
+    from aligner.evaluate import exact_match
+
+    d = recipe.data
+    rows = world_rows("rl", "test", n=items, seed=d.world_seed, levels=tuple(d.world_levels))
+    acc = exact_match(model, tokenizer, rows, max_new_tokens=max_new_tokens)
+    summary = {k: v for k, v in acc.items() if k != "completions"} | {"split": "test"}
+    (Path(run_dir) / "accuracy.json").write_text(json.dumps(summary, indent=1))
+    return acc
