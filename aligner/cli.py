@@ -87,17 +87,14 @@ def run_eval(argv: list[str]) -> int:
     from pathlib import Path
 
     from aligner.data.world import world_rows
-    from aligner.errors import ConfigError
     from aligner.evaluate import exact_match
     from aligner.model.load import load_model, load_tokenizer
     from aligner.model.tokenizer import load_chat_template
 
-    ckpt = Path(args.checkpoint)
-    if not ((ckpt / "config.json").is_file() or (ckpt / "adapter_config.json").is_file()):
-        raise ConfigError(f"'{args.checkpoint}' is not a checkpoint directory (no config.json)")
-    tokenizer = load_tokenizer(ckpt)
+    check_checkpoint(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint)
     template = load_chat_template(args.template) if args.template else None
-    model = load_model(ckpt)
+    model = load_model(args.checkpoint)
     rows = world_rows("rl", args.split, n=args.items, seed=args.seed)
     result = exact_match(model, tokenizer, rows, template=template, max_new_tokens=args.max_new_tokens)
     lo, hi = result["ci95"]
@@ -121,6 +118,17 @@ def run_export(argv: list[str]) -> int:
     return 0
 
 
+def check_checkpoint(path: str) -> None:
+    """A full model (config.json) or a LoRA adapter (adapter_config.json), or a one-line error."""
+    from pathlib import Path
+
+    from aligner.errors import ConfigError
+
+    p = Path(path)
+    if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
+        raise ConfigError(f"'{path}' is not a checkpoint directory (no config.json)")
+
+
 def run_generate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="aligner generate", description="Sample from a checkpoint.")
     p.add_argument("checkpoint", help="checkpoint directory (runs/<name>/final, a step dir, or an HF model dir)")
@@ -137,17 +145,13 @@ def run_generate(argv: list[str]) -> int:
     p.add_argument("--arch", choices=["auto", "gpt", "hf"], default="auto")
     args = p.parse_args(argv)
 
-    from pathlib import Path
-
-    from aligner.data.chat import encode_prompt, reply_stop_ids
+    from aligner.data.chat import encode_prompt, pad_token_id, reply_stop_ids
     from aligner.errors import ConfigError
     from aligner.model.load import load_model, load_tokenizer
     from aligner.rollout.engine import SamplingParams
     from aligner.rollout.torch_engine import TorchEngine
 
-    ckpt = Path(args.checkpoint)
-    if not ((ckpt / "config.json").is_file() or (ckpt / "adapter_config.json").is_file()):
-        raise ConfigError(f"'{args.checkpoint}' is not a checkpoint directory (no config.json)")
+    check_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_model(args.checkpoint, arch=args.arch)
     if args.chat:
@@ -158,8 +162,7 @@ def run_generate(argv: list[str]) -> int:
         ids = [encode_prompt(tokenizer, system + [{"role": "user", "content": p}]) for p in args.prompt]
     else:
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in args.prompt]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    engine = TorchEngine(model, pad_id=pad)
+    engine = TorchEngine(model, pad_id=pad_token_id(tokenizer))
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from aligner.data.chat import encode_prompt, reply_stop_ids
+from aligner.data.chat import encode_prompt, pad_token_id, reply_stop_ids
 from aligner.data.world import is_correct
 
 
@@ -48,8 +48,7 @@ def exact_match(
     from aligner.rollout.engine import SamplingParams
     from aligner.rollout.torch_engine import TorchEngine
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    engine = TorchEngine(model, pad_id=pad)
+    engine = TorchEngine(model, pad_id=pad_token_id(tokenizer))
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tuple(reply_stop_ids(tokenizer, template))
     )

@@ -19,7 +19,7 @@ exist (one that strips reasoning from past turns, say) cannot be masked this way
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aligner.errors import DataError
 
@@ -110,6 +110,20 @@ def reply_stop_ids(tokenizer, template: str | None = None) -> list[int]:
     return out
 
 
+def _shifted(ids: list[int], mask: list[int]) -> dict:
+    """{"input_ids": ids[:-1], "labels": ids[1:] where the mask is 1, else IGNORE_INDEX} as int64 tensors."""
+    import torch
+
+    ids_t = torch.tensor(ids, dtype=torch.int64)
+    labels = torch.where(torch.tensor(mask[1:], dtype=torch.bool), ids_t[1:], IGNORE_INDEX)
+    return {"input_ids": ids_t[:-1], "labels": labels}
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad token, else EOS (labels come from masks, not ids)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 # --- datasets of conversations ------------------------------------------------------------------
 
 
@@ -124,7 +138,6 @@ class EncodeReport:
     dropped_no_loss: int = 0
     tokens: int = 0
     loss_tokens: int = 0
-    lengths: list[int] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
         parts = [f"{self.conversations} conversations -> {self.kept} examples"]
@@ -154,8 +167,6 @@ def encode_dataset(
     cut to max_len (`overlong: truncate`) or left out (`drop`); either way they are counted. A dataset
     with no assistant token anywhere is an error, never a silent zero loss.
     """
-    import torch
-
     if overlong not in ("truncate", "drop", "error"):
         raise DataError(f"sft.overlong must be truncate, drop or error, got '{overlong}'")
     report = EncodeReport(conversations=len(records))
@@ -179,13 +190,10 @@ def encode_dataset(
         if sum(mask[1:]) == 0:
             report.dropped_no_loss += 1
             continue
-        ids_t = torch.tensor(ids, dtype=torch.int64)
-        labels = torch.where(torch.tensor(mask[1:], dtype=torch.bool), ids_t[1:], IGNORE_INDEX)
-        examples.append({"input_ids": ids_t[:-1], "labels": labels})
+        examples.append(_shifted(ids, mask))
         report.kept += 1
         report.tokens += len(ids) - 1
         report.loss_tokens += sum(mask[1:])
-        report.lengths.append(len(ids) - 1)
     if not examples:
         why = (
             "every conversation was longer than the max length"
@@ -204,14 +212,6 @@ def encode_reply(tokenizer, prompt: list[dict], reply: list[dict], template: str
     ids, mask = encode_conversation(tokenizer, prompt + reply, template)
     n_prompt = len(encode_prompt(tokenizer, prompt, template))
     return ids, [0] * n_prompt + mask[n_prompt:]
-
-
-def _shifted(ids: list[int], mask: list[int]) -> dict:
-    import torch
-
-    ids_t = torch.tensor(ids, dtype=torch.int64)
-    labels = torch.where(torch.tensor(mask[1:], dtype=torch.bool), ids_t[1:], IGNORE_INDEX)
-    return {"input_ids": ids_t[:-1], "labels": labels}
 
 
 def encode_preferences(

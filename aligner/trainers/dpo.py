@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from aligner.config import Recipe
-from aligner.data.chat import encode_preferences
+from aligner.data.chat import encode_preferences, pad_token_id
 from aligner.data.collate import pad_pairs
 from aligner.data.formats import to_preference_records
 from aligner.errors import DataError
@@ -44,8 +44,7 @@ class DPOTrainer(Trainer):
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
 
     def collate(self, pairs: list) -> dict:
-        pad = self.tokenizer.pad_token_id
-        return pad_pairs(pairs, pad if pad is not None else self.tokenizer.eos_token_id)
+        return pad_pairs(pairs, pad_token_id(self.tokenizer))
 
     # --- log-probs --------------------------------------------------------------------------------------
 

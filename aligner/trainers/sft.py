@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from aligner.config import Recipe, resolve_path
-from aligner.data.chat import encode_dataset
+from aligner.data.chat import encode_dataset, pad_token_id
 from aligner.data.collate import PackedText, pack_examples, pad_examples
 from aligner.data.formats import to_records
 from aligner.data.sources import load_rows
@@ -46,8 +46,7 @@ class SFTTrainer(Trainer):
 
     @property
     def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.tokenizer.eos_token_id
+        return pad_token_id(self.tokenizer)
 
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         logits = causal_lm_logits(model, batch["input_ids"], batch.get("position_ids"))  # (B, T, V)
