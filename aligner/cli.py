@@ -4,6 +4,7 @@
     aligner pretrain --max_steps 100 --train.lr 1e-3
     aligner sft recipes/chat.yaml                  # chat SFT from runs/pretrain/final
     aligner dpo --beta 0.1                         # DPO from runs/sft/final (recipes/dpo.yaml)
+    aligner rm recipes/reward.yaml                 # reward model from runs/sft/final
     aligner generate runs/sft/final --chat --prompt "What is 7 + 5?"
     aligner export runs/sft_lora/final out/merged  # merge a LoRA adapter into a full HF model
 
@@ -21,7 +22,8 @@ from aligner.errors import AlignerError
 TRAIN_COMMANDS = {
     "pretrain": "train the tokenizer and the GPT core on plain text (packed, every token in the loss)",
     "sft": "supervised fine-tuning on conversations (assistant-only loss), full, LoRA or QLoRA",
-    "dpo": "preference optimisation (DPO, cDPO, robust, hinge, IPO, SimPO, ORPO) from the SFT model",
+    "dpo": "preference optimisation (DPO, cDPO, robust, hinge, IPO, SimPO, ORPO, KTO) from the SFT model",
+    "rm": "Bradley-Terry reward model (scalar head on the last token) from the SFT model",
 }
 
 USAGE = """usage: aligner <command> [RECIPE] [--flag value ...]
@@ -55,6 +57,8 @@ def run_training(command: str, argv: list[str]) -> int:
         from aligner.trainers.sft import pretrain as run
     elif command == "sft":
         from aligner.trainers.sft import sft as run
+    elif command == "rm":
+        from aligner.trainers.rm import rm as run
     else:
         from aligner.trainers.dpo import dpo as run
     result = run(recipe)

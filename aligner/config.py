@@ -8,7 +8,8 @@ A recipe is a YAML file with the sections below (all optional; each field has a 
     train:     the shared training loop (optimizer, schedule, batch, precision, cadence, run dir)
     sft:       supervised fine-tuning / pretraining options (chat template, loss mask, packing)
     lora:      LoRA / QLoRA adapters instead of full fine-tuning
-    dpo:       direct preference optimisation and its variants
+    dpo:       direct preference optimisation and its variants (and KTO on unpaired rows)
+    rm:        Bradley-Terry reward models
 
 Loading is strict: malformed YAML, unknown keys, wrong types and missing files raise `ConfigError`
 with one line naming the file and key (and the closest valid key). Flags override the recipe:
@@ -134,17 +135,26 @@ class LoRAConfig:
 
 @dataclass
 class DPOConfig:
-    loss: str = choice("sigmoid", "sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo")  # variant
+    loss: str = choice("sigmoid", "sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "kto")  # variant
     beta: float = 0.1  # strength of the implicit KL to the reference (SimPO: reward scale, ~2.0)
     label_smoothing: float = 0.0  # cdpo / robust: assumed probability that a pair's label is flipped
     simpo_gamma: float = 0.5  # SimPO target reward margin
     orpo_lambda: float = 0.1  # ORPO weight of the odds-ratio term against the chosen NLL
+    kto_desirable_weight: float = 1.0  # KTO: weight of desirable examples (raise it when they are fewer)
+    kto_undesirable_weight: float = 1.0  # KTO: weight of undesirable examples
     precompute_ref: bool = False  # reference log-probs computed once before training and cached on disk
     ref_cache_dir: str = "runs/.ref_cache"  # where precomputed reference log-probs are kept (keyed by model + data)
     chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
     overlong: str = choice("truncate", "truncate", "drop", "error")  # pairs over data.seq_len tokens
     accuracy_items: int = 500  # held-out task-world items for exact-match accuracy at the end; 0 = skip
     accuracy_tokens: int = 160  # max new tokens per answer in that eval
+
+
+@dataclass
+class RMConfig:
+    center_coef: float = 0.0  # + center_coef * (r_chosen + r_rejected)^2 keeps rewards near 0 (~0.01)
+    chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
+    overlong: str = choice("truncate", "truncate", "drop", "error")  # pairs over data.seq_len tokens
 
 
 SECTIONS: dict[str, type] = {
@@ -155,6 +165,7 @@ SECTIONS: dict[str, type] = {
     "sft": SFTConfig,
     "lora": LoRAConfig,
     "dpo": DPOConfig,
+    "rm": RMConfig,
 }
 
 
@@ -167,6 +178,7 @@ class Recipe:
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
     path: str | None = field(default=None, metadata={"internal": True})  # where it was loaded from
 
     def to_dict(self) -> dict:
@@ -179,9 +191,9 @@ class Recipe:
 
 
 # Which section a bare flag (`--lr`) looks at first, per command.
-OWN_SECTION = {"pretrain": "sft", "sft": "sft", "dpo": "dpo"}
+OWN_SECTION = {"pretrain": "sft", "sft": "sft", "dpo": "dpo", "rm": "rm"}
 # Default recipe per command (recipes/<file>), used when no recipe path is given.
-DEFAULT_RECIPE = {"pretrain": "pretrain.yaml", "sft": "chat.yaml", "dpo": "dpo.yaml"}
+DEFAULT_RECIPE = {"pretrain": "pretrain.yaml", "sft": "chat.yaml", "dpo": "dpo.yaml", "rm": "reward.yaml"}
 
 
 # --- type checking --------------------------------------------------------------------------------
@@ -428,6 +440,11 @@ def validate(recipe: Recipe) -> None:
         (recipe.sft.accuracy_items >= 0, "sft.accuracy_items must be 0 or more"),
         (recipe.dpo.beta > 0, "dpo.beta must be positive"),
         (0 <= recipe.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
+        (
+            min(recipe.dpo.kto_desirable_weight, recipe.dpo.kto_undesirable_weight) > 0,
+            "dpo.kto_*_weight must be positive",
+        ),
+        (recipe.rm.center_coef >= 0, "rm.center_coef must be 0 or more"),
     ]
     for ok, message in checks:
         if not ok:

@@ -108,8 +108,11 @@ def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
 
 def pad_pairs(pairs: Sequence[dict], pad_id: int) -> dict:
     """Preference pairs -> one right-padded batch of 2B rows, chosen first then rejected (one forward for
-    both), with `n_loss` = B pairs and, when pairs carry them, `margin` (B,) and `ref_logps` (2B,)."""
-    batch = pad_examples([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
+    both), with `lengths` (2B,), `n_loss` = B pairs and, when pairs carry them, `margin` (B,) and
+    `ref_logps` (2B,)."""
+    rows = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    batch = pad_examples(rows, pad_id)
+    batch["lengths"] = torch.tensor([len(r["input_ids"]) for r in rows])
     batch["n_loss"] = len(pairs)
     if all("margin" in p for p in pairs):
         batch["margin"] = torch.tensor([float(p["margin"]) for p in pairs])

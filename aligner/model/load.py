@@ -100,12 +100,15 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 def apply_lora(model: torch.nn.Module, cfg: LoRAConfig, base_path: str | None = None) -> torch.nn.Module:
     """Wrap `model` with trainable LoRA adapters (peft); base weights are frozen.
 
-    Works for the GPT core (a plain nn.Module to peft) and HF models. `base_path` is recorded in the
-    adapter config so a saved adapter knows which weights it applies to.
+    Works for the GPT core and scalar-head models (plain nn.Modules to peft) and HF models. A model's
+    `head_names` (a reward or value head) are trained in full and saved with the adapter. `base_path`
+    is recorded in the adapter config so a saved adapter knows which weights it applies to.
     """
     from peft import LoraConfig, get_peft_model
 
+    heads = list(getattr(model, "head_names", ()))
     targets = linear_module_names(model) if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    targets = [t for t in targets if t not in heads]
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     unknown = [t for t in targets if t not in present]
     if unknown or not targets:
@@ -121,7 +124,8 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig, base_path: str | None = 
         lora_dropout=cfg.dropout,
         target_modules=targets,
         bias="none",
-        task_type=None if isinstance(model, GPT) else "CAUSAL_LM",
+        modules_to_save=heads or None,
+        task_type=None if isinstance(model, GPT) or heads else "CAUSAL_LM",  # peft's LM wrapper for HF LMs only
         base_model_name_or_path=base_path,
     )
     return get_peft_model(model, config)
@@ -213,6 +217,12 @@ def quantize_linear_4bit(model: torch.nn.Module, cfg: LoRAConfig, device: torch.
 
 def build_qlora_model(model_cfg: ModelConfig, cfg: LoRAConfig, tokenizer) -> torch.nn.Module:
     """QLoRA: the base model frozen in 4-bit NF4 (double quantization, bf16 compute) plus LoRA adapters."""
+    base = str(resolve_path(model_cfg.init_from).resolve()) if model_cfg.init_from else None
+    return apply_lora(build_quantized_model(model_cfg, cfg, tokenizer), cfg, base_path=base)
+
+
+def build_quantized_model(model_cfg: ModelConfig, cfg: LoRAConfig, tokenizer) -> torch.nn.Module:
+    """The base model frozen in 4-bit NF4 (QLoRA's half before the adapters)."""
     bnb = _bitsandbytes()  # noqa: F841 (fail early with the install hint)
     device = _quant_device()
     if model_cfg.arch == "hf":
@@ -238,8 +248,7 @@ def build_qlora_model(model_cfg: ModelConfig, cfg: LoRAConfig, tokenizer) -> tor
     else:
         model = quantize_linear_4bit(build_model(model_cfg, tokenizer), cfg, device)
     keep_4bit_layers_trainable(model)
-    base = str(resolve_path(model_cfg.init_from).resolve()) if model_cfg.init_from else None
-    return apply_lora(model, cfg, base_path=base)
+    return model
 
 
 def load_adapter_model(path: str | Path, merge: bool = False) -> torch.nn.Module:

@@ -27,7 +27,15 @@ from aligner.data.formats import to_records
 from aligner.data.sources import load_rows
 from aligner.errors import ConfigError, DataError
 from aligner.losses import sft_loss
-from aligner.model.load import apply_lora, build_model, causal_lm_logits, has_tokenizer, load_tokenizer
+from aligner.model.heads import ScalarHeadModel
+from aligner.model.load import (
+    apply_lora,
+    build_model,
+    build_quantized_model,
+    causal_lm_logits,
+    has_tokenizer,
+    load_tokenizer,
+)
 from aligner.model.tokenizer import load_chat_template, train_tokenizer
 from aligner.trainers.base import Trainer, prepare_run_dir
 
@@ -185,15 +193,17 @@ def sft_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def prepare_model(recipe: Recipe, tokenizer) -> torch.nn.Module:
-    """The policy: GPT core or HF model, with LoRA / QLoRA adapters when the recipe asks for them."""
+def prepare_model(recipe: Recipe, tokenizer, scalar_head: bool = False) -> torch.nn.Module:
+    """The model to train: GPT core or HF model, with a scalar head instead of the LM head when asked
+    (reward models), and LoRA / QLoRA adapters when the recipe asks for them."""
     torch.manual_seed(recipe.train.seed)  # same initial weights (and adapters) on every process and run
     lora = recipe.lora
     if lora.enabled and lora.quantize == "nf4":
-        from aligner.model.load import build_qlora_model
-
-        return build_qlora_model(recipe.model, lora, tokenizer)
-    model = build_model(recipe.model, tokenizer)
+        model = build_quantized_model(recipe.model, lora, tokenizer)
+    else:
+        model = build_model(recipe.model, tokenizer)
+    if scalar_head:
+        model = ScalarHeadModel.from_causal_lm(model)
     if lora.enabled:
         base = str(resolve_path(recipe.model.init_from).resolve()) if recipe.model.init_from else None
         model = apply_lora(model, lora, base_path=base)

@@ -1,0 +1,139 @@
+"""A scalar head over any decoder: reward models (one score per sequence) and value models (one per token).
+
+    rm = ScalarHeadModel.from_causal_lm(lm)       # GPT core or HF causal LM; its LM head is dropped
+    values = rm(input_ids)                        # (B, T): the head read at every position
+    scores = last_token_values(values, lengths)   # (B,): each row's value at its last non-pad token
+
+Rows are right-padded, so with causal attention a real token never sees padding and no attention
+mask is needed. Checkpoints use the layout of transformers' `<Family>ForSequenceClassification` with
+one label (the decoder under `model.*`, the head as `score.weight`, no bias), so a reward model
+trained here also loads in transformers as AutoModelForSequenceClassification.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from aligner.model.gpt import GPT, GPTConfig
+
+
+class ScalarHeadModel(nn.Module):
+    """A decoder body (`model`) and a linear head to one number (`score`)."""
+
+    head_names = ("score",)  # trained in full (never given LoRA adapters), saved with any adapter
+
+    def __init__(self, body: nn.Module, config, gpt: GPT | None = None):
+        super().__init__()
+        self.config = config
+        self.model = body  # the GPT core's ModuleDict, or the HF model's base (e.g. LlamaModel)
+        self.__dict__["_gpt"] = gpt  # not a submodule: its `model` is ours, its LM head is unused
+        hidden = config.hidden_size
+        self.score = nn.Linear(hidden, 1, bias=False)
+        std = getattr(config, "initializer_range", 0.02)
+        nn.init.normal_(self.score.weight, 0.0, std)
+        self.score.to(next(body.parameters()).device)
+
+    @classmethod
+    def from_causal_lm(cls, lm: nn.Module) -> ScalarHeadModel:
+        """Reuse the decoder of a causal LM (its weights, not a copy); the LM head is dropped."""
+        if isinstance(lm, GPT):
+            lm.lm_head = nn.Identity()  # frees an untied head; the forward below asks for hidden states
+            model = cls(lm.model, lm.config, gpt=lm)
+        else:
+            model = cls(lm.base_model, lm.config)
+        if getattr(lm, "is_loaded_in_4bit", False):
+            model.is_loaded_in_4bit = True  # peft wraps 4-bit layers with its bnb LoRA layers only then
+        return model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens if self._gpt is not None else self.model.get_input_embeddings()
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, D); position_ids may pack several documents in a row."""
+        if self._gpt is not None:
+            return self._gpt(input_ids, position_ids=position_ids, return_hidden=True)
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The head at every position, (B, T), in fp32."""
+        h = self.hidden_states(input_ids, position_ids)
+        return self.score(h.to(self.score.weight.dtype)).squeeze(-1).float()
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None, **_) -> None:
+        """model.safetensors + config.json in the `<Family>ForSequenceClassification` layout."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        dtype = dtype or self.score.weight.dtype
+        state = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        if isinstance(self.config, GPTConfig):
+            d = self.config.to_hf_dict(str(dtype).removeprefix("torch."))
+        else:
+            d = self.config.to_dict()
+        arch = (d.get("architectures") or ["LlamaForCausalLM"])[0]
+        d["architectures"] = [arch.replace("ForCausalLM", "") + "ForSequenceClassification"]
+        d["id2label"], d["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+        (directory / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+
+
+def last_token_values(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """values (B, T) read at each row's last real token (index length - 1): (B,)."""
+    return values.gather(1, (lengths.long() - 1).clamp(min=0)[:, None].to(values.device))[:, 0]
+
+
+def is_reward_checkpoint(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    arch = (json.loads(cfg.read_text()).get("architectures") or [""])[0]
+    return arch.endswith("ForSequenceClassification")
+
+
+def load_reward_model(path: str | Path) -> ScalarHeadModel:
+    """The one way to load a saved reward model for scoring (PPO, evals): a full checkpoint, or a LoRA
+    adapter (with its head) over the causal LM it was trained from, merged. Returned in eval mode."""
+    from aligner.config import resolve_path
+    from aligner.errors import ConfigError
+    from aligner.model.gpt import read_safetensors
+    from aligner.model.load import is_gpt_checkpoint, load_model
+
+    path = resolve_path(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base_path:
+            raise ConfigError(f"{path}/adapter_config.json does not say which base model the adapter belongs to")
+        model = ScalarHeadModel.from_causal_lm(load_model(base_path))
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        return model.eval()
+    if not is_reward_checkpoint(path):
+        raise ConfigError(
+            f"'{path}' is not a reward model checkpoint (its config.json architectures is not *ForSequenceClassification)"
+        )
+    state = read_safetensors(path)
+    if is_gpt_checkpoint(path):
+        config = GPTConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
+        with torch.device("meta"):
+            model = ScalarHeadModel.from_causal_lm(GPT(config))
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    else:
+        from transformers import AutoModel
+
+        body = AutoModel.from_pretrained(str(path), dtype=torch.float32)  # reads model.* from the file
+        model = ScalarHeadModel(body, body.config)
+        missing = [] if "score.weight" in state else ["score.weight"]
+        unexpected = []
+        if not missing:
+            model.score.weight.data.copy_(state["score.weight"])
+    if missing or unexpected:
+        raise ConfigError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+    return model.float().eval()

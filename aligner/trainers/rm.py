@@ -1,0 +1,96 @@
+"""Bradley-Terry reward models on the shared loop.
+
+    aligner rm                                    # recipes/reward.yaml: from runs/sft/final on the task world
+    aligner rm --center_coef 0.01                 # with reward centring
+    aligner rm recipes/reward.yaml --lora.enabled true
+
+The model is the starting causal LM's decoder with a scalar head in place of the LM head
+(aligner.model.heads), read at the last token of prompt + reply. Chosen and rejected replies go
+through one forward pass (2B rows, chosen first) and the per-pair loss is
+-log sigmoid(r_chosen - r_rejected - margin) (+ centring), from `aligner.losses.bradley_terry_loss`.
+A pair's optional `margin` column comes from the data. Checkpoints load for scoring through
+`aligner.model.heads.load_reward_model` (full models also load in transformers as
+AutoModelForSequenceClassification); `score_conversations` scores rendered conversations with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from aligner.config import Recipe
+from aligner.data.chat import encode_preferences, pad_token_id
+from aligner.data.collate import pad_examples, pad_pairs
+from aligner.data.formats import to_preference_records
+from aligner.errors import DataError
+from aligner.losses import bradley_terry_loss
+from aligner.model.heads import last_token_values
+from aligner.trainers.base import Trainer, prepare_run_dir
+
+
+class RewardTrainer(Trainer):
+    """Examples are pairs {"chosen", "rejected"} of tokenized conversations (+ optional "margin")."""
+
+    stage = "rm"
+
+    def collate(self, pairs: list) -> dict:
+        return pad_pairs(pairs, pad_token_id(self.tokenizer))
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        rewards = last_token_values(model(batch["input_ids"]), batch["lengths"])  # (2B,)
+        chosen, rejected = rewards.chunk(2)
+        return bradley_terry_loss(chosen, rejected, batch.get("margin"), self.recipe.rm.center_coef)
+
+    def eval_metrics(self, totals: dict) -> dict:
+        out = {"eval/loss": totals["loss"] / max(totals["n_loss"], 1)}
+        out.update({f"eval/{k}": v for k, v in totals.items() if k not in ("loss", "n_loss")})
+        return out
+
+
+@torch.no_grad()
+def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 16) -> list[float]:
+    """Reward of each conversation (a message list ending with the assistant reply), rendered with the
+    tokenizer's chat template exactly as in training."""
+    from aligner.data.chat import encode_conversation
+
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(conversations), batch_size):
+        ids = [encode_conversation(tokenizer, m)[0] for m in conversations[start : start + batch_size]]
+        batch = pad_examples([{"input_ids": x, "labels": x} for x in ids], pad_token_id(tokenizer))
+        values = model(batch["input_ids"].to(device))
+        scores.extend(last_token_values(values, torch.tensor([len(x) for x in ids])).tolist())
+    return scores
+
+
+def rm(recipe: Recipe) -> dict:
+    """Train a reward model from the recipe's model (default: the SFT run); returns eval metrics."""
+    from aligner.trainers.sft import load_splits, prepare_model, sft_tokenizer
+
+    d, r = recipe.data, recipe.rm
+    recipe.sft.chat_template = r.chat_template or recipe.sft.chat_template
+    tokenizer = sft_tokenizer(recipe)
+    train_rows, eval_rows = load_splits(recipe, "preference")
+    where = f"data.source '{d.source}'"
+    records, counts = to_preference_records(train_rows, d.format, where)
+    if "completion" in records[0]:
+        raise DataError(f"{where} holds unpaired (KTO) rows; a Bradley-Terry reward model needs chosen/rejected pairs")
+    train_data, report = encode_preferences(records, tokenizer, d.seq_len, overlong=r.overlong, source=where)
+    eval_data = None
+    if eval_rows:
+        eval_records, _ = to_preference_records(eval_rows, d.format, "the eval split")
+        eval_data, _ = encode_preferences(
+            eval_records, tokenizer, d.seq_len, overlong=r.overlong, source="the eval split"
+        )
+    model = prepare_model(recipe, tokenizer, scalar_head=True)
+    run_dir = Path(recipe.train.out_dir) / recipe.train.name
+    prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
+    trainer = RewardTrainer(recipe, model, tokenizer, train_data, eval_data)
+    if trainer.is_main:
+        kind = "QLoRA" if recipe.lora.quantize == "nf4" else "LoRA" if recipe.lora.enabled else "full"
+        dropped = f", {counts['identical']} with identical chosen and rejected dropped" if counts["identical"] else ""
+        print(f"rm: {report.summary().replace('conversations', 'pairs')}{dropped}")
+        print(f"rm: {kind}, center_coef {r.center_coef}, {trainer.total_steps} steps -> {run_dir}")
+    metrics = trainer.train()
+    return {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}

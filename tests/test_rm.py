@@ -1,0 +1,119 @@
+"""Reward models: the scalar head on the GPT core and HF models, `aligner rm` end to end (full, LoRA,
+QLoRA), the one loading function (and transformers' own loader) giving the trained scores back."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_run_recipe
+
+from aligner.cli import main
+from aligner.data.world import world_rows
+from aligner.model.gpt import GPT
+from aligner.model.heads import ScalarHeadModel, last_token_values, load_reward_model
+from aligner.model.load import load_hf_model, load_tokenizer
+from aligner.trainers.rm import score_conversations
+
+
+def rm_recipe(tmp_path, base, arch="gpt", **sections):
+    recipe = {
+        "model": {"init_from": str(base), "arch": arch},
+        "data": {"source": "world:preference", "num_rows": 32, "num_eval_rows": 8, "seq_len": 256},
+        "train": {"name": "r", "lr": 1e-3, "warmup_steps": 1, "save_every": 3},
+        "sft": {"chat_template": "chatml"},
+    }
+    return tiny_run_recipe(tmp_path, recipe, sections, "rm.yaml")
+
+
+def conversations(n=6):
+    rows = world_rows("preference", "val", n=n)
+    return [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
+
+
+@pytest.mark.parametrize("arch", ["gpt", "hf"])
+def test_head_reads_the_last_real_token_whatever_the_padding(bases, arch):
+    lm = GPT.from_pretrained(bases / "gpt") if arch == "gpt" else load_hf_model(str(bases / "llama"))
+    model = ScalarHeadModel.from_causal_lm(lm).eval().requires_grad_(False)
+    ids = torch.randint(5, 300, (1, 9))
+    alone = model(ids)[0]  # (T,)
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1)
+    batch = torch.cat([padded, torch.randint(5, 300, (1, 13))])
+    got = last_token_values(model(batch), torch.tensor([9, 13]))
+    assert float(got[0]) == pytest.approx(float(alone[-1]), abs=1e-5)
+    assert list(model.state_dict()) == [k for k in model.state_dict() if k.startswith("model.")] + ["score.weight"]
+
+
+def test_full_rm_trains_saves_and_loads_for_scoring_and_in_transformers(bases, tmp_path, capsys):
+    assert main(["rm", str(rm_recipe(tmp_path, bases / "gpt"))]) == 0
+    out = capsys.readouterr().out
+    assert "rm: full" in out and "eval/accuracy" in out
+    rows = [json.loads(x) for x in (tmp_path / "runs/r/metrics.jsonl").read_text().splitlines()]
+    assert {"rm/accuracy", "rm/margin", "rm/reward_mean", "rm/reward_std"} <= set(rows[0])
+    final = tmp_path / "runs/r/final"
+    model, tok = load_reward_model(final), load_tokenizer(final)
+    convs = conversations()
+    ours = score_conversations(model, tok, convs)
+    assert len(ours) == len(convs) and len(set(ours)) > 1
+
+    from transformers import AutoModelForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(str(final)).eval()
+    assert hf.config.num_labels == 1
+    from aligner.data.chat import encode_conversation
+
+    for conv, score in zip(convs[:3], ours):
+        ids = torch.tensor([encode_conversation(tok, conv)[0]])
+        with torch.no_grad():
+            assert float(hf(ids).logits[0, 0]) == pytest.approx(score, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch,quantize", [("gpt", "none"), ("hf", "none"), ("hf", "nf4")])
+def test_lora_and_qlora_rm_train_the_head_and_load_back(bases, tmp_path, capsys, arch, quantize):
+    base = bases / ("gpt" if arch == "gpt" else "llama")
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "quantize": quantize, "compute_dtype": "fp32"}
+    recipe = rm_recipe(tmp_path, base, arch=arch, lora=lora)
+    assert main(["rm", str(recipe)]) == 0
+    assert ("rm: QLoRA" if quantize == "nf4" else "rm: LoRA") in capsys.readouterr().out
+    final = tmp_path / "runs/r/final"
+    saved = json.loads((final / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["score"] and "score" not in saved["target_modules"]
+    model, tok = load_reward_model(final), load_tokenizer(final)
+    fresh = ScalarHeadModel.from_causal_lm(
+        GPT.from_pretrained(bases / "gpt") if arch == "gpt" else load_hf_model(str(base))
+    )
+    assert not torch.equal(model.score.weight, fresh.score.weight)  # the trained head came back
+    scores = score_conversations(model, tok, conversations(2))
+    assert all(torch.isfinite(torch.tensor(scores)))
+
+
+def test_rm_resume_continues_exactly(bases, tmp_path):
+    recipe = rm_recipe(tmp_path, bases / "gpt", train={"max_steps": 4, "save_every": 2})
+    assert main(["rm", str(recipe), "--train.name", "a"]) == 0
+    import shutil
+
+    run_b = tmp_path / "runs/b"
+    shutil.copytree(tmp_path / "runs/a", run_b)
+    for p in ["step_000004", "final"]:
+        shutil.rmtree(run_b / p)
+    lines = (run_b / "metrics.jsonl").read_text().splitlines()
+    (run_b / "metrics.jsonl").write_text("\n".join(x for x in lines if json.loads(x)["step"] <= 2) + "\n")
+    assert main(["rm", str(recipe), "--train.name", "b", "--resume"]) == 0
+    a = load_reward_model(tmp_path / "runs/a/final").state_dict()
+    b = load_reward_model(run_b / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rm_rejects_unpaired_rows_and_a_non_reward_checkpoint(bases, tmp_path, capsys):
+    rows = [
+        {"prompt": "2+2?", "completion": "4", "label": True},
+        {"prompt": "2+3?", "completion": "6", "label": False},
+    ]
+    data = tmp_path / "u.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = rm_recipe(tmp_path, bases / "gpt", data={"source": str(data), "num_eval_rows": None})
+    assert main(["rm", str(recipe)]) == 2
+    assert "needs chosen/rejected pairs" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    from aligner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a reward model checkpoint"):
+        load_reward_model(bases / "gpt")
