@@ -117,7 +117,7 @@ def load_reward_model(path: str | Path) -> ScalarHeadModel:
         return model.eval()
     if not is_reward_checkpoint(path):
         raise ConfigError(
-            f"'{path}' is not a reward model checkpoint (its config.json architectures is not *ForSequenceClassification)"
+            f"'{path}' is not a reward model checkpoint (config.json architectures: not *ForSequenceClassification)"
         )
     state = read_safetensors(path)
     if is_gpt_checkpoint(path):
