@@ -180,7 +180,12 @@ def kto_loss(
     bad = undesirable_weight * (1 - torch.sigmoid(beta * (z - r)))
     losses = torch.where(desirable, good, bad)
     with torch.no_grad():
-        stats = {"kl": float(z), "rewards/mean": float((beta * r).mean())}
+        rewards = beta * r
+        stats = {"kl": float(z), "rewards/mean": float(rewards.mean())}
+        if desirable.any():
+            stats["rewards/desirable"] = float(rewards[desirable].mean())
+        if (~desirable).any():
+            stats["rewards/undesirable"] = float(rewards[~desirable].mean())
     return losses.sum(), stats
 
 

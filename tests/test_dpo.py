@@ -67,3 +67,34 @@ def test_bad_preference_data(bases, tmp_path, capsys):
     assert main(["dpo", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "row 2: missing rejected" in err and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_kto_first_step_is_one_half_and_precomputed_reference_matches(bases, tmp_path, capsys, lora):
+    """At step 1 policy == reference, so r = 0 and z = 0: every row's loss is 1 - sigmoid(0) = 0.5."""
+    lora = {"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0}
+    recipe = dpo_recipe(tmp_path, bases / "gpt", dpo={"loss": "kto"}, lora=lora)
+    assert main(["dpo", str(recipe), "--train.name", "live"]) == 0
+    out = capsys.readouterr().out
+    assert "64 rows -> 64 examples" in out and "32 desirable and 32 undesirable" in out  # pairs split in two
+    live = metrics(tmp_path, "live")
+    assert live[0]["train/loss"] == pytest.approx(0.5, abs=1e-6)
+    assert live[0]["dpo/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert {"eval/rewards/desirable", "eval/rewards/undesirable"} <= set(live[-1])
+    assert main(["dpo", str(recipe), "--train.name", "pre", "--precompute_ref"]) == 0
+    for a, b in zip(live, metrics(tmp_path, "pre")):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-5)
+
+
+def test_kto_on_unpaired_rows_and_unpaired_rows_need_kto(bases, tmp_path, capsys):
+    rows = [
+        {"prompt": f"What is {i} + 1?", "completion": f"Final answer: {i + 1 + i % 2}", "label": i % 2 == 0}
+        for i in range(12)
+    ]
+    data = tmp_path / "u.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = dpo_recipe(tmp_path, bases / "gpt", data={"source": str(data), "num_eval_rows": None})
+    assert main(["dpo", str(recipe)]) == 2
+    assert "train on them with --loss kto" in capsys.readouterr().err
+    assert main(["dpo", str(recipe), "--loss", "kto"]) == 0
+    assert math.isfinite(metrics(tmp_path)[-1]["train/loss"])

@@ -223,14 +223,17 @@ def encode_preferences(
     overlong: str = "truncate",
     source: str = "dataset",
 ) -> tuple[list[dict], EncodeReport]:
-    """Paired records -> {"chosen": example, "rejected": example, "margin"?} with SFT-style shifted labels
-    on the replies only. Over-long sequences lose the end of the reply (`truncate`) or the pair
-    (`drop`); a pair left without reply tokens on either side is dropped; all counted in the report."""
+    """Paired records -> {"chosen": example, "rejected": example, "margin"?}, or unpaired (KTO) records ->
+    {"completion": example, "kl"?: example, "label"} (kl: the prompt with another row's reply), with
+    SFT-style shifted labels on the replies only. Over-long sequences lose the end of the reply
+    (`truncate`) or the record (`drop`); a record left without reply tokens on any side is dropped;
+    all counted in the report."""
     report = EncodeReport(conversations=len(records))
     out = []
     for i, rec in enumerate(records):
+        names = [k for k in ("chosen", "rejected", "completion", "kl") if k in rec]
         try:
-            sides = [encode_reply(tokenizer, rec["prompt"], rec[k], template) for k in ("chosen", "rejected")]
+            sides = [encode_reply(tokenizer, rec["prompt"], rec[k], template) for k in names]
         except DataError as e:
             raise DataError(f"{source} row {i + 1}: {e}") from None
         if any(len(ids) - 1 > max_len for ids, _ in sides):
@@ -244,13 +247,12 @@ def encode_preferences(
         if any(sum(mask[1:]) == 0 for _, mask in sides):
             report.dropped_no_loss += 1
             continue
-        pair = {"chosen": _shifted(*sides[0]), "rejected": _shifted(*sides[1])}
-        if "margin" in rec:
-            pair["margin"] = rec["margin"]
+        pair = {name: _shifted(*side) for name, side in zip(names, sides)}
+        pair.update({k: rec[k] for k in ("margin", "label") if k in rec})
         out.append(pair)
         report.kept += 1
         report.tokens += sum(len(ids) - 1 for ids, _ in sides)
         report.loss_tokens += sum(sum(mask[1:]) for _, mask in sides)
     if not out:
-        raise DataError(f"{source}: no pair has reply tokens within the max length; {report.summary()}")
+        raise DataError(f"{source}: no row has reply tokens within the max length; {report.summary()}")
     return out, report

@@ -121,3 +121,19 @@ def pad_pairs(pairs: Sequence[dict], pad_id: int) -> dict:
             [float(p["ref_logps"][0]) for p in pairs] + [float(p["ref_logps"][1]) for p in pairs]
         )
     return batch
+
+
+def pad_unpaired(examples: Sequence[dict], pad_id: int) -> dict:
+    """KTO examples -> one right-padded batch of 2B rows: the B completions first, then their B mismatched
+    KL-estimate rows, with `desirable` (B,) bool, `lengths` (2B,), `n_loss` = B and, when examples
+    carry them, `ref_logps` (2B,)."""
+    rows = [e["completion"] for e in examples] + [e["kl"] for e in examples]
+    batch = pad_examples(rows, pad_id)
+    batch["lengths"] = torch.tensor([len(r["input_ids"]) for r in rows])
+    batch["desirable"] = torch.tensor([bool(e["label"]) for e in examples])
+    batch["n_loss"] = len(examples)
+    if all("ref_logps" in e for e in examples):
+        batch["ref_logps"] = torch.tensor(
+            [float(e["ref_logps"][0]) for e in examples] + [float(e["ref_logps"][1]) for e in examples]
+        )
+    return batch

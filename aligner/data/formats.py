@@ -272,3 +272,19 @@ def to_preference_records(rows: list[dict], fmt: str | None = None, source: str 
     if not records:
         raise DataError(f"{source}: no usable pairs ({identical} of {len(rows)} have identical chosen and rejected)")
     return records, {"rows": len(rows), "kept": len(records), "identical": identical}
+
+
+def unpair(records: list[dict]) -> list[dict]:
+    """Paired records -> unpaired (KTO) ones: each chosen reply desirable, each rejected one undesirable."""
+    out = []
+    for rec in records:
+        out.append({"prompt": rec["prompt"], "completion": rec["chosen"], "label": True})
+        out.append({"prompt": rec["prompt"], "completion": rec["rejected"], "label": False})
+    return out
+
+
+def with_kl_partners(records: list[dict]) -> list[dict]:
+    """Give each unpaired record a mismatched reply for KTO's KL estimate: the reply of the record before
+    it (TRL pairs each prompt with another row's completion; a fixed pairing lets reference
+    log-probs be precomputed)."""
+    return [{**rec, "kl": records[i - 1]["completion"]} for i, rec in enumerate(records)]

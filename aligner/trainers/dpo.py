@@ -3,6 +3,7 @@
     aligner dpo                                   # recipes/dpo.yaml: DPO from runs/sft/final on the task world
     aligner dpo --beta 0.1 --loss ipo             # another variant (sigmoid, cdpo, robust, hinge, ipo, simpo, orpo)
     aligner dpo recipes/dpo_lora.yaml             # LoRA: the reference is the model with its adapter disabled
+    aligner dpo --loss kto                        # KTO: unpaired rows (pairs are split into two)
 
 Chosen and rejected replies go through one forward pass (a 2B-row batch, chosen first); each side's
 log-probs are summed over its reply tokens and handed to one loss function from
@@ -11,6 +12,11 @@ LoRA, the same model with the adapter disabled (no second copy), or nothing for 
 variants (SimPO, ORPO). With `dpo.precompute_ref` the reference log-probs are computed once before
 training, stored under `dpo.ref_cache_dir` keyed by the reference weights and the tokenized data,
 and reused by later runs; no reference model is held during training then.
+
+KTO trains on unpaired rows (prompt, completion, label; preference pairs are split into a desirable
+and an undesirable row). Its reference point z is an estimate of KL(policy || reference) from
+mismatched rows (each prompt with the previous row's completion, as TRL estimates it), averaged over
+the micro-batch and detached.
 """
 
 from __future__ import annotations
@@ -24,26 +30,29 @@ import torch
 
 from aligner.config import Recipe
 from aligner.data.chat import encode_preferences, pad_token_id
-from aligner.data.collate import pad_pairs
-from aligner.data.formats import to_preference_records
+from aligner.data.collate import pad_pairs, pad_unpaired
+from aligner.data.formats import to_preference_records, unpair, with_kl_partners
 from aligner.errors import DataError
-from aligner.losses import PREFERENCE_LOSSES, REFERENCE_FREE, sequence_logps
+from aligner.losses import PREFERENCE_LOSSES, REFERENCE_FREE, kto_loss, sequence_logps
 from aligner.model.load import causal_lm_logits
 from aligner.trainers.base import Trainer, prepare_run_dir
 
 
 class DPOTrainer(Trainer):
-    """Examples are pairs {"chosen", "rejected"} of SFT-style examples (+ "margin", "ref_logps")."""
+    """Examples are pairs {"chosen", "rejected"} of SFT-style examples (+ "margin", "ref_logps"), or for
+    KTO unpaired {"completion", "kl", "label"} (+ "ref_logps")."""
 
     stage = "dpo"
 
     def __init__(self, recipe: Recipe, model, tokenizer, train_data, eval_data=None, ref_model=None, **kw):
         super().__init__(recipe, model, tokenizer, train_data, eval_data, **kw)
         self.dpo = recipe.dpo
-        self.loss_fn = PREFERENCE_LOSSES[self.dpo.loss]
+        self.loss_fn = kto_loss if self.dpo.loss == "kto" else PREFERENCE_LOSSES[self.dpo.loss]
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
 
     def collate(self, pairs: list) -> dict:
+        if self.dpo.loss == "kto":
+            return pad_unpaired(pairs, pad_token_id(self.tokenizer))
         return pad_pairs(pairs, pad_token_id(self.tokenizer))
 
     # --- log-probs --------------------------------------------------------------------------------------
@@ -67,6 +76,8 @@ class DPOTrainer(Trainer):
             return self.logps_of(model, batch)[0]
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        if self.dpo.loss == "kto":
+            return self.kto_loss(model, batch)
         logps, lengths = self.logps_of(model, batch)  # (2B,), (2B,)
         chosen, rejected = logps.chunk(2)
         chosen_len, rejected_len = lengths.chunk(2)
@@ -79,6 +90,25 @@ class DPOTrainer(Trainer):
             **kw, beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.simpo_gamma, lam=d.orpo_lambda
         )
         return loss, stats
+
+    def kto_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Completions (rows :B) with gradients; the mismatched KL rows (B:) without."""
+        B, ids, labels = batch["n_loss"], batch["input_ids"], batch["labels"]
+        logps = sequence_logps(causal_lm_logits(model, ids[:B]), labels[:B])[0]
+        with torch.no_grad():
+            kl_logps = sequence_logps(causal_lm_logits(model, ids[B:]), labels[B:])[0]
+        ref = self.reference_logps(batch).to(logps.dtype)  # (2B,)
+        kl = (kl_logps - ref[B:]).mean()
+        d = self.dpo
+        return self.loss_fn(
+            logps,
+            ref[:B],
+            batch["desirable"],
+            kl,
+            beta=d.beta,
+            desirable_weight=d.kto_desirable_weight,
+            undesirable_weight=d.kto_undesirable_weight,
+        )
 
     def eval_metrics(self, totals: dict) -> dict:
         out = {"eval/loss": totals["loss"] / max(totals["n_loss"], 1)}
@@ -129,7 +159,7 @@ def _cache_key(model: torch.nn.Module, datasets: list[list[dict]]) -> str:
         h.update(p.detach().float().cpu().numpy().tobytes())
     for data in datasets:
         for pair in data:
-            for side in ("chosen", "rejected"):
+            for side in [k for k in ("chosen", "rejected", "completion", "kl") if k in pair]:
                 h.update(pair[side]["input_ids"].numpy().tobytes())
                 h.update(pair[side]["labels"].numpy().tobytes())
     return h.hexdigest()[:24]
@@ -139,22 +169,37 @@ def _cache_key(model: torch.nn.Module, datasets: list[list[dict]]) -> str:
 
 
 def encode_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict] | None, str]:
-    """Train and eval pairs, tokenized with the chat template, and a one-line report."""
+    """Train and eval pairs (KTO: unpaired rows with their KL partners), tokenized with the chat template,
+    and a one-line report."""
     from aligner.trainers.sft import load_splits
 
     d, o = recipe.data, recipe.dpo
     train_rows, eval_rows = load_splits(recipe, "preference")
     where = f"data.source '{d.source}'"
     records, counts = to_preference_records(train_rows, d.format, where)
-    if "completion" in records[0]:
-        raise DataError(f"{where} holds unpaired (KTO) rows; aligner dpo needs chosen/rejected pairs")
-    train, report = encode_preferences(records, tokenizer, d.seq_len, overlong=o.overlong, source=where)
+    unpaired = "completion" in records[0]
+    if unpaired and o.loss != "kto":
+        raise DataError(f"{where} holds unpaired rows (prompt, completion, label); train on them with --loss kto")
+
+    def prepare(recs: list[dict]) -> list[dict]:
+        if o.loss != "kto":
+            return recs
+        return with_kl_partners(recs if "completion" in recs[0] else unpair(recs))
+
+    train, report = encode_preferences(prepare(records), tokenizer, d.seq_len, overlong=o.overlong, source=where)
     evals = None
     if eval_rows:
         eval_records, _ = to_preference_records(eval_rows, d.format, "the eval split")
-        evals, _ = encode_preferences(eval_records, tokenizer, d.seq_len, overlong=o.overlong, source="the eval split")
-    dropped = f", {counts['identical']} with identical chosen and rejected dropped" if counts["identical"] else ""
-    return train, evals, report.summary().replace("conversations", "pairs") + dropped
+        evals, _ = encode_preferences(
+            prepare(eval_records), tokenizer, d.seq_len, overlong=o.overlong, source="the eval split"
+        )
+    summary = report.summary().replace("conversations", "rows" if o.loss == "kto" else "pairs")
+    if o.loss == "kto":
+        good = sum(bool(x["label"]) for x in train)
+        summary += f", {good} desirable and {len(train) - good} undesirable"
+    if counts["identical"]:
+        summary += f", {counts['identical']} with identical chosen and rejected dropped"
+    return train, evals, summary
 
 
 def dpo(recipe: Recipe) -> dict:
