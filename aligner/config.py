@@ -75,7 +75,7 @@ class DataConfig:
     text_field: str = "text"  # column holding plain text (pretraining)
     format: str | None = None  # row format (messages, sharegpt, alpaca, prompt_completion, text); None = detect
     num_rows: int | None = None  # use only the first N training rows
-    num_eval_rows: int | None = 500  # use only the first N eval rows
+    num_eval_rows: int | None = 500  # use only the first N eval rows; 0 = no eval split
     seq_len: int = 256  # tokens per training sequence
     world_seed: int = 0  # seed of the built-in task world
     world_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # task difficulty levels
@@ -142,6 +142,9 @@ class DPOConfig:
     orpo_lambda: float = 0.1  # ORPO weight of the odds-ratio term against the chosen NLL
     kto_desirable_weight: float = 1.0  # KTO: weight of desirable examples (raise it when they are fewer)
     kto_undesirable_weight: float = 1.0  # KTO: weight of undesirable examples
+    sample_pairs: int = 0  # > 0: on-policy pairs from this many samples per training prompt of the start model
+    sample_temperature: float = 1.0  # sampling temperature for those pairs
+    sample_tokens: int = 160  # max new tokens per sample
     precompute_ref: bool = False  # reference log-probs computed once before training and cached on disk
     ref_cache_dir: str = "runs/.ref_cache"  # where precomputed reference log-probs are kept (keyed by model + data)
     chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
@@ -445,6 +448,7 @@ def validate(recipe: Recipe) -> None:
             "dpo.kto_*_weight must be positive",
         ),
         (recipe.rm.center_coef >= 0, "rm.center_coef must be 0 or more"),
+        (recipe.dpo.sample_pairs >= 0 and recipe.dpo.sample_temperature > 0, "dpo.sample_* must be positive"),
     ]
     for ok, message in checks:
         if not ok:

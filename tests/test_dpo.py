@@ -98,3 +98,32 @@ def test_kto_on_unpaired_rows_and_unpaired_rows_need_kto(bases, tmp_path, capsys
     assert "train on them with --loss kto" in capsys.readouterr().err
     assert main(["dpo", str(recipe), "--loss", "kto"]) == 0
     assert math.isfinite(metrics(tmp_path)[-1]["train/loss"])
+
+
+def test_on_policy_pairs_are_sampled_from_the_start_model_and_judged(bases, tmp_path, capsys, monkeypatch):
+    import aligner.trainers.dpo as dpo_mod
+    from aligner.data import world
+
+    seen = []
+    real = dpo_mod.sample_pairs
+
+    def spy(model, tokenizer, rows, o, seed):
+        out, report = real(model, tokenizer, rows, o, seed)
+        seen.extend(zip(rows, out))
+        return out, report
+
+    monkeypatch.setattr(dpo_mod, "sample_pairs", spy)
+    # a checker that accepts replies of even length: both kinds occur among a tiny model's samples
+    monkeypatch.setattr(world, "is_correct", lambda text, answer: len(text) % 2 == 0)
+    recipe = dpo_recipe(tmp_path, bases / "gpt", dpo={"sample_pairs": 4, "sample_tokens": 8})
+    assert main(["dpo", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "32 prompts x 4 samples" in out and "prompts with a sampled pair" in out
+    assert len(seen) == 32
+    for row, pair in seen:
+        assert pair["prompt"] == row["prompt"]
+        for side, even in (("chosen", True), ("rejected", False)):
+            if pair[side] != row[side]:  # a sample, judged by the checker
+                assert (len(pair[side][0]["content"]) % 2 == 0) == even
+    assert any(pair["chosen"] != row["chosen"] for row, pair in seen)
+    assert any(pair["rejected"] != row["rejected"] for row, pair in seen)

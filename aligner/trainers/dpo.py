@@ -13,6 +13,11 @@ variants (SimPO, ORPO). With `dpo.precompute_ref` the reference log-probs are co
 training, stored under `dpo.ref_cache_dir` keyed by the reference weights and the tokenized data,
 and reused by later runs; no reference model is held during training then.
 
+With `dpo.sample_pairs: n` the training pairs are on-policy: n replies per prompt are sampled from
+the starting model and judged by the task world's answer checker; chosen is a correct sample (else
+the row's chosen reply) and rejected a wrong one (else the row's rejected reply). The model then
+learns against its own mistakes rather than the dataset's synthetic ones.
+
 KTO trains on unpaired rows (prompt, completion, label; preference pairs are split into a desirable
 and an undesirable row). Its reference point z is an estimate of KL(policy || reference) from
 mismatched rows (each prompt with the previous row's completion, as TRL estimates it), averaged over
@@ -168,13 +173,63 @@ def _cache_key(model: torch.nn.Module, datasets: list[list[dict]]) -> str:
 # --- the command ------------------------------------------------------------------------------------
 
 
-def encode_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict] | None, str]:
+@torch.no_grad()
+def sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tuple[list[dict], str]:
+    """On-policy preference rows from `o.sample_pairs` samples per prompt (see the module docstring)."""
+    import random
+
+    from aligner.data.chat import encode_prompt, reply_stop_ids
+    from aligner.data.world import is_correct
+    from aligner.rollout.engine import SamplingParams
+    from aligner.rollout.torch_engine import TorchEngine
+
+    if "answer" not in rows[0]:
+        raise DataError("dpo.sample_pairs needs rows with an 'answer' column to judge samples (the task world's)")
+    n = o.sample_pairs
+    engine = TorchEngine(model, pad_id=pad_token_id(tokenizer))
+    params = SamplingParams(
+        max_new_tokens=o.sample_tokens,
+        temperature=o.sample_temperature,
+        n=n,
+        stop_ids=tuple(reply_stop_ids(tokenizer)),
+        seed=seed,
+    )
+    rng = random.Random(seed)
+    out, both, correct = [], 0, 0
+    batch = max(1, 256 // n)
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        prompts = [encode_prompt(tokenizer, r["prompt"]) for r in chunk]
+        completions = engine.generate(prompts, params)
+        for i, row in enumerate(chunk):
+            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions[i * n : (i + 1) * n]]
+            good = [t for t in texts if is_correct(t, row["answer"])]
+            bad = [t for t in texts if not is_correct(t, row["answer"])]
+            correct += len(good)
+            both += bool(good and bad)
+            pair = dict(row)
+            if good:
+                pair["chosen"] = [{"role": "assistant", "content": rng.choice(good)}]
+            if bad:
+                pair["rejected"] = [{"role": "assistant", "content": rng.choice(bad)}]
+            out.append(pair)
+    report = (
+        f"{len(rows)} prompts x {n} samples: {correct / (len(rows) * n):.3f} correct, {both} prompts with a sampled "
+        "pair, the rest completed from the data"
+    )
+    return out, report
+
+
+def encode_pairs(recipe: Recipe, tokenizer, model=None) -> tuple[list[dict], list[dict] | None, str]:
     """Train and eval pairs (KTO: unpaired rows with their KL partners), tokenized with the chat template,
-    and a one-line report."""
+    and a one-line report. With dpo.sample_pairs the training pairs are sampled from `model`."""
     from aligner.trainers.sft import load_splits
 
     d, o = recipe.data, recipe.dpo
     train_rows, eval_rows = load_splits(recipe, "preference")
+    sampled = ""
+    if o.sample_pairs and model is not None:
+        train_rows, sampled = sample_pairs(model, tokenizer, train_rows, o, recipe.train.seed)
     where = f"data.source '{d.source}'"
     records, counts = to_preference_records(train_rows, d.format, where)
     unpaired = "completion" in records[0]
@@ -199,7 +254,7 @@ def encode_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict] | No
         summary += f", {good} desirable and {len(train) - good} undesirable"
     if counts["identical"]:
         summary += f", {counts['identical']} with identical chosen and rejected dropped"
-    return train, evals, summary
+    return train, evals, f"{sampled}; {summary}" if sampled else summary
 
 
 def dpo(recipe: Recipe) -> dict:
@@ -209,8 +264,8 @@ def dpo(recipe: Recipe) -> dict:
     d, o = recipe.data, recipe.dpo
     recipe.sft.chat_template = o.chat_template or recipe.sft.chat_template
     tokenizer = sft_tokenizer(recipe)
-    train_data, eval_data, report = encode_pairs(recipe, tokenizer)
     model = prepare_model(recipe, tokenizer)
+    train_data, eval_data, report = encode_pairs(recipe, tokenizer, model)
     needs_ref = o.loss not in REFERENCE_FREE
     # full fine-tuning keeps a frozen copy as the reference; LoRA disables its adapter instead
     ref_model = copy.deepcopy(model).requires_grad_(False) if needs_ref and not recipe.lora.enabled else None

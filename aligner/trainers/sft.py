@@ -80,14 +80,16 @@ def load_splits(recipe: Recipe, world_kind: str) -> tuple[list[dict], list[dict]
     """Training and eval rows as the recipe's data section says.
 
     Eval rows come from data.eval_source, else the task world's eval split, else a seeded
-    data.eval_fraction slice held out of the training rows.
+    data.eval_fraction slice held out of the training rows; none with data.num_eval_rows 0.
     """
     d = recipe.data
     common = dict(seed=d.world_seed, levels=tuple(d.world_levels), world_kind=world_kind, text_field=d.text_field)
     train = load_rows(d.source, d.split, n=d.num_rows, **common)
     if not train:
         raise DataError(f"data.source '{d.source}' (split {d.split}) has no rows")
-    if d.eval_source:
+    if d.num_eval_rows == 0:
+        evals = []
+    elif d.eval_source:
         evals = load_rows(d.eval_source, d.eval_split, n=d.num_eval_rows, **common)
     elif d.source.startswith("world"):
         evals = load_rows(d.source, d.eval_split, n=d.num_eval_rows, **common)
