@@ -264,10 +264,16 @@ class Trainer:
         mb = self.cfg.micro_batch_size
         loss_sum, n, stats_sum = 0.0, 0, {}
         mine = list(range(self.rank, len(self.eval_data), self.world))
-        for start in range(0, len(mine), mb):
-            batch = self.to_device(self.collate([self.eval_data[i] for i in mine[start : start + mb]]))
+        # every process runs the same number of forward passes (a wrapped model may synchronise in each);
+        # one with fewer rows runs a stand-in batch whose results are not counted
+        per_process = -(-len(self.eval_data) // self.world)
+        for start in range(0, per_process, mb):
+            rows = mine[start : start + mb]
+            batch = self.to_device(self.collate([self.eval_data[i] for i in rows or [0]]))
             with self.autocast():
                 loss, stats = self.compute_loss(self.model, batch)
+            if not rows:
+                continue
             loss_sum += float(loss)
             n += int(batch["n_loss"])
             for k, v in stats.items():
