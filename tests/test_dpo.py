@@ -127,6 +127,9 @@ def test_on_policy_pairs_are_sampled_from_the_start_model_and_judged(bases, tmp_
                 assert (len(pair[side][0]["content"]) % 2 == 0) == even
     assert any(pair["chosen"] != row["chosen"] for row, pair in seen)
     assert any(pair["rejected"] != row["rejected"] for row, pair in seen)
+    assert main(["dpo", str(recipe), "--train.name", "again"]) == 0  # same model, prompts, settings: cached
+    assert "(read from" in capsys.readouterr().out and len(seen) == 32
+    assert [r["train/loss"] for r in metrics(tmp_path, "again")] == [r["train/loss"] for r in metrics(tmp_path)]
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -157,11 +158,16 @@ class DPOTrainer(Trainer):
         return False
 
 
-def _cache_key(model: torch.nn.Module, datasets: list[list[dict]]) -> str:
+def _weights_hash(model: torch.nn.Module) -> hashlib._Hash:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(p.detach().float().cpu().numpy().tobytes())
+    return h
+
+
+def _cache_key(model: torch.nn.Module, datasets: list[list[dict]]) -> str:
+    h = _weights_hash(model)
     for data in datasets:
         for pair in data:
             for side in [k for k in ("chosen", "rejected", "completion", "kl") if k in pair]:
@@ -220,6 +226,26 @@ def sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tuple[list
     return out, report
 
 
+def cached_sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tuple[list[dict], str]:
+    """`sample_pairs`, read from `dpo.ref_cache_dir` when the same model, prompts and settings were sampled
+    before (keyed by the weights, the rows, the chat template and the sampling settings)."""
+    import json
+
+    h = _weights_hash(model)
+    settings = [o.sample_pairs, o.sample_temperature, o.sample_tokens, seed, tokenizer.chat_template]
+    h.update(json.dumps([settings, rows], sort_keys=True, default=str).encode())
+    path = Path(o.ref_cache_dir) / f"pairs_{h.hexdigest()[:24]}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        return cached["rows"], cached["report"] + f" (read from {path})"
+    out, report = sample_pairs(model, tokenizer, rows, o, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may write the same entry
+    tmp.write_text(json.dumps({"rows": out, "report": report}))
+    tmp.replace(path)
+    return out, report
+
+
 def encode_pairs(recipe: Recipe, tokenizer, model=None) -> tuple[list[dict], list[dict] | None, str]:
     """Train and eval pairs (KTO: unpaired rows with their KL partners), tokenized with the chat template,
     and a one-line report. With dpo.sample_pairs the training pairs are sampled from `model`."""
@@ -229,7 +255,7 @@ def encode_pairs(recipe: Recipe, tokenizer, model=None) -> tuple[list[dict], lis
     train_rows, eval_rows = load_splits(recipe, "preference")
     sampled = ""
     if o.sample_pairs and model is not None:
-        train_rows, sampled = sample_pairs(model, tokenizer, train_rows, o, recipe.train.seed)
+        train_rows, sampled = cached_sample_pairs(model, tokenizer, train_rows, o, recipe.train.seed)
     where = f"data.source '{d.source}'"
     records, counts = to_preference_records(train_rows, d.format, where)
     unpaired = "completion" in records[0]
