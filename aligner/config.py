@@ -140,6 +140,7 @@ class DPOConfig:
     label_smoothing: float = 0.0  # cdpo / robust: assumed probability that a pair's label is flipped
     simpo_gamma: float = 0.5  # SimPO target reward margin
     orpo_lambda: float = 0.1  # ORPO weight of the odds-ratio term against the chosen NLL
+    sft_weight: float = 0.0  # RPO: + sft_weight x the chosen replies' token NLL (TRL: loss_type [sigmoid, sft])
     kto_desirable_weight: float = 1.0  # KTO: weight of desirable examples (raise it when they are fewer)
     kto_undesirable_weight: float = 1.0  # KTO: weight of undesirable examples
     sample_pairs: int = 0  # > 0: on-policy pairs from this many samples per training prompt of the start model
@@ -448,6 +449,7 @@ def validate(recipe: Recipe) -> None:
             "dpo.kto_*_weight must be positive",
         ),
         (recipe.rm.center_coef >= 0, "rm.center_coef must be 0 or more"),
+        (recipe.dpo.sft_weight >= 0, "dpo.sft_weight must be 0 or more"),
         (recipe.dpo.sample_pairs >= 0 and recipe.dpo.sample_temperature > 0, "dpo.sample_* must be positive"),
     ]
     for ok, message in checks:

@@ -160,6 +160,14 @@ def orpo_loss(chosen_logps, rejected_logps, *, chosen_len, rejected_len, lam=0.1
     return losses.sum(), stats
 
 
+def rpo_nll(chosen_logps, chosen_len, **_):
+    """The NLL term of RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"; TRL's loss
+    type "sft"): the chosen replies' mean token NLL over the micro-batch, returned as a sum over pairs
+    (B x that mean) like every loss here, so the loop's division by pairs gives the mean back."""
+    mean = -chosen_logps.sum() / chosen_len.sum().clamp(min=1)
+    return mean * chosen_logps.numel(), {"nll": float(mean.detach())}
+
+
 def kto_loss(
     logps,
     ref_logps,

@@ -162,3 +162,37 @@ def test_kto_matches_trl_kto_trainer(tmp_path):
     assert abs(float(ours) / 6 - trl_loss) < 1e-5
     assert stats["kl"] == pytest.approx(float(kl.clamp(min=0)))
     assert float(kl) > 0.05
+
+
+def test_rpo_matches_trl_sigmoid_plus_sft(tmp_path):
+    """RPO = DPO + alpha x NLL of the chosen replies: TRL 1.16 loss_type [sigmoid, sft], weights [1, alpha]."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from aligner.losses import dpo_sigmoid_loss, rpo_nll
+
+    tok = chat_tokenizer("chatml")
+    vocab = len(tok)
+    policy, ref = tiny_llama(vocab=vocab, seed=0), tiny_llama(vocab=vocab, seed=1)
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        loss_type=["sigmoid", "sft"],
+        loss_weights=[1.0, 0.7],
+        beta=0.3,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+    )
+    data = Dataset.from_list([{"prompt": "What is 2 + 2?", "chosen": " 4", "rejected": " 5"}] * 2)
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
+    inputs = batch(vocab)
+    trainer.model.eval()
+    trl_loss = float(trainer._compute_loss(trainer.model, dict(inputs), return_outputs=False))
+
+    chosen, rejected = sequence_logps(trainer.model, inputs)
+    ref_chosen, ref_rejected = sequence_logps(trainer.ref_model, inputs)
+    chosen_len = inputs["completion_mask"].sum(-1).float().chunk(2)[0]
+    dpo, _ = dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.3)
+    nll, stats = rpo_nll(chosen, chosen_len)
+    assert abs(float(dpo + 0.7 * nll) / 3 - trl_loss) < 1e-5
+    assert stats["nll"] > 0

@@ -9,9 +9,10 @@ Chosen and rejected replies go through one forward pass (a 2B-row batch, chosen 
 log-probs are summed over its reply tokens and handed to one loss function from
 `aligner.losses.PREFERENCE_LOSSES`. The reference is a frozen copy of the starting model, or, with
 LoRA, the same model with the adapter disabled (no second copy), or nothing for the reference-free
-variants (SimPO, ORPO). With `dpo.precompute_ref` the reference log-probs are computed once before
-training, stored under `dpo.ref_cache_dir` keyed by the reference weights and the tokenized data,
-and reused by later runs; no reference model is held during training then.
+variants (SimPO, ORPO). `dpo.sft_weight` adds RPO's NLL term on the chosen replies. With
+`dpo.precompute_ref` the reference log-probs are computed once before training, stored under
+`dpo.ref_cache_dir` keyed by the reference weights and the tokenized data, and reused by later
+runs; no reference model is held during training then.
 
 With `dpo.sample_pairs: n` the training pairs are on-policy: n replies per prompt are sampled from
 the starting model and judged by the task world's answer checker; chosen is a correct sample (else
@@ -39,7 +40,7 @@ from aligner.data.chat import encode_preferences, pad_token_id
 from aligner.data.collate import pad_pairs, pad_unpaired
 from aligner.data.formats import to_preference_records, unpair, with_kl_partners
 from aligner.errors import DataError
-from aligner.losses import PREFERENCE_LOSSES, REFERENCE_FREE, kto_loss, sequence_logps
+from aligner.losses import PREFERENCE_LOSSES, REFERENCE_FREE, kto_loss, rpo_nll, sequence_logps
 from aligner.model.load import causal_lm_logits
 from aligner.trainers.base import Trainer, prepare_run_dir
 
@@ -95,6 +96,10 @@ class DPOTrainer(Trainer):
         loss, stats = self.loss_fn(
             **kw, beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.simpo_gamma, lam=d.orpo_lambda
         )
+        if d.sft_weight:  # RPO: keep the chosen replies likely while pushing the pair apart
+            nll, nll_stats = rpo_nll(chosen, chosen_len)
+            loss = loss + d.sft_weight * nll
+            stats.update(nll_stats)
         return loss, stats
 
     def kto_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
