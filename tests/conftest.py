@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -200,3 +202,14 @@ def sft_recipe(tmp_path: Path, base: Path, arch: str = "gpt", **sections) -> Pat
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+def launch_two_processes(argv: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch` 2 CPU processes (gloo) running `python -m aligner ARGV`; asserts success."""
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    cmd = [launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "aligner", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc

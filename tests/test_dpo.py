@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from conftest import tiny_run_recipe
+from conftest import launch_two_processes, tiny_run_recipe
 
 from aligner.cli import main
 
@@ -136,21 +136,10 @@ def test_on_policy_pairs_are_sampled_from_the_start_model_and_judged(bases, tmp_
 def test_two_process_dpo_on_an_hf_model_with_uneven_eval_shards(bases, tmp_path):
     """accelerate launch, 2 CPU processes, a transformers Llama (it has buffers, so DDP synchronises in
     every forward): 5 eval pairs in micro-batches of 2 give one process 2 batches and the other 1."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     recipe = dpo_recipe(
         tmp_path, bases / "llama", model={"arch": "hf"}, data={"num_eval_rows": 5}, train={"eval_every": 2}
     )
-    launcher = str(Path(sys.executable).parent / "accelerate")
-    cmd = [launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "aligner", "dpo", str(recipe)]
-    cmd += ["--micro_batch_size", "2", "--max_steps", "2", "--train.name", "two"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    launch_two_processes(["dpo", str(recipe), "--micro_batch_size", "2", "--max_steps", "2", "--train.name", "two"])
     assert main(["dpo", str(recipe), "--micro_batch_size", "4", "--max_steps", "2", "--train.name", "one"]) == 0
     one, two = metrics(tmp_path, "one")[-1], metrics(tmp_path, "two")[-1]
     for key in ("eval/loss", "eval/rewards/accuracy", "eval/rewards/margin"):

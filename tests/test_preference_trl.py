@@ -41,29 +41,26 @@ def sequence_logps(model, inputs):
     return logps.chunk(2)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust"])
-def test_dpo_variants_match_trl(tmp_path, loss_type):
+def trl_dpo_loss(tmp_path, **config):
+    """TRL's DPOTrainer (tiny Llama policy and reference, beta 0.3) and its loss on `batch`."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     tok = chat_tokenizer("chatml")
-    vocab = len(tok)
-    policy, ref = tiny_llama(vocab=vocab, seed=0), tiny_llama(vocab=vocab, seed=1)
-    smoothing = 0.1 if loss_type == "robust" else 0.0
-    args = DPOConfig(
-        output_dir=str(tmp_path),
-        loss_type=[loss_type],
-        beta=0.3,
-        label_smoothing=smoothing,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-    )
+    policy, ref = tiny_llama(vocab=len(tok), seed=0), tiny_llama(vocab=len(tok), seed=1)
+    args = DPOConfig(output_dir=str(tmp_path), beta=0.3, report_to=[], use_cpu=True, bf16=False, **config)
     data = Dataset.from_list([{"prompt": "What is 2 + 2?", "chosen": " 4", "rejected": " 5"}] * 2)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
-    inputs = batch(vocab)
+    inputs = batch(len(tok))
     trainer.model.eval()  # no dropout either way
-    trl_loss = float(trainer._compute_loss(trainer.model, dict(inputs), return_outputs=False))
+    return trainer, inputs, float(trainer._compute_loss(trainer.model, dict(inputs), return_outputs=False))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust"])
+def test_dpo_variants_match_trl(tmp_path, loss_type):
+
+    smoothing = 0.1 if loss_type == "robust" else 0.0
+    trainer, inputs, trl_loss = trl_dpo_loss(tmp_path, loss_type=[loss_type], label_smoothing=smoothing)
 
     chosen, rejected = sequence_logps(trainer.model, inputs)
     ref_chosen, ref_rejected = sequence_logps(trainer.ref_model, inputs)
@@ -166,28 +163,10 @@ def test_kto_matches_trl_kto_trainer(tmp_path):
 
 def test_rpo_matches_trl_sigmoid_plus_sft(tmp_path):
     """RPO = DPO + alpha x NLL of the chosen replies: TRL 1.16 loss_type [sigmoid, sft], weights [1, alpha]."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
 
     from aligner.losses import dpo_sigmoid_loss, rpo_nll
 
-    tok = chat_tokenizer("chatml")
-    vocab = len(tok)
-    policy, ref = tiny_llama(vocab=vocab, seed=0), tiny_llama(vocab=vocab, seed=1)
-    args = DPOConfig(
-        output_dir=str(tmp_path),
-        loss_type=["sigmoid", "sft"],
-        loss_weights=[1.0, 0.7],
-        beta=0.3,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-    )
-    data = Dataset.from_list([{"prompt": "What is 2 + 2?", "chosen": " 4", "rejected": " 5"}] * 2)
-    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
-    inputs = batch(vocab)
-    trainer.model.eval()
-    trl_loss = float(trainer._compute_loss(trainer.model, dict(inputs), return_outputs=False))
+    trainer, inputs, trl_loss = trl_dpo_loss(tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7])
 
     chosen, rejected = sequence_logps(trainer.model, inputs)
     ref_chosen, ref_rejected = sequence_logps(trainer.ref_model, inputs)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import sft_recipe
+from conftest import launch_two_processes, sft_recipe
 
 from aligner.cli import main
 from aligner.config import LoRAConfig, load_recipe
@@ -143,21 +143,13 @@ def test_template_without_system_role(bases, tmp_path, capsys):
 def test_two_process_lora_sft_matches_single_process(bases, tmp_path):
     """accelerate launch, 2 CPU processes, LoRA + packing: the first step's loss equals one process with
     the same global batch (packed rows differ per process; the loss is normalised over both)."""
-    import os
-    import subprocess
-    import sys
-
     recipe = sft_recipe(
         tmp_path, bases / "gpt", lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}, sft={"accuracy_items": 0}
     )
     assert main(["sft", str(recipe), "--train.name", "one", "--micro_batch_size", "8", "--max_steps", "2"]) == 0
-    launcher = str(Path(sys.executable).parent / "accelerate")
-    cmd = [launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "aligner", "sft", str(recipe)]
-    cmd += ["--train.name", "two", "--micro_batch_size", "4", "--max_steps", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = launch_two_processes(
+        ["sft", str(recipe), "--train.name", "two", "--micro_batch_size", "4", "--max_steps", "2"]
+    )
 
     def losses(name):
         rows = [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
