@@ -55,6 +55,18 @@ def test_full_rm_trains_saves_and_loads_for_scoring_and_in_transformers(bases, t
     ours = score_conversations(model, tok, convs)
     assert len(ours) == len(convs) and len(set(ours)) > 1
 
+    # scoring reads the same token as training did: the trainer's batch gives the same rewards
+    from aligner.data.chat import encode_preferences
+    from aligner.data.collate import pad_pairs
+    from aligner.data.formats import to_preference_records
+
+    rows = world_rows("preference", "val", n=6)
+    pairs, _ = encode_preferences(to_preference_records(rows)[0], tok, 256, keep_last=True)
+    batch = pad_pairs(pairs, tok.pad_token_id)
+    with torch.no_grad():
+        trained = last_token_values(model(batch["input_ids"]), batch["lengths"])
+    assert trained.tolist() == pytest.approx(ours, abs=1e-5)
+
     from transformers import AutoModelForSequenceClassification
 
     hf = AutoModelForSequenceClassification.from_pretrained(str(final)).eval()

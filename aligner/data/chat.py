@@ -110,12 +110,16 @@ def reply_stop_ids(tokenizer, template: str | None = None) -> list[int]:
     return out
 
 
-def _shifted(ids: list[int], mask: list[int]) -> dict:
-    """{"input_ids": ids[:-1], "labels": ids[1:] where the mask is 1, else IGNORE_INDEX} as int64 tensors."""
+def _shifted(ids: list[int], mask: list[int], keep_last: bool = False) -> dict:
+    """{"input_ids": ids[:-1], "labels": ids[1:] where the mask is 1, else IGNORE_INDEX} as int64 tensors.
+    keep_last: input_ids are all of ids (a reward model reads the final token) and labels end with one
+    more IGNORE_INDEX."""
     import torch
 
     ids_t = torch.tensor(ids, dtype=torch.int64)
     labels = torch.where(torch.tensor(mask[1:], dtype=torch.bool), ids_t[1:], IGNORE_INDEX)
+    if keep_last:
+        return {"input_ids": ids_t, "labels": torch.cat([labels, torch.tensor([IGNORE_INDEX])])}
     return {"input_ids": ids_t[:-1], "labels": labels}
 
 
@@ -222,12 +226,13 @@ def encode_preferences(
     template: str | None = None,
     overlong: str = "truncate",
     source: str = "dataset",
+    keep_last: bool = False,
 ) -> tuple[list[dict], EncodeReport]:
     """Paired records -> {"chosen": example, "rejected": example, "margin"?}, or unpaired (KTO) records ->
     {"completion": example, "kl"?: example, "label"} (kl: the prompt with another row's reply), with
     SFT-style shifted labels on the replies only. Over-long sequences lose the end of the reply
     (`truncate`) or the record (`drop`); a record left without reply tokens on any side is dropped;
-    all counted in the report."""
+    all counted in the report. keep_last: input_ids keep the final token (reward models read it)."""
     report = EncodeReport(conversations=len(records))
     out = []
     for i, rec in enumerate(records):
@@ -247,7 +252,7 @@ def encode_preferences(
         if any(sum(mask[1:]) == 0 for _, mask in sides):
             report.dropped_no_loss += 1
             continue
-        pair = {name: _shifted(*side) for name, side in zip(names, sides)}
+        pair = {name: _shifted(*side, keep_last=keep_last) for name, side in zip(names, sides)}
         pair.update({k: rec[k] for k in ("margin", "label") if k in rec})
         out.append(pair)
         report.kept += 1
