@@ -309,7 +309,7 @@ def dpo(recipe: Recipe) -> dict:
         datasets = [train_data] + ([eval_data] if eval_data else [])
         with ctx:
             cached = trainer.precompute_reference(datasets, reference, Path(o.ref_cache_dir))
-        trainer.ref_model = ref_model = None  # not needed any more: every pair carries its reference log-probs
+        trainer.ref_model = ref_model = reference = None  # freed: every pair carries its reference log-probs
         if trainer.is_main:
             print(f"dpo: reference log-probs {'read from' if cached else 'computed and saved to'} {o.ref_cache_dir}")
     if trainer.is_main:
