@@ -56,12 +56,10 @@ def test_full_rm_trains_saves_and_loads_for_scoring_and_in_transformers(bases, t
     assert len(ours) == len(convs) and len(set(ours)) > 1
 
     # scoring reads the same token as training did: the trainer's batch gives the same rewards
-    from aligner.data.chat import encode_preferences
     from aligner.data.collate import pad_pairs
-    from aligner.data.formats import to_preference_records
+    from aligner.trainers.rm import encode_reward_pairs
 
-    rows = world_rows("preference", "val", n=6)
-    pairs, _ = encode_preferences(to_preference_records(rows)[0], tok, 256, keep_last=True)
+    pairs = encode_reward_pairs(world_rows("preference", "val", n=6), tok, 256)[0]  # what rm() trains on
     batch = pad_pairs(pairs, tok.pad_token_id)
     with torch.no_grad():
         trained = last_token_values(model(batch["input_ids"]), batch["lengths"])

@@ -64,6 +64,18 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], batch
     return scores
 
 
+def encode_reward_pairs(rows: list[dict], tokenizer, max_len: int, fmt=None, overlong="truncate", source="dataset"):
+    """Preference rows -> tokenized pairs whose input_ids end with the conversation's final token (the
+    one the head reads, in training as in `score_conversations`), the encoding report and the counts."""
+    records, counts = to_preference_records(rows, fmt, source)
+    if "completion" in records[0]:
+        raise DataError(
+            f"{source} holds unpaired (KTO) rows; a Bradley-Terry reward model needs chosen/rejected pairs"
+        )
+    pairs, report = encode_preferences(records, tokenizer, max_len, overlong=overlong, source=source, keep_last=True)
+    return pairs, report, counts
+
+
 def rm(recipe: Recipe) -> dict:
     """Train a reward model from the recipe's model (default: the SFT run); returns eval metrics."""
     from aligner.trainers.sft import load_splits, prepare_model, sft_tokenizer
@@ -73,16 +85,10 @@ def rm(recipe: Recipe) -> dict:
     tokenizer = sft_tokenizer(recipe)
     train_rows, eval_rows = load_splits(recipe, "preference")
     where = f"data.source '{d.source}'"
-    records, counts = to_preference_records(train_rows, d.format, where)
-    if "completion" in records[0]:
-        raise DataError(f"{where} holds unpaired (KTO) rows; a Bradley-Terry reward model needs chosen/rejected pairs")
-    train_data, report = encode_preferences(records, tokenizer, d.seq_len, overlong=r.overlong, source=where)
+    train_data, report, counts = encode_reward_pairs(train_rows, tokenizer, d.seq_len, d.format, r.overlong, where)
     eval_data = None
     if eval_rows:
-        eval_records, _ = to_preference_records(eval_rows, d.format, "the eval split")
-        eval_data, _ = encode_preferences(
-            eval_records, tokenizer, d.seq_len, overlong=r.overlong, source="the eval split"
-        )
+        eval_data = encode_reward_pairs(eval_rows, tokenizer, d.seq_len, d.format, r.overlong, "the eval split")[0]
     model = prepare_model(recipe, tokenizer, scalar_head=True)
     run_dir = Path(recipe.train.out_dir) / recipe.train.name
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
