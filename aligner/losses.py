@@ -235,3 +235,89 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     mask = labels != IGNORE_INDEX
     logps = token_logprobs(logits, labels) * mask  # (B, T)
     return logps.sum(-1), mask.sum(-1).to(logps.dtype)
+
+
+# --- online RL (PPO, GRPO) -------------------------------------------------------------------------------
+# Per-token tensors are (B, T) over completion positions with a 0/1 float mask.
+
+
+def ppo_policy_loss(logps, old_logps, advantages, mask, clip=0.2):
+    """PPO's clipped surrogate (Schulman et al. 2017), summed over completion tokens:
+    max(-A rho, -A clip(rho, 1 - clip, 1 + clip)) with rho = exp(logp - old_logp)."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)
+    losses = torch.max(unclipped, clipped)
+    n = mask.sum().clamp(min=1)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": float(((clipped > unclipped).float() * mask).sum() / n),
+            "approx_kl": float((0.5 * (logps - old_logps) ** 2 * mask).sum() / n),
+        }
+    return (losses * mask).sum(), stats
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip=0.2):
+    """Clipped value loss, summed over tokens: 0.5 max((v - R)^2, (old_v + clip(v - old_v, +-clip) - R)^2)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    a, b = (values - returns) ** 2, (clipped - returns) ** 2
+    losses = 0.5 * torch.max(a, b)
+    with torch.no_grad():
+        stats = {"value_clipfrac": float(((b > a).float() * mask).sum() / mask.sum().clamp(min=1))}
+    return (losses * mask).sum(), stats
+
+
+GRPO_UNITS = {"grpo": "sequences", "bnpo": "sequences", "dr_grpo": "sequences", "dapo": "tokens"}
+
+
+def grpo_loss(
+    logps,
+    old_logps,
+    advantages,
+    mask,
+    eps_low=0.2,
+    eps_high=0.2,
+    beta=0.0,
+    ref_logps=None,
+    loss_type="dapo",
+    max_len=None,
+    importance="token",
+):
+    """GRPO's per-token surrogate -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3, with A (B,)
+    one advantage per sequence, aggregated by `loss_type` as a sum over the units of GRPO_UNITS (the
+    loop divides by the units of the whole accumulated batch):
+      grpo     sum over sequences of each sequence's token mean          (units: sequences)
+      bnpo     the micro-batch's token mean x its sequences              (units: sequences)
+      dr_grpo  token sum / max_len                                       (units: sequences)
+      dapo     token sum                                                 (units: tokens)
+    importance "sequence" (GSPO) uses one ratio per sequence, exp(mean token log-ratio)."""
+    log_ratio = logps - old_logps
+    if importance == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(
+            logps
+        )
+    elif importance != "token":
+        raise ValueError(f"importance must be token or sequence, got '{importance}'")
+    ratio = torch.exp(log_ratio)
+    adv = advantages[:, None]
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    stats = {}
+    if beta:
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token = per_token + beta * kl
+        stats["kl"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
+    token_sum = (per_token * mask).sum(-1)  # (B,)
+    if loss_type == "grpo":
+        loss = (token_sum / mask.sum(-1).clamp(min=1)).sum()
+    elif loss_type == "bnpo":
+        loss = token_sum.sum() / mask.sum().clamp(min=1) * logps.shape[0]
+    elif loss_type == "dr_grpo":
+        loss = token_sum.sum() / (max_len or logps.shape[1])
+    elif loss_type == "dapo":
+        loss = token_sum.sum()
+    else:
+        raise ValueError(f"loss_type must be one of {', '.join(GRPO_UNITS)}, got '{loss_type}'")
+    with torch.no_grad():
+        low = (ratio < 1 - eps_low) & (adv < 0)
+        high = (ratio > 1 + eps_high) & (adv > 0)
+        stats["clip_ratio"] = float(((low | high).float() * mask).sum() / mask.sum().clamp(min=1))
+    return loss, stats

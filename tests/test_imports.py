@@ -14,7 +14,7 @@ def imported_after(module: str) -> set[str]:
     return set(out.split())
 
 
-@pytest.mark.parametrize("module", ["aligner.losses", "aligner.model.gpt", "aligner.config", "aligner"])
+@pytest.mark.parametrize("module", ["aligner.losses", "aligner.advantages", "aligner.model.gpt", "aligner.config", "aligner"])
 def test_light_modules_do_not_import_heavy_libraries(module):
     assert not imported_after(module) & set(HEAVY)
 

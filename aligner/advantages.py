@@ -1,0 +1,87 @@
+"""Advantages and KL terms for online RL (PPO, GRPO): pure torch, no model code.
+
+Shapes: per-token tensors are (B, T) over completion positions with a 0/1 `mask` (1 on completion
+tokens, 0 on padding after EOS). Formulas follow ../shared/REFERENCE.md (PPO, GRPO).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman's estimators):
+    k1 = logp - ref (unbiased, can be negative); k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased, >= 0)."""
+    if kind == "k1":
+        return logps - ref_logps
+    if kind == "k3":
+        d = ref_logps - logps
+        return torch.exp(d) - d - 1
+    raise ValueError(f"KL estimator must be k1 or k3, got '{kind}'")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased variance, as TRL and OpenRLHF); masked-out
+    entries come back as 0. shift_mean=False keeps the mean (for rewards)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) per row, right to left:
+    delta_t = r_t + gamma V_{t+1} - V_t (V = 0 after the last completion token),
+    A_t = delta_t + gamma lam A_{t+1}; returns R_t = A_t + V_t. Returns (advantages, returns), 0 off-mask."""
+    rewards, values, mask = rewards.float(), values.float(), mask.float()
+    T = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = a * m
+        # padding positions pass the future through unchanged (they sit after the last token anyway)
+        next_value = torch.where(m > 0, values[:, t], next_value)
+        next_adv = torch.where(m > 0, a, next_adv)
+    return adv, (adv + values) * mask
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages of (N*G,) rewards, grouped G per prompt in order: r - mean(group), divided by the
+    group's std (scale "group"), the whole batch's std ("batch") or nothing ("none", Dr. GRPO).
+    A group whose rewards are all equal gets advantage 0 (no signal), never a division by zero."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)  # (N, G)
+    centred = r - r.mean(-1, keepdim=True)
+    if scale == "group":
+        centred = centred / (r.std(-1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.float().std() + eps)
+    elif scale != "none":
+        raise ValueError(f"scale_rewards must be group, batch or none, got '{scale}'")
+    return centred.view(-1)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)."""
+
+    def __init__(self, beta: float, target: float, horizon: int = 10000):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> float:
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.beta *= 1 + error * n_steps / self.horizon
+        return self.beta
