@@ -14,7 +14,10 @@ def imported_after(module: str) -> set[str]:
     return set(out.split())
 
 
-@pytest.mark.parametrize("module", ["aligner.losses", "aligner.advantages", "aligner.model.gpt", "aligner.config", "aligner"])
+LIGHT = ["aligner.losses", "aligner.advantages", "aligner.model.gpt", "aligner.config", "aligner"]
+
+
+@pytest.mark.parametrize("module", LIGHT)
 def test_light_modules_do_not_import_heavy_libraries(module):
     assert not imported_after(module) & set(HEAVY)
 

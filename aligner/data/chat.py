@@ -218,6 +218,9 @@ def encode_reply(tokenizer, prompt: list[dict], reply: list[dict], template: str
     return ids, [0] * n_prompt + mask[n_prompt:]
 
 
+REPLY_SIDES = ("chosen", "rejected", "completion", "kl")  # the replies a preference or KTO record may hold
+
+
 def encode_preferences(
     records: Sequence[dict],
     tokenizer,
@@ -236,7 +239,7 @@ def encode_preferences(
     report = EncodeReport(conversations=len(records))
     out = []
     for i, rec in enumerate(records):
-        names = [k for k in ("chosen", "rejected", "completion", "kl") if k in rec]
+        names = [k for k in REPLY_SIDES if k in rec]
         try:
             sides = [encode_reply(tokenizer, rec["prompt"], rec[k], template) for k in names]
         except DataError as e:

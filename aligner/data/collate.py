@@ -106,34 +106,32 @@ def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
     }
 
 
-def pad_pairs(pairs: Sequence[dict], pad_id: int) -> dict:
-    """Preference pairs -> one right-padded batch of 2B rows, chosen first then rejected (one forward for
-    both), with `lengths` (2B,), `n_loss` = B pairs and, when pairs carry them, `margin` (B,) and
-    `ref_logps` (2B,)."""
-    rows = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+def _pad_two_sides(examples: Sequence[dict], pad_id: int, first: str, second: str) -> dict:
+    """One right-padded batch of 2B rows, every example's `first` side then every `second` side, with
+    `lengths` (2B,), `n_loss` = B and, when every example carries them, `ref_logps` (2B,)."""
+    rows = [e[first] for e in examples] + [e[second] for e in examples]
     batch = pad_examples(rows, pad_id)
     batch["lengths"] = torch.tensor([len(r["input_ids"]) for r in rows])
-    batch["n_loss"] = len(pairs)
-    if all("margin" in p for p in pairs):
-        batch["margin"] = torch.tensor([float(p["margin"]) for p in pairs])
-    if all("ref_logps" in p for p in pairs):
-        batch["ref_logps"] = torch.tensor(
-            [float(p["ref_logps"][0]) for p in pairs] + [float(p["ref_logps"][1]) for p in pairs]
-        )
-    return batch
-
-
-def pad_unpaired(examples: Sequence[dict], pad_id: int) -> dict:
-    """KTO examples -> one right-padded batch of 2B rows: the B completions first, then their B mismatched
-    KL-estimate rows, with `desirable` (B,) bool, `lengths` (2B,), `n_loss` = B and, when examples
-    carry them, `ref_logps` (2B,)."""
-    rows = [e["completion"] for e in examples] + [e["kl"] for e in examples]
-    batch = pad_examples(rows, pad_id)
-    batch["lengths"] = torch.tensor([len(r["input_ids"]) for r in rows])
-    batch["desirable"] = torch.tensor([bool(e["label"]) for e in examples])
     batch["n_loss"] = len(examples)
     if all("ref_logps" in e for e in examples):
         batch["ref_logps"] = torch.tensor(
             [float(e["ref_logps"][0]) for e in examples] + [float(e["ref_logps"][1]) for e in examples]
         )
+    return batch
+
+
+def pad_pairs(pairs: Sequence[dict], pad_id: int) -> dict:
+    """Preference pairs -> one batch of 2B rows, chosen first then rejected (one forward for both), with
+    `lengths`, `n_loss` = B pairs, `ref_logps` as `_pad_two_sides` and, when pairs carry them, `margin` (B,)."""
+    batch = _pad_two_sides(pairs, pad_id, "chosen", "rejected")
+    if all("margin" in p for p in pairs):
+        batch["margin"] = torch.tensor([float(p["margin"]) for p in pairs])
+    return batch
+
+
+def pad_unpaired(examples: Sequence[dict], pad_id: int) -> dict:
+    """KTO examples -> one batch of 2B rows: the B completions, then their B mismatched KL-estimate rows,
+    with `desirable` (B,) bool and `lengths`, `n_loss` = B, `ref_logps` as `_pad_two_sides`."""
+    batch = _pad_two_sides(examples, pad_id, "completion", "kl")
+    batch["desirable"] = torch.tensor([bool(e["label"]) for e in examples])
     return batch

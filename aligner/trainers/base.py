@@ -81,6 +81,7 @@ class Trainer:
     """Shared loop. Subclasses implement `collate` (or `micro_batches`) and `compute_loss`."""
 
     stage = "train"  # used in messages and the progress bar
+    token_loss = True  # the loss units are tokens (eval reports perplexity); False for pairs, rows
 
     def __init__(
         self,
@@ -129,10 +130,14 @@ class Trainer:
         raise NotImplementedError
 
     def eval_metrics(self, totals: dict) -> dict:
-        """Eval metrics from summed `loss` and `n_loss` over the eval set (perplexity for token losses);
-        `totals` also holds the means over units of the stats `compute_loss` returned."""
+        """Eval metrics from summed `loss` and `n_loss` over the eval set (perplexity when the units are
+        tokens), and the means over units of the stats `compute_loss` returned."""
         loss = totals["loss"] / max(totals["n_loss"], 1)
-        return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+        out = {"eval/loss": loss}
+        if self.token_loss:
+            out["eval/ppl"] = math.exp(min(loss, 50.0))
+        out.update({f"eval/{k}": v for k, v in totals.items() if k not in ("loss", "n_loss")})
+        return out
 
     # --- data order ------------------------------------------------------------------------------------
 

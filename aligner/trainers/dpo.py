@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from aligner.config import Recipe
-from aligner.data.chat import encode_preferences, pad_token_id
+from aligner.data.chat import REPLY_SIDES, encode_preferences, pad_token_id
 from aligner.data.collate import pad_pairs, pad_unpaired
 from aligner.data.formats import to_preference_records, unpair, with_kl_partners
 from aligner.errors import DataError
@@ -50,6 +50,7 @@ class DPOTrainer(Trainer):
     KTO unpaired {"completion", "kl", "label"} (+ "ref_logps")."""
 
     stage = "dpo"
+    token_loss = False  # units are pairs (KTO: rows)
 
     def __init__(self, recipe: Recipe, model, tokenizer, train_data, eval_data=None, ref_model=None, **kw):
         super().__init__(recipe, model, tokenizer, train_data, eval_data, **kw)
@@ -121,11 +122,6 @@ class DPOTrainer(Trainer):
             undesirable_weight=d.kto_undesirable_weight,
         )
 
-    def eval_metrics(self, totals: dict) -> dict:
-        out = {"eval/loss": totals["loss"] / max(totals["n_loss"], 1)}
-        out.update({f"eval/{k}": v for k, v in totals.items() if k not in ("loss", "n_loss")})
-        return out
-
     # --- precomputed reference log-probs --------------------------------------------------------------
 
     @torch.no_grad()
@@ -175,7 +171,7 @@ def _cache_key(model: torch.nn.Module, datasets: list[list[dict]]) -> str:
     h = _weights_hash(model)
     for data in datasets:
         for pair in data:
-            for side in [k for k in ("chosen", "rejected", "completion", "kl") if k in pair]:
+            for side in [k for k in REPLY_SIDES if k in pair]:
                 h.update(pair[side]["input_ids"].numpy().tobytes())
                 h.update(pair[side]["labels"].numpy().tobytes())
     return h.hexdigest()[:24]

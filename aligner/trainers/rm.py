@@ -33,6 +33,7 @@ class RewardTrainer(Trainer):
     """Examples are pairs {"chosen", "rejected"} of tokenized conversations (+ optional "margin")."""
 
     stage = "rm"
+    token_loss = False  # units are pairs
 
     def collate(self, pairs: list) -> dict:
         return pad_pairs(pairs, pad_token_id(self.tokenizer))
@@ -41,11 +42,6 @@ class RewardTrainer(Trainer):
         rewards = last_token_values(model(batch["input_ids"]), batch["lengths"])  # (2B,)
         chosen, rejected = rewards.chunk(2)
         return bradley_terry_loss(chosen, rejected, batch.get("margin"), self.recipe.rm.center_coef)
-
-    def eval_metrics(self, totals: dict) -> dict:
-        out = {"eval/loss": totals["loss"] / max(totals["n_loss"], 1)}
-        out.update({f"eval/{k}": v for k, v in totals.items() if k not in ("loss", "n_loss")})
-        return out
 
 
 @torch.no_grad()
@@ -78,7 +74,7 @@ def encode_reward_pairs(rows: list[dict], tokenizer, max_len: int, fmt=None, ove
 
 def rm(recipe: Recipe) -> dict:
     """Train a reward model from the recipe's model (default: the SFT run); returns eval metrics."""
-    from aligner.trainers.sft import load_splits, prepare_model, sft_tokenizer
+    from aligner.trainers.sft import load_splits, prepare_model, sft_tokenizer, training_kind
 
     d, r = recipe.data, recipe.rm
     recipe.sft.chat_template = r.chat_template or recipe.sft.chat_template
@@ -94,7 +90,7 @@ def rm(recipe: Recipe) -> dict:
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
     trainer = RewardTrainer(recipe, model, tokenizer, train_data, eval_data)
     if trainer.is_main:
-        kind = "QLoRA" if recipe.lora.quantize == "nf4" else "LoRA" if recipe.lora.enabled else "full"
+        kind = training_kind(recipe)
         dropped = f", {counts['identical']} with identical chosen and rejected dropped" if counts["identical"] else ""
         print(f"rm: {report.summary().replace('conversations', 'pairs')}{dropped}")
         print(f"rm: {kind}, center_coef {r.center_coef}, {trainer.total_steps} steps -> {run_dir}")

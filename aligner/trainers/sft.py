@@ -212,6 +212,11 @@ def prepare_model(recipe: Recipe, tokenizer, scalar_head: bool = False) -> torch
     return model
 
 
+def training_kind(recipe: Recipe) -> str:
+    """QLoRA, LoRA or full: what the run trains, for its start-up message."""
+    return "QLoRA" if recipe.lora.quantize == "nf4" else "LoRA" if recipe.lora.enabled else "full"
+
+
 def encode_conversations(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict] | None, str]:
     """Train and eval examples (input_ids, shifted labels) and a one-line report of what was kept."""
     d, s = recipe.data, recipe.sft
@@ -242,7 +247,7 @@ def sft(recipe: Recipe) -> dict:
     if trainer.is_main:
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        kind = "QLoRA" if recipe.lora.quantize == "nf4" else "LoRA" if recipe.lora.enabled else "full"
+        kind = training_kind(recipe)
         print(f"sft: {report}")
         print(
             f"sft: {kind}, {trainable / 1e6:.2f}M of {total / 1e6:.2f}M params trained, {trainer.total_steps} steps, "
