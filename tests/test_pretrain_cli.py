@@ -195,5 +195,7 @@ def test_two_process_data_parallel_first_step_matches_single_process(tmp_path):
     assert two[2] == pytest.approx(one[2], abs=1e-4)
     a = load_file(tmp_path / "runs" / "one" / "final" / "model.safetensors")
     b = load_file(tmp_path / "runs" / "two" / "final" / "model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # Adam divides by sqrt(v): an element whose gradient is near zero turns the summation-order rounding of
+    # the all-reduce (~1e-9) into a few 1e-6 of weight; a real data-order or scaling bug moves weights by ~lr.
+    assert all(torch.allclose(a[k], b[k], atol=5e-5, rtol=0) for k in a)
     assert proc.stdout.count("checkpoint:") == 1  # only the main process reports
