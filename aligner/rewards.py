@@ -1,0 +1,149 @@
+"""Reward functions for online RL: plain functions `(prompts, completions, **row) -> list[float]`.
+
+    grpo:
+      rewards: [correct_answer, format_reward]     # names from REWARDS, or module:function
+      reward_weights: [1.0, 0.2]
+
+`prompts` and `completions` are aligned lists (one entry per completion: a prompt repeats for each of
+its samples); completions are decoded text. Every other column of the prompt's row arrives as a
+keyword argument holding one value per completion (`answer`, `kind`, ...), as TRL passes them, plus
+`completion_ids` (the generated token ids). A function returns one float per completion.
+
+`correct_answer` is the task world's answer checker (`aligner.data.world.is_correct`), the same one
+the evals use. A reward model scores through `RewardModelScorer`. `RewardSet` combines several
+functions with weights and turns a function that raises, returns the wrong number of values or a
+non-finite one into a one-line error naming it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+
+from aligner.data.world import extract_answer, is_correct
+from aligner.errors import ConfigError, DataError
+
+RewardFn = Callable[..., list[float]]
+
+
+def correct_answer(prompts, completions, answer, **_) -> list[float]:
+    """1.0 where the completion's "Final answer:" equals the row's answer, else 0.0.
+
+    >>> correct_answer(["q", "q"], ["7 + 5 = 12\\nFinal answer: 12", "Final answer: 13"], answer=["12", "12"])
+    [1.0, 0.0]
+    """
+    return [float(is_correct(c, a)) for c, a in zip(completions, answer)]
+
+
+def format_reward(prompts, completions, **_) -> list[float]:
+    """1.0 for reasoning followed by exactly one "Final answer:" line that ends the reply, else 0.0.
+
+    >>> format_reward(["q"] * 3, ["2 + 2 = 4\\nFinal answer: 4", "Final answer: 4", "The answer is 4."])
+    [1.0, 0.0, 0.0]
+    """
+    out = []
+    for text in completions:
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        finals = [line for line in lines if extract_answer(line) is not None]
+        ok = len(lines) >= 2 and len(finals) == 1 and extract_answer(lines[-1]) is not None
+        out.append(float(ok))
+    return out
+
+
+def length_penalty(prompts, completions, completion_ids=None, max_tokens: int = 160, buffer: int = 40, **_):
+    """DAPO's soft overlong penalty (Yu et al. 2025, eq. 13): 0 up to max_tokens - buffer tokens, then
+    falling linearly to -1 at max_tokens (and -1 beyond). Counts characters when no ids are given.
+
+    >>> length_penalty(["q"] * 3, ["", "", ""], completion_ids=[[0] * 100, [0] * 140, [0] * 160])
+    [0.0, -0.5, -1.0]
+    """
+    lengths = [len(ids) for ids in completion_ids] if completion_ids is not None else [len(c) for c in completions]
+    start = max_tokens - max(buffer, 0)
+    return [-1.0 if n >= max_tokens else -max(0.0, (n - start) / buffer) if n > start else 0.0 for n in lengths]
+
+
+REWARDS: dict[str, RewardFn] = {
+    "correct_answer": correct_answer,
+    "format_reward": format_reward,
+    "length_penalty": length_penalty,
+}
+
+
+class RewardModelScorer:
+    """A saved reward model (aligner rm) as a reward function: the score of prompt + completion,
+    rendered with the reward model's chat template as in its training."""
+
+    def __init__(self, path: str, batch_size: int = 32, device=None):
+        from aligner.model.heads import load_reward_model
+        from aligner.model.load import load_tokenizer
+
+        self.model = load_reward_model(path).eval()
+        if device is not None:
+            self.model.to(device)
+        self.tokenizer = load_tokenizer(path)
+        self.batch_size = batch_size
+        self.__name__ = f"reward_model({path})"
+
+    def __call__(self, prompts, completions, **_) -> list[float]:
+        from aligner.trainers.rm import score_conversations
+
+        conversations = []
+        for prompt, completion in zip(prompts, completions):
+            turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+            conversations.append(list(turns) + [{"role": "assistant", "content": completion}])
+        return score_conversations(self.model, self.tokenizer, conversations, self.batch_size)
+
+
+def resolve_reward(name: str) -> RewardFn:
+    """A built-in name from REWARDS, or `module:function` importable from the working directory."""
+    if name in REWARDS:
+        return REWARDS[name]
+    if ":" not in name:
+        raise ConfigError(
+            f"unknown reward function '{name}' (built in: {', '.join(REWARDS)}; or module:function for your own)"
+        )
+    module, attr = name.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"reward function '{name}': {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"reward function '{name}' is not callable")
+    return fn
+
+
+class RewardSet:
+    """Several reward functions with weights: `__call__` returns the weighted totals and each
+    function's raw values, checked (right length, finite)."""
+
+    def __init__(self, fns: Sequence[RewardFn], weights: Sequence[float] | None = None, names=None):
+        if not fns:
+            raise ConfigError("no reward function given; name at least one (e.g. correct_answer)")
+        weights = [1.0] * len(fns) if not weights else list(weights)
+        if len(weights) != len(fns):
+            raise ConfigError(f"{len(weights)} reward weights for {len(fns)} reward functions; give one per function")
+        self.fns, self.weights = list(fns), [float(w) for w in weights]
+        self.names = list(names) if names else [getattr(f, "__name__", type(f).__name__) for f in fns]
+
+    def __call__(self, prompts: list, completions: list[str], **row) -> tuple[list[float], dict[str, list[float]]]:
+        n = len(completions)
+        totals, each = [0.0] * n, {}
+        for name, fn, w in zip(self.names, self.fns, self.weights):
+            try:
+                values = fn(prompts, completions, **row)
+            except Exception as e:
+                raise DataError(f"reward function '{name}' raised {type(e).__name__}: {e}") from None
+            values = list(values) if values is not None else []
+            if len(values) != n:
+                raise DataError(f"reward function '{name}' returned {len(values)} values for {n} completions")
+            try:
+                values = [float(v) for v in values]
+            except (TypeError, ValueError):
+                raise DataError(f"reward function '{name}' returned a value that is not a number") from None
+            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+            if bad is not None:
+                raise DataError(f"reward function '{name}' returned {values[bad]} for completion {bad}")
+            each[name] = values
+            totals = [t + w * v for t, v in zip(totals, values)]
+        return totals, each
