@@ -5,6 +5,7 @@
     aligner sft recipes/chat.yaml                  # chat SFT from runs/pretrain/final
     aligner dpo --beta 0.1                         # DPO from runs/sft/final (recipes/dpo.yaml)
     aligner rm recipes/reward.yaml                 # reward model from runs/sft/final
+    aligner grpo recipes/grpo.yaml                 # GRPO from runs/sft/final with the task world's rewards
     aligner generate runs/sft/final --chat --prompt "What is 7 + 5?"
     aligner export runs/sft_lora/final out/merged  # merge a LoRA adapter into a full HF model
 
@@ -24,6 +25,7 @@ TRAIN_COMMANDS = {
     "sft": "supervised fine-tuning on conversations (assistant-only loss), full, LoRA or QLoRA",
     "dpo": "preference optimisation (DPO, cDPO, robust, hinge, IPO, SimPO, ORPO, KTO) from the SFT model",
     "rm": "Bradley-Terry reward model (scalar head on the last token) from the SFT model",
+    "grpo": "GRPO: online RL with reward functions (G samples per prompt, group-relative advantages)",
 }
 
 USAGE = """usage: aligner <command> [RECIPE] [--flag value ...]
@@ -59,6 +61,8 @@ def run_training(command: str, argv: list[str]) -> int:
         from aligner.trainers.sft import sft as run
     elif command == "rm":
         from aligner.trainers.rm import rm as run
+    elif command == "grpo":
+        from aligner.trainers.grpo import grpo as run
     else:
         from aligner.trainers.dpo import dpo as run
     result = run(recipe)

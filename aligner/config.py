@@ -10,6 +10,7 @@ A recipe is a YAML file with the sections below (all optional; each field has a 
     lora:      LoRA / QLoRA adapters instead of full fine-tuning
     dpo:       direct preference optimisation and its variants (and KTO on unpaired rows)
     rm:        Bradley-Terry reward models
+    grpo:      group relative policy optimisation (online RL with reward functions)
 
 Loading is strict: malformed YAML, unknown keys, wrong types and missing files raise `ConfigError`
 with one line naming the file and key (and the closest valid key). Flags override the recipe:
@@ -146,6 +147,7 @@ class DPOConfig:
     sample_pairs: int = 0  # > 0: on-policy pairs from this many samples per training prompt of the start model
     sample_temperature: float = 1.0  # sampling temperature for those pairs
     sample_tokens: int = 160  # max new tokens per sample
+    sample_greedy: bool = False  # also decode greedily; a wrong greedy reply is the rejected one
     precompute_ref: bool = False  # reference log-probs computed once before training and cached on disk
     ref_cache_dir: str = "runs/.ref_cache"  # where precomputed reference log-probs are kept (keyed by model + data)
     chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
@@ -161,6 +163,30 @@ class RMConfig:
     overlong: str = choice("truncate", "truncate", "drop", "error")  # pairs over data.seq_len tokens
 
 
+@dataclass
+class GRPOConfig:
+    num_generations: int = 8  # G completions per prompt; train.micro_batch_size x grad_accum x processes counts them
+    max_new_tokens: int = 160  # longest completion
+    temperature: float = 1.0  # sampling temperature (the loss's log-probs use the same one)
+    top_p: float = 1.0  # nucleus sampling; 1 = off
+    top_k: int = 0  # top-k sampling; 0 = off
+    min_p: float = 0.0  # min-p sampling; 0 = off
+    rewards: list[str] = field(default_factory=lambda: ["correct_answer", "format_reward"])  # names or module:fn
+    reward_weights: list[float] = field(default_factory=list)  # one per reward (and reward_model); [] = all 1
+    reward_model: str | None = None  # a reward-model checkpoint, scored as one more reward
+    scale_rewards: str = choice("group", "group", "batch", "none")  # advantage scale; none = Dr. GRPO
+    loss_type: str = choice("dapo", "grpo", "bnpo", "dr_grpo", "dapo")  # loss aggregation
+    epsilon: float = 0.2  # clip: ratio >= 1 - epsilon
+    epsilon_high: float | None = None  # clip: ratio <= 1 + epsilon_high; None = epsilon (DAPO: 0.28)
+    beta: float = 0.0  # k3 KL to the reference; 0 = no reference model is loaded
+    num_iterations: int = 1  # optimizer steps per rollout batch (old log-probs recomputed when > 1)
+    importance: str = choice("token", "token", "sequence")  # sequence = GSPO's sequence-level ratio
+    mask_truncated: bool = True  # completions that hit max_new_tokens get no loss
+    chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
+    accuracy_items: int = 500  # held-out task-world items for exact-match accuracy at the end; 0 = skip
+    accuracy_tokens: int = 160  # max new tokens per answer in that eval
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "tokenizer": TokenizerConfig,
@@ -170,6 +196,7 @@ SECTIONS: dict[str, type] = {
     "lora": LoRAConfig,
     "dpo": DPOConfig,
     "rm": RMConfig,
+    "grpo": GRPOConfig,
 }
 
 
@@ -183,6 +210,7 @@ class Recipe:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     path: str | None = field(default=None, metadata={"internal": True})  # where it was loaded from
 
     def to_dict(self) -> dict:
@@ -195,9 +223,15 @@ class Recipe:
 
 
 # Which section a bare flag (`--lr`) looks at first, per command.
-OWN_SECTION = {"pretrain": "sft", "sft": "sft", "dpo": "dpo", "rm": "rm"}
+OWN_SECTION = {"pretrain": "sft", "sft": "sft", "dpo": "dpo", "rm": "rm", "grpo": "grpo"}
 # Default recipe per command (recipes/<file>), used when no recipe path is given.
-DEFAULT_RECIPE = {"pretrain": "pretrain.yaml", "sft": "chat.yaml", "dpo": "dpo.yaml", "rm": "reward.yaml"}
+DEFAULT_RECIPE = {
+    "pretrain": "pretrain.yaml",
+    "sft": "chat.yaml",
+    "dpo": "dpo.yaml",
+    "rm": "reward.yaml",
+    "grpo": "grpo.yaml",
+}
 
 
 # --- type checking --------------------------------------------------------------------------------
@@ -451,6 +485,18 @@ def validate(recipe: Recipe) -> None:
         (recipe.rm.center_coef >= 0, "rm.center_coef must be 0 or more"),
         (recipe.dpo.sft_weight >= 0, "dpo.sft_weight must be 0 or more"),
         (recipe.dpo.sample_pairs >= 0 and recipe.dpo.sample_temperature > 0, "dpo.sample_* must be positive"),
+        (recipe.grpo.num_generations >= 2, "grpo.num_generations must be at least 2 (advantages compare a group)"),
+        (
+            (t.micro_batch_size * t.grad_accum) % recipe.grpo.num_generations == 0,
+            "train.micro_batch_size x grad_accum (completions per process and step) must be a multiple of "
+            "grpo.num_generations",
+        ),
+        (
+            recipe.grpo.max_new_tokens > 0 and recipe.grpo.num_iterations > 0,
+            "grpo.max_new_tokens and num_iterations > 0",
+        ),
+        (recipe.grpo.temperature > 0, "grpo.temperature must be positive (the policy samples its rollouts)"),
+        (recipe.grpo.beta >= 0 and recipe.grpo.epsilon > 0, "grpo.beta must be >= 0 and grpo.epsilon positive"),
     ]
     for ok, message in checks:
         if not ok:

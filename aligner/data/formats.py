@@ -288,3 +288,25 @@ def with_kl_partners(records: list[dict]) -> list[dict]:
     it (TRL pairs each prompt with another row's completion; a fixed pairing lets reference
     log-probs be precomputed)."""
     return [{**rec, "kl": records[i - 1]["completion"]} for i, rec in enumerate(records)]
+
+
+def to_prompt_records(rows: list[dict], source: str = "dataset") -> list[dict]:
+    """RL rows -> {"prompt": messages, **the row's other columns}. `prompt` is a string (one user turn) or a
+    message list without assistant turns at the end; a row without one is an error naming it."""
+    if not rows:
+        raise DataError(f"{source} has no rows")
+    out = []
+    for i, row in enumerate(rows):
+        where = _where(source, i)
+        if "prompt" not in row:
+            raise DataError(f"{where}: no 'prompt' column (columns: {', '.join(row)}); RL rows need a prompt")
+        turns = _as_turns(row["prompt"], "user", where, "prompt")
+        if not turns or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in turns):
+            raise DataError(f"{where}: 'prompt' must be a non-empty string or a list of {{role, content}} messages")
+        bad = [m["role"] for m in turns if m.get("role") not in ROLES]
+        if bad:
+            raise DataError(f"{where}: prompt message with role '{bad[0]}' (use one of {', '.join(ROLES)})")
+        if turns[-1]["role"] == "assistant":
+            raise DataError(f"{where}: the prompt ends with an assistant turn; it should end where the reply starts")
+        out.append({**row, "prompt": [{"role": m["role"], "content": m["content"]} for m in turns]})
+    return out

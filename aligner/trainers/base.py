@@ -82,6 +82,7 @@ class Trainer:
 
     stage = "train"  # used in messages and the progress bar
     token_loss = True  # the loss units are tokens (eval reports perplexity); False for pairs, rows
+    empty_steps_ok = False  # a step without loss units skips its update (RL) instead of stopping the run
 
     def __init__(
         self,
@@ -128,6 +129,12 @@ class Trainer:
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         """Return (sum of per-unit losses over the micro-batch, stats of floats averaged over units)."""
         raise NotImplementedError
+
+    def save_extra(self, directory: Path) -> None:
+        """Per-process state beyond model, optimizer and RNG that exact resume needs (every process calls it)."""
+
+    def load_extra(self, directory: Path) -> None:
+        """Read back what `save_extra` wrote."""
 
     def eval_metrics(self, totals: dict) -> dict:
         """Eval metrics from summed `loss` and `n_loss` over the eval set (perplexity when the units are
@@ -217,7 +224,13 @@ class Trainer:
         tokens_local = sum(int(b.get("n_tokens", 0)) for b in micro)
         n_global, tokens_global = self.reduce_sum([n_local, tokens_local])
         if n_global == 0:
-            raise DataError(f"{self.stage}: step {step + 1} has no loss tokens in any example; check the data masks")
+            if not self.empty_steps_ok:
+                raise DataError(
+                    f"{self.stage}: step {step + 1} has no loss tokens in any example; check the data masks"
+                )
+            lr = self.scheduler.get_last_lr()[0]  # nothing to learn from (RL: every completion masked): no update
+            self.scheduler.step()
+            return {"train/loss": 0.0, "train/lr": lr, "train/grad_norm": 0.0, "train/tokens": tokens_global}
         loss_sum_local = torch.zeros((), dtype=torch.float64, device=self.device)
         stats_sum: dict[str, float] = {}
         for j, batch in enumerate(micro):
@@ -303,6 +316,7 @@ class Trainer:
             ckpt.temp_dir(self.run_dir, name)
         self.accelerator.wait_for_everyone()
         ckpt.save_rng(tmp, self.rank)
+        self.save_extra(tmp)
         if self.is_main:
             self.unwrapped().save_pretrained(tmp)
             if self.tokenizer is not None:
@@ -351,6 +365,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         ckpt.load_rng(last, self.rank)
+        self.load_extra(last)
         if self.is_main:
             print(f"{self.stage}: resumed from {last} at step {self.step}")
 

@@ -1,0 +1,297 @@
+"""Group relative policy optimisation (Shao et al. 2024, DeepSeekMath) on the shared loop.
+
+    aligner grpo                                  # recipes/grpo.yaml: from runs/sft/final on the task world
+    aligner grpo --num_generations 8 --beta 0.04  # a KL term to the reference (loaded only when beta > 0)
+    aligner grpo --loss_type grpo --scale_rewards none   # per-sequence means; Dr. GRPO's unscaled advantages
+
+Each rollout takes the next prompts of a seeded order (train.micro_batch_size x grad_accum x processes
+completions, `grpo.num_generations` per prompt), samples G completions per prompt with the rollout
+engine, scores them with the recipe's reward functions (aligner.rewards) and turns the rewards into
+one advantage per completion, relative to its group (aligner.advantages.group_advantages). The loss
+is `aligner.losses.grpo_loss`: the clipped surrogate with separate low/high epsilons, an optional k3
+KL to a frozen reference (or, with LoRA, the adapter-disabled model), aggregated as grpo, bnpo,
+dr_grpo or dapo; `importance: sequence` is GSPO's sequence-level ratio.
+
+A rollout serves `grpo.num_iterations` optimizer steps. With one, the ratio is exactly 1 and the old
+log-probs are the current ones, detached (so the logged loss is ~0 while the gradient is not: watch
+rollout/reward_mean). With more, the old log-probs are recomputed by the trainer's own forward once
+per rollout, never taken from the sampler, whose numerics (another precision, another engine such
+as vLLM) may differ. Completions that hit max_new_tokens are left out of the loss when
+`grpo.mask_truncated` (DAPO's overlong filtering). Deviation from TRL: a masked completion does not
+count in the grpo/bnpo/dr_grpo denominators (it is not a unit of the loss).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+
+from aligner.advantages import group_advantages
+from aligner.config import Recipe
+from aligner.data.chat import IGNORE_INDEX, encode_prompt, pad_token_id, reply_stop_ids
+from aligner.data.collate import pad_examples
+from aligner.data.formats import to_prompt_records
+from aligner.errors import ConfigError, DataError
+from aligner.losses import grpo_loss, token_logprobs
+from aligner.model.load import causal_lm_logits
+from aligner.rewards import RewardModelScorer, RewardSet, resolve_reward
+from aligner.rollout.engine import SamplingParams
+from aligner.rollout.torch_engine import TorchEngine
+from aligner.trainers.base import Trainer, prepare_run_dir
+
+
+class GRPOTrainer(Trainer):
+    """Training data are prompt records {"prompt": messages, "prompt_ids": [...], **columns}; every
+    optimizer step's micro-batches come from a rollout of the policy on them."""
+
+    stage = "grpo"
+    token_loss = False
+    empty_steps_ok = True  # every completion truncated and masked: no update, rollout/truncated says why
+
+    def __init__(self, recipe: Recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw):
+        self.g = recipe.grpo
+        super().__init__(recipe, model, tokenizer, prompts, eval_prompts, **kw)
+        self.prompts_per_rollout = self.global_batch // self.g.num_generations
+        self.reward_set = reward_set
+        self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
+        self.pad_id = pad_token_id(tokenizer)
+        self.stop_ids = tuple(reply_stop_ids(tokenizer))
+        self._rollout: tuple[int, list[dict], dict] | None = None  # (rollout index, micro-batches, metrics)
+
+    def compute_total_steps(self) -> int:
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        per_rollout = self.global_batch // self.recipe.grpo.num_generations
+        rollouts = math.ceil(self.cfg.epochs * len(self.train_data) / max(per_rollout, 1))
+        return max(1, rollouts * self.recipe.grpo.num_iterations)
+
+    # --- rollouts ------------------------------------------------------------------------------------
+
+    def sampling(self, rollout: int) -> SamplingParams:
+        g = self.g
+        return SamplingParams(
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_k=g.top_k,
+            top_p=g.top_p,
+            min_p=g.min_p,
+            n=g.num_generations,
+            stop_ids=self.stop_ids,
+            seed=(self.cfg.seed * 1_000_003 + rollout) * 64 + self.rank,  # a pure function of (seed, rollout, rank)
+        )
+
+    def rollout_prompts(self, rollout: int) -> list[int]:
+        """This process's prompt indices for rollout `rollout` (the global ones, strided over processes)."""
+        n, P = len(self.train_data), self.prompts_per_rollout
+        positions = range(rollout * P, (rollout + 1) * P)
+        return [int(self._permutation(pos // n)[pos % n]) for pos in positions][self.rank :: self.world]
+
+    @torch.no_grad()
+    def make_rollout(self, rollout: int) -> tuple[list[dict], dict]:
+        """Sample, score and batch one rollout: this process's micro-batches and the rollout's metrics."""
+        G = self.g.num_generations
+        rows = [self.train_data[i] for i in self.rollout_prompts(rollout)]
+        engine = TorchEngine(self.unwrapped(), pad_id=self.pad_id)
+        outs = engine.generate([r["prompt_ids"] for r in rows], self.sampling(rollout))
+        texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+        columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k not in ("prompt", "prompt_ids")}
+        prompts = [r["prompt"] for r in rows for _ in range(G)]
+        totals, parts = self.reward_set(prompts, texts, completion_ids=[o.token_ids for o in outs], **columns)
+        rewards = torch.tensor(totals)  # (N*G,)
+        advantages = group_advantages(rewards, G, self.g.scale_rewards)
+        examples = []
+        for o, adv in zip(outs, advantages.tolist()):
+            ids = o.prompt_ids + o.token_ids
+            keep = o.finished or not self.g.mask_truncated
+            labels = [IGNORE_INDEX] * (len(o.prompt_ids) - 1) + (
+                o.token_ids if keep else [IGNORE_INDEX] * len(o.token_ids)
+            )
+            examples.append({"input_ids": ids[:-1], "labels": labels, "advantage": adv, "kept": keep})
+        mb = self.cfg.micro_batch_size
+        batches = [self.collate(examples[i : i + mb]) for i in range(0, len(examples), mb)]
+        for batch in batches:
+            self.add_reference_logps(batch)
+        finished = [o.finished for o in outs]
+        grouped = rewards.view(-1, G)
+        metrics = {
+            "rollout/reward_mean": float(rewards.mean()),
+            "rollout/reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "rollout/completion_len": sum(len(o.token_ids) for o in outs) / len(outs),
+            "rollout/truncated": 1 - sum(finished) / len(finished),
+            "rollout/zero_std_groups": float((grouped.std(-1) == 0).float().mean()),
+            **{f"rollout/{name}": sum(v) / len(v) for name, v in parts.items()},
+        }
+        return batches, metrics
+
+    def collate(self, examples: list) -> dict:
+        batch = pad_examples(examples, self.pad_id)
+        batch["advantages"] = torch.tensor([e["advantage"] for e in examples], dtype=torch.float32)
+        mask = batch["labels"] != IGNORE_INDEX
+        kept = sum(e["kept"] and bool(m.any()) for e, m in zip(examples, mask))
+        batch["n_loss"] = int(mask.sum()) if self.g.loss_type == "dapo" else kept
+        return batch
+
+    def add_reference_logps(self, batch: dict) -> None:
+        """Old log-probs (when a rollout serves several steps) and reference log-probs (when beta > 0)."""
+        dev = self.to_device(batch)
+        if self.g.num_iterations > 1:
+            batch["old_logps"] = self.token_logps(self.model, dev).cpu()
+        if self.g.beta > 0:
+            if self.ref_model is not None:
+                batch["ref_logps"] = self.token_logps(self.ref_model, dev).cpu()
+            else:  # LoRA: the base model is the reference
+                with self.unwrapped().disable_adapter():
+                    batch["ref_logps"] = self.token_logps(self.model, dev).cpu()
+
+    def micro_batches(self, step: int) -> list[dict]:
+        rollout = step // self.g.num_iterations
+        if self._rollout is None or self._rollout[0] != rollout:
+            self._rollout = (rollout, *self.make_rollout(rollout))
+        batches = self._rollout[1]
+        if len(batches) != self.cfg.grad_accum:
+            raise RuntimeError(f"grpo: rollout made {len(batches)} micro-batches, expected {self.cfg.grad_accum}")
+        return batches
+
+    def save_extra(self, directory: Path) -> None:
+        """A rollout that still has passes to serve is saved, so a resumed run trains on the same samples."""
+        if self._rollout is not None and self.step % self.g.num_iterations:
+            rollout, batches, metrics = self._rollout
+            torch.save(
+                {"rollout": rollout, "batches": batches, "metrics": metrics}, directory / f"rollout_{self.rank}.pt"
+            )
+
+    def load_extra(self, directory: Path) -> None:
+        path = Path(directory) / f"rollout_{self.rank}.pt"
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)
+            self._rollout = (saved["rollout"], saved["batches"], saved["metrics"])
+
+    def train_step(self, step: int) -> dict:
+        metrics = super().train_step(step)
+        names = sorted(self._rollout[2])
+        values = self.reduce_sum([self._rollout[2][k] for k in names])
+        metrics.update({k: v / self.world for k, v in zip(names, values)})
+        return metrics
+
+    # --- loss ----------------------------------------------------------------------------------------
+
+    def token_logps(self, model, batch: dict) -> torch.Tensor:
+        """Per-token log-probs (B, T) of the labels under the sampling temperature, as the sampler saw them."""
+        with self.autocast():
+            logits = causal_lm_logits(model, batch["input_ids"])  # (B, T, V)
+        return token_logprobs(logits.float() / self.g.temperature, batch["labels"])
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        logps = self.token_logps(model, batch)  # (B, T)
+        mask = (batch["labels"] != IGNORE_INDEX).float()
+        old = batch.get("old_logps")
+        g = self.g
+        return grpo_loss(
+            logps,
+            old if old is not None else logps.detach(),
+            batch["advantages"],
+            mask,
+            eps_low=g.epsilon,
+            eps_high=g.epsilon if g.epsilon_high is None else g.epsilon_high,
+            beta=g.beta,
+            ref_logps=batch.get("ref_logps"),
+            loss_type=g.loss_type,
+            max_len=g.max_new_tokens,
+            importance=g.importance,
+        )
+
+    # --- eval ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy completions of the eval prompts: mean reward of each function and of the total."""
+        if not self.eval_data:
+            return {}
+        rows = list(self.eval_data)[self.rank :: self.world]
+        params = SamplingParams(max_new_tokens=self.g.max_new_tokens, temperature=0.0, stop_ids=self.stop_ids)
+        sums: dict[str, float] = {}
+        for start in range(0, len(rows), 64):
+            chunk = rows[start : start + 64]
+            outs = TorchEngine(self.unwrapped(), pad_id=self.pad_id).generate([r["prompt_ids"] for r in chunk], params)
+            texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+            columns = {k: [r[k] for r in chunk] for k in chunk[0] if k not in ("prompt", "prompt_ids")}
+            totals, parts = self.reward_set(
+                [r["prompt"] for r in chunk], texts, completion_ids=[o.token_ids for o in outs], **columns
+            )
+            for name, values in {"reward_mean": totals, **parts}.items():
+                sums[name] = sums.get(name, 0.0) + sum(values)
+        names = sorted(sums)
+        reduced = self.reduce_sum([float(len(rows))] + [sums[k] for k in names])
+        return {f"eval/{k}": v / max(reduced[0], 1) for k, v in zip(names, reduced[1:])}
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def encode_prompts(rows: list[dict], tokenizer, max_prompt_len: int, source: str) -> tuple[list[dict], int]:
+    """Prompt records with their token ids (rendered with the generation prompt, as at rollout), dropping
+    prompts over `max_prompt_len` tokens; returns the records and how many were dropped."""
+    out, dropped = [], 0
+    for rec in to_prompt_records(rows, source):
+        ids = encode_prompt(tokenizer, rec["prompt"])
+        if len(ids) > max_prompt_len:
+            dropped += 1
+            continue
+        out.append({**rec, "prompt_ids": ids})
+    if not out:
+        raise DataError(
+            f"{source}: every prompt is longer than data.seq_len - grpo.max_new_tokens = {max_prompt_len} tokens; "
+            "raise data.seq_len or lower grpo.max_new_tokens"
+        )
+    return out, dropped
+
+
+def make_reward_set(recipe: Recipe) -> RewardSet:
+    g = recipe.grpo
+    fns = [resolve_reward(name) for name in g.rewards]
+    names = list(g.rewards)
+    if g.reward_model:
+        fns.append(RewardModelScorer(g.reward_model))
+        names.append("reward_model")
+    return RewardSet(fns, g.reward_weights or None, names)
+
+
+def grpo(recipe: Recipe) -> dict:
+    """GRPO from the recipe's model (default: the SFT run); returns eval metrics and held-out accuracy."""
+    from aligner.trainers.sft import final_accuracy, load_splits, prepare_model, sft_tokenizer, training_kind
+
+    d, g = recipe.data, recipe.grpo
+    recipe.sft.chat_template = g.chat_template or recipe.sft.chat_template
+    tokenizer = sft_tokenizer(recipe)
+    if not reply_stop_ids(tokenizer):
+        raise ConfigError("the tokenizer has no end-of-turn or EOS token, so completions could never stop; add one")
+    reward_set = make_reward_set(recipe)
+    train_rows, eval_rows = load_splits(recipe, "rl")
+    limit = d.seq_len - g.max_new_tokens
+    where = f"data.source '{d.source}'"
+    prompts, dropped = encode_prompts(train_rows, tokenizer, limit, where)
+    evals = encode_prompts(eval_rows, tokenizer, limit, "the eval split")[0] if eval_rows else None
+    model = prepare_model(recipe, tokenizer)
+    ref_model = None
+    if g.beta > 0 and not recipe.lora.enabled:
+        ref_model = copy.deepcopy(model).requires_grad_(False)
+    run_dir = Path(recipe.train.out_dir) / recipe.train.name
+    prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
+    trainer = GRPOTrainer(recipe, model, tokenizer, prompts, evals, reward_set, ref_model=ref_model)
+    if trainer.is_main:
+        skipped = f", {dropped} longer than {limit} tokens dropped" if dropped else ""
+        ref = "none" if g.beta == 0 else "adapter disabled" if recipe.lora.enabled else "frozen copy"
+        print(f"grpo: {len(prompts)} prompts{skipped}; rewards {', '.join(reward_set.names)}")
+        print(
+            f"grpo: {training_kind(recipe)}, {trainer.prompts_per_rollout} prompts x {g.num_generations} per rollout, "
+            f"loss {g.loss_type}, beta {g.beta} (reference {ref}), {trainer.total_steps} steps -> {run_dir}"
+        )
+    metrics = trainer.train()
+    result = {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}
+    if trainer.is_main and g.accuracy_items and d.source.startswith("world"):
+        acc = final_accuracy(recipe, trainer.unwrapped(), tokenizer, g.accuracy_items, g.accuracy_tokens, run_dir)
+        result["accuracy"] = acc
+    return result

@@ -1,0 +1,151 @@
+"""`aligner grpo` end to end on a tiny GPT core: rollouts, rewards, metrics, several optimisation passes
+per rollout, the KL reference (frozen copy or adapter disabled), exact resume, and bad inputs."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_run_recipe
+from safetensors.torch import load_file
+
+from aligner.cli import main
+
+
+def grpo_recipe(tmp_path, base, **sections):
+    recipe = {
+        "model": {"init_from": str(base)},
+        "grpo": {"num_generations": 4, "max_new_tokens": 12, "accuracy_items": 0},
+        "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 4, "seq_len": 256},
+        "train": {"name": "g", "lr": 1e-2, "warmup_steps": 1, "micro_batch_size": 8},
+        "sft": {"chat_template": "chatml"},
+    }
+    return tiny_run_recipe(tmp_path, recipe, sections, "grpo.yaml")
+
+
+def metrics(tmp_path, name="g"):
+    return [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+# an untrained model gets no reward from the answer checker; a reward that varies within groups gives signal
+ID_REWARD = (
+    "def low_ids(prompts, completions, completion_ids, **row):\n    return [-sum(c) / 1000 for c in completion_ids]\n"
+)
+
+
+@pytest.fixture
+def id_reward(tmp_path, monkeypatch):
+    (tmp_path / "id_reward.py").write_text(ID_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "id_reward:low_ids"
+
+
+def test_grpo_runs_logs_rollout_metrics_and_updates_weights(bases, tmp_path, capsys, id_reward):
+    recipe = grpo_recipe(
+        tmp_path, bases / "gpt", grpo={"rewards": [id_reward, "correct_answer"], "mask_truncated": False}
+    )
+    assert main(["grpo", str(recipe), "--train.eval_every", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "2 prompts x 4 per rollout" in out and "rewards id_reward:low_ids, correct_answer" in out
+    rows = metrics(tmp_path)
+    for key in ("rollout/reward_mean", "rollout/completion_len", "rollout/truncated", "rollout/zero_std_groups"):
+        assert key in rows[0]
+    assert "rollout/id_reward:low_ids" in rows[0] and "grpo/clip_ratio" in rows[0]
+    assert rows[0]["train/loss"] == pytest.approx(0.0, abs=1e-6)  # one pass per rollout: ratio 1, mean-zero A
+    assert rows[0]["grpo/clip_ratio"] == 0.0
+    assert "eval/reward_mean" in rows[-1] and "eval/correct_answer" in rows[-1]
+    before = load_file(bases / "gpt" / "model.safetensors")
+    after = load_file(tmp_path / "runs/g/final/model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_several_passes_recompute_old_logps_and_first_pass_equals_one_pass(bases, tmp_path, id_reward):
+    """The first step of a rollout has ratio 1 whether or not old log-probs were recomputed, so a run with
+    two passes per rollout takes the same first step as a run with one; its second step reuses the rollout."""
+    common = {"rewards": [id_reward], "mask_truncated": False}
+    one = grpo_recipe(tmp_path, bases / "gpt", grpo=common, train={"name": "one", "max_steps": 1})
+    assert main(["grpo", str(one)]) == 0
+    two = grpo_recipe(tmp_path, bases / "gpt", grpo={**common, "num_iterations": 2}, train={"name": "two"})
+    assert main(["grpo", str(two), "--max_steps", "2"]) == 0
+    a, b = metrics(tmp_path, "one"), metrics(tmp_path, "two")
+    assert b[0]["train/grad_norm"] == pytest.approx(a[0]["train/grad_norm"], rel=1e-4)
+    assert b[1]["rollout/reward_mean"] == b[0]["rollout/reward_mean"]  # the same rollout, reused
+    assert b[1]["train/loss"] != pytest.approx(0.0, abs=1e-9)  # the policy moved: ratio != 1
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_kl_to_reference_starts_at_zero(bases, tmp_path, capsys, id_reward, lora):
+    lora_cfg = {"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0}
+    recipe = grpo_recipe(
+        tmp_path, bases / "gpt", grpo={"rewards": [id_reward], "beta": 0.1, "mask_truncated": False}, lora=lora_cfg
+    )
+    assert main(["grpo", str(recipe)]) == 0
+    assert ("reference adapter disabled" if lora else "reference frozen copy") in capsys.readouterr().out
+    rows = metrics(tmp_path)
+    assert rows[0]["grpo/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[-1]["grpo/kl"] > 0
+
+
+def test_resume_is_exact(bases, tmp_path, id_reward):
+    grpo = {"rewards": [id_reward], "num_iterations": 2, "mask_truncated": False}
+    recipe = grpo_recipe(tmp_path, bases / "gpt", grpo=grpo, train={"max_steps": 4, "save_every": 1})
+    assert main(["grpo", str(recipe), "--train.name", "full"]) == 0
+    part = tmp_path / "runs/part"  # the run as it stood after step 3, in the middle of its second rollout
+    shutil.copytree(tmp_path / "runs/full", part)
+    for p in ["step_000004", "final"]:
+        shutil.rmtree(part / p)
+    assert (part / "step_000003" / "rollout_0.pt").is_file()
+    lines = (part / "metrics.jsonl").read_text().splitlines()
+    (part / "metrics.jsonl").write_text("\n".join(x for x in lines if json.loads(x)["step"] <= 3) + "\n")
+    assert main(["grpo", str(recipe), "--train.name", "part", "--resume"]) == 0
+    a, b = metrics(tmp_path, "full"), metrics(tmp_path, "part")
+    assert [r["train/loss"] for r in a] == pytest.approx([r["train/loss"] for r in b], abs=1e-6)
+    wa = load_file(tmp_path / "runs/full/final/model.safetensors")
+    wb = load_file(tmp_path / "runs/part/final/model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_equal_rewards_give_zero_advantages_not_nan(bases, tmp_path):
+    """An untrained model never answers right: every group's rewards are equal (0), so no signal and no NaN."""
+    recipe = grpo_recipe(tmp_path, bases / "gpt", grpo={"rewards": ["correct_answer"], "mask_truncated": False})
+    assert main(["grpo", str(recipe)]) == 0
+    rows = metrics(tmp_path)
+    assert rows[0]["rollout/zero_std_groups"] == 1.0 and rows[0]["train/loss"] == 0.0
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors(bases, tmp_path, monkeypatch, capsys):
+    (tmp_path / "bad_reward.py").write_text("def short(prompts, completions, **row):\n    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = grpo_recipe(tmp_path, bases / "gpt", grpo={"rewards": ["bad_reward:short"]})
+    assert main(["grpo", str(recipe)]) == 2
+    assert "reward function 'bad_reward:short' returned 1 values for 8 completions" in one_line_error(capsys)
+
+    recipe = grpo_recipe(tmp_path, bases / "gpt", grpo={"rewards": ["nope"]})
+    assert main(["grpo", str(recipe), "--train.name", "x"]) == 2
+    assert "unknown reward function 'nope'" in one_line_error(capsys)
+
+    recipe = grpo_recipe(tmp_path, bases / "gpt", data={"seq_len": 20})
+    assert main(["grpo", str(recipe), "--train.name", "y"]) == 2
+    assert "every prompt is longer than" in one_line_error(capsys)
+
+    recipe = grpo_recipe(tmp_path, bases / "gpt", train={"micro_batch_size": 6})
+    assert main(["grpo", str(recipe), "--train.name", "z"]) == 2
+    assert "must be a multiple of grpo.num_generations" in one_line_error(capsys)
+    assert not (tmp_path / "runs" / "z").exists()
+
+
+def test_a_step_whose_completions_are_all_truncated_skips_its_update(bases, tmp_path, id_reward):
+    """mask_truncated: completions that never stop carry no loss; a step with only those changes nothing."""
+    recipe = grpo_recipe(tmp_path, bases / "gpt", grpo={"rewards": [id_reward]}, train={"max_steps": 1})
+    assert main(["grpo", str(recipe)]) == 0
+    row = metrics(tmp_path)[0]
+    assert row["rollout/truncated"] == 1.0 and row["train/loss"] == 0.0 and row["train/grad_norm"] == 0.0
+    before = load_file(bases / "gpt" / "model.safetensors")
+    after = load_file(tmp_path / "runs/g/final/model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
