@@ -26,6 +26,7 @@ TRAIN_COMMANDS = {
     "dpo": "preference optimisation (DPO, cDPO, robust, hinge, IPO, SimPO, ORPO, KTO) from the SFT model",
     "rm": "Bradley-Terry reward model (scalar head on the last token) from the SFT model",
     "grpo": "GRPO: online RL with reward functions (G samples per prompt, group-relative advantages)",
+    "ppo": "PPO with a KL penalty: value model, GAE, clipped losses, scored by a reward model",
 }
 
 USAGE = """usage: aligner <command> [RECIPE] [--flag value ...]
@@ -63,6 +64,8 @@ def run_training(command: str, argv: list[str]) -> int:
         from aligner.trainers.rm import rm as run
     elif command == "grpo":
         from aligner.trainers.grpo import grpo as run
+    elif command == "ppo":
+        from aligner.trainers.ppo import ppo as run
     else:
         from aligner.trainers.dpo import dpo as run
     result = run(recipe)

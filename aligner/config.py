@@ -11,6 +11,7 @@ A recipe is a YAML file with the sections below (all optional; each field has a 
     dpo:       direct preference optimisation and its variants (and KTO on unpaired rows)
     rm:        Bradley-Terry reward models
     grpo:      group relative policy optimisation (online RL with reward functions)
+    ppo:       PPO with a KL penalty, a value model and GAE (online RL with a reward model)
 
 Loading is strict: malformed YAML, unknown keys, wrong types and missing files raise `ConfigError`
 with one line naming the file and key (and the closest valid key). Flags override the recipe:
@@ -187,6 +188,34 @@ class GRPOConfig:
     accuracy_tokens: int = 160  # max new tokens per answer in that eval
 
 
+@dataclass
+class PPOConfig:
+    reward_model: str | None = "runs/rm/final"  # reward-model checkpoint scoring each completion (aligner rm)
+    rewards: list[str] = field(default_factory=list)  # reward functions added to the score (names or module:fn)
+    reward_weights: list[float] = field(default_factory=list)  # one per reward function; [] = all 1
+    value_model: str = choice("separate", "separate", "shared")  # a critic of its own, or a head on the policy
+    value_init: str | None = None  # critic start (separate): a reward-model or LM checkpoint; None = reward_model
+    rollout_prompts: int = 64  # prompts per rollout (all processes); one completion each
+    ppo_epochs: int = 4  # passes over each rollout, in minibatches of the loop's global batch
+    max_new_tokens: int = 160  # longest completion
+    temperature: float = 1.0  # sampling temperature (the loss's log-probs use the same one)
+    kl_coef: float = 0.05  # per-token KL penalty in the reward: r_t = -kl_coef * KL_t (+ score at the end)
+    kl_estimator: str = choice("k1", "k1", "k3")  # per-token KL estimate in the reward
+    kl_target: float | None = None  # adaptive KL controller (Ziegler et al.) toward this KL per sequence; None = off
+    kl_horizon: int = 10000  # the controller's horizon
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # normalise advantages over the rollout
+    cliprange: float = 0.2  # policy ratio clip
+    cliprange_value: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 0.1  # weight of the value loss
+    entropy_coef: float = 0.0  # entropy bonus (0 = off)
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a completion that never ends
+    chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
+    accuracy_items: int = 500  # held-out task-world items for exact-match accuracy at the end; 0 = skip
+    accuracy_tokens: int = 160  # max new tokens per answer in that eval
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "tokenizer": TokenizerConfig,
@@ -197,6 +226,7 @@ SECTIONS: dict[str, type] = {
     "dpo": DPOConfig,
     "rm": RMConfig,
     "grpo": GRPOConfig,
+    "ppo": PPOConfig,
 }
 
 
@@ -211,6 +241,7 @@ class Recipe:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     path: str | None = field(default=None, metadata={"internal": True})  # where it was loaded from
 
     def to_dict(self) -> dict:
@@ -223,7 +254,7 @@ class Recipe:
 
 
 # Which section a bare flag (`--lr`) looks at first, per command.
-OWN_SECTION = {"pretrain": "sft", "sft": "sft", "dpo": "dpo", "rm": "rm", "grpo": "grpo"}
+OWN_SECTION = {"pretrain": "sft", "sft": "sft", "dpo": "dpo", "rm": "rm", "grpo": "grpo", "ppo": "ppo"}
 # Default recipe per command (recipes/<file>), used when no recipe path is given.
 DEFAULT_RECIPE = {
     "pretrain": "pretrain.yaml",
@@ -231,6 +262,7 @@ DEFAULT_RECIPE = {
     "dpo": "dpo.yaml",
     "rm": "reward.yaml",
     "grpo": "grpo.yaml",
+    "ppo": "ppo.yaml",
 }
 
 
@@ -487,16 +519,12 @@ def validate(recipe: Recipe) -> None:
         (recipe.dpo.sample_pairs >= 0 and recipe.dpo.sample_temperature > 0, "dpo.sample_* must be positive"),
         (recipe.grpo.num_generations >= 2, "grpo.num_generations must be at least 2 (advantages compare a group)"),
         (
-            (t.micro_batch_size * t.grad_accum) % recipe.grpo.num_generations == 0,
-            "train.micro_batch_size x grad_accum (completions per process and step) must be a multiple of "
-            "grpo.num_generations",
-        ),
-        (
             recipe.grpo.max_new_tokens > 0 and recipe.grpo.num_iterations > 0,
             "grpo.max_new_tokens and num_iterations > 0",
         ),
         (recipe.grpo.temperature > 0, "grpo.temperature must be positive (the policy samples its rollouts)"),
         (recipe.grpo.beta >= 0 and recipe.grpo.epsilon > 0, "grpo.beta must be >= 0 and grpo.epsilon positive"),
+        (recipe.ppo.ppo_epochs > 0 and recipe.ppo.temperature > 0, "ppo.ppo_epochs and temperature must be positive"),
     ]
     for ok, message in checks:
         if not ok:

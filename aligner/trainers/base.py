@@ -136,6 +136,10 @@ class Trainer:
     def load_extra(self, directory: Path) -> None:
         """Read back what `save_extra` wrote."""
 
+    def load_weights(self, directory: Path) -> None:
+        """Model weights back from a checkpoint (a trainer whose model saves in parts overrides it)."""
+        ckpt.load_weights(self.unwrapped(), directory)
+
     def eval_metrics(self, totals: dict) -> dict:
         """Eval metrics from summed `loss` and `n_loss` over the eval set (perplexity when the units are
         tokens), and the means over units of the stats `compute_loss` returned."""
@@ -360,7 +364,7 @@ class Trainer:
                 f"{last} was written by {state.get('world_size')} processes; resume it with the same number "
                 f"(this run has {self.world}) so the data order stays the same"
             )
-        ckpt.load_weights(self.unwrapped(), last)
+        self.load_weights(last)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])

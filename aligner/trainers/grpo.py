@@ -268,6 +268,12 @@ def grpo(recipe: Recipe) -> dict:
     tokenizer = sft_tokenizer(recipe)
     if not reply_stop_ids(tokenizer):
         raise ConfigError("the tokenizer has no end-of-turn or EOS token, so completions could never stop; add one")
+    t = recipe.train
+    if (t.micro_batch_size * t.grad_accum) % g.num_generations:
+        raise ConfigError(
+            f"{recipe.path or 'recipe'}: train.micro_batch_size x grad_accum (completions per process and step) "
+            f"must be a multiple of grpo.num_generations ({g.num_generations})"
+        )
     reward_set = make_reward_set(recipe)
     train_rows, eval_rows = load_splits(recipe, "rl")
     limit = d.seq_len - g.max_new_tokens

@@ -1,0 +1,382 @@
+"""PPO with a KL penalty (Ziegler et al. 2019; Ouyang et al. 2022, InstructGPT) on the shared loop.
+
+    aligner ppo                                   # recipes/ppo.yaml: from runs/sft/final, scored by runs/rm/final
+    aligner ppo --kl_coef 0.1 --kl_target 4       # adaptive KL controller toward 4 nats per completion
+    aligner ppo --value_model shared              # the value head on the policy instead of its own critic
+
+Each rollout samples one completion for each of `ppo.rollout_prompts` prompts, scores it with the
+reward model (and any reward functions), and subtracts `missing_eos_penalty` where the completion
+never ended. With no gradient, the trainer then computes the policy's log-probs, the reference's
+(a frozen copy, or with LoRA the adapter-disabled model) and the values. The per-token reward is
+-kl_coef * KL_t (k1 or k3 estimate) with the score added on the last token; GAE gives advantages and
+returns, advantages are whitened over the rollout. The rollout then serves `ppo_epochs` passes in
+minibatches of the loop's global batch, one optimizer step each: clipped policy loss
+(aligner.losses.ppo_policy_loss), vf_coef x clipped value loss, minus an optional entropy bonus.
+
+The value model is a critic of its own (a scalar-head model started from `ppo.value_init`, by
+default the reward model, as InstructGPT did) or a linear head on the policy's final hidden states.
+Checkpoints hold the policy as usual (it loads anywhere a policy does) and the critic under
+`critic/` (or the head as `value_head.safetensors`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from aligner import checkpoint as ckpt
+from aligner.advantages import AdaptiveKLController, gae, kl_penalty, whiten
+from aligner.config import Recipe
+from aligner.data.chat import IGNORE_INDEX, pad_token_id, reply_stop_ids
+from aligner.data.collate import pad_examples
+from aligner.errors import ConfigError
+from aligner.losses import ppo_policy_loss, ppo_value_loss, token_logprobs
+from aligner.model.gpt import GPTConfig
+from aligner.model.heads import ScalarHeadModel, is_reward_checkpoint, load_reward_model
+from aligner.model.load import base_config, causal_lm_logits, load_model
+from aligner.rewards import RewardModelScorer, RewardSet, resolve_reward
+from aligner.rollout.engine import SamplingParams
+from aligner.rollout.torch_engine import TorchEngine
+from aligner.trainers.base import Trainer, prepare_run_dir
+
+
+class PolicyAndValue(nn.Module):
+    """The policy and its value model, trained by one optimizer: a separate critic, or a head on the policy."""
+
+    def __init__(self, policy: nn.Module, critic: ScalarHeadModel | None = None):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        self.value_head = None
+        if critic is None:
+            self.value_head = nn.Linear(base_config(policy).hidden_size, 1, bias=False)
+            nn.init.zeros_(self.value_head.weight)
+            self.value_head.to(next(policy.parameters()).device)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) and values (B, T) (fp32) of every position."""
+        if self.critic is not None:
+            return causal_lm_logits(self.policy, input_ids), self.critic(input_ids)
+        if isinstance(base_config(self.policy), GPTConfig):
+            hidden = self.policy(input_ids, return_hidden=True)  # (B, T, D)
+            core = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
+            logits = core.lm_head(hidden)
+        else:
+            out = self.policy(input_ids=input_ids, output_hidden_states=True, use_cache=False)
+            logits, hidden = out.logits, out.hidden_states[-1]
+        return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def save_pretrained(self, directory, **kw) -> None:
+        directory = Path(directory)
+        self.policy.save_pretrained(directory, **kw)
+        if self.critic is not None:
+            self.critic.save_pretrained(directory / "critic")
+        else:
+            save_file(
+                {"weight": self.value_head.weight.detach().cpu().contiguous()}, directory / "value_head.safetensors"
+            )
+
+    def load_checkpoint(self, directory) -> None:
+        directory = Path(directory)
+        ckpt.load_weights(self.policy, directory)
+        if self.critic is not None:
+            ckpt.load_weights(self.critic, directory / "critic")
+        else:
+            self.value_head.weight.data.copy_(load_file(directory / "value_head.safetensors")["weight"])
+
+
+class PPOTrainer(Trainer):
+    """Training data are prompt records {"prompt", "prompt_ids", **columns} (see aligner.trainers.grpo)."""
+
+    stage = "ppo"
+    empty_steps_ok = True
+
+    def __init__(
+        self, recipe: Recipe, model: PolicyAndValue, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw
+    ):
+        self.p = recipe.ppo
+        super().__init__(recipe, model, tokenizer, prompts, eval_prompts, **kw)
+        self.reward_set = reward_set
+        self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
+        self.pad_id = pad_token_id(tokenizer)
+        self.stop_ids = tuple(reply_stop_ids(tokenizer))
+        self.kl_ctl = (
+            AdaptiveKLController(self.p.kl_coef, self.p.kl_target, self.p.kl_horizon) if self.p.kl_target else None
+        )
+        self._rollout: tuple[int, list[dict], dict] | None = None
+
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.p.ppo_epochs * self.p.rollout_prompts // self.global_batch
+
+    def compute_total_steps(self) -> int:
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        rollouts = max(1, round(self.cfg.epochs * len(self.train_data) / self.recipe.ppo.rollout_prompts))
+        return rollouts * self.recipe.ppo.ppo_epochs * self.recipe.ppo.rollout_prompts // self.global_batch
+
+    @property
+    def kl_coef(self) -> float:
+        return self.kl_ctl.beta if self.kl_ctl else self.p.kl_coef
+
+    # --- rollouts ------------------------------------------------------------------------------------
+
+    def token_logps_values(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.autocast():
+            logits, values = model(batch["input_ids"])
+        return token_logprobs(logits.float() / self.p.temperature, batch["labels"]), values.float()
+
+    def policy_logps(self, model, batch: dict) -> torch.Tensor:
+        with self.autocast():
+            logits = causal_lm_logits(model, batch["input_ids"])
+        return token_logprobs(logits.float() / self.p.temperature, batch["labels"])
+
+    @torch.no_grad()
+    def make_rollout(self, rollout: int) -> tuple[list[dict], dict]:
+        n, P = len(self.train_data), self.p.rollout_prompts
+        order = [int(self._permutation(pos // n)[pos % n]) for pos in range(rollout * P, (rollout + 1) * P)]
+        rows = [self.train_data[i] for i in order[self.rank :: self.world]]
+        params = SamplingParams(
+            max_new_tokens=self.p.max_new_tokens,
+            temperature=self.p.temperature,
+            stop_ids=self.stop_ids,
+            seed=(self.cfg.seed * 1_000_003 + rollout) * 64 + self.rank,
+        )
+        policy = self.unwrapped().policy
+        outs = TorchEngine(policy, pad_id=self.pad_id).generate([r["prompt_ids"] for r in rows], params)
+        texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt", "prompt_ids")}
+        scores, parts = self.reward_set(
+            [r["prompt"] for r in rows], texts, completion_ids=[o.token_ids for o in outs], **columns
+        )
+        scores = (
+            torch.tensor(scores) - self.p.missing_eos_penalty * torch.tensor([not o.finished for o in outs]).float()
+        )
+        examples = []
+        for o in outs:
+            ids = o.prompt_ids + o.token_ids
+            labels = [IGNORE_INDEX] * (len(o.prompt_ids) - 1) + o.token_ids
+            examples.append({"input_ids": ids[:-1], "labels": labels})
+        batch = self.to_device(pad_examples(examples, self.pad_id))
+        mask = (batch["labels"] != IGNORE_INDEX).float()  # (B, T)
+        logps, values = self._chunked(lambda b: self.token_logps_values(self.model, b), batch)
+        ref_logps = self._chunked(lambda b: (self.reference_logps(b),), batch)[0]
+        kl = kl_penalty(logps, ref_logps, self.p.kl_estimator) * mask  # (B, T)
+        last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # the final completion token
+        rewards = -self.kl_coef * kl + last.float() * scores.to(kl.device)[:, None]
+        advantages, returns = gae(rewards, values * mask, mask, self.p.gamma, self.p.lam)
+        if self.p.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        seq_kl = kl.sum(-1)
+        var = ((returns - returns[mask > 0].mean()) ** 2 * mask).sum()
+        resid = ((returns - values) ** 2 * mask).sum()
+        metrics = {
+            "rollout/score_mean": float(scores.mean()),
+            "rollout/score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            "rollout/completion_len": float(mask.sum(-1).mean()),
+            "rollout/no_eos": sum(not o.finished for o in outs) / len(outs),
+            "kl/mean": float(seq_kl.mean()),
+            "kl/coef": self.kl_coef,
+            "rollout/explained_variance": float(1 - resid / var.clamp(min=1e-8)),
+            **{f"rollout/{name}": sum(v) / len(v) for name, v in parts.items()},
+        }
+        cpu = {"old_logps": logps, "old_values": values, "advantages": advantages, "returns": returns}
+        cpu = {k: v.cpu() for k, v in cpu.items()}
+        items = [
+            {
+                "input_ids": batch["input_ids"][i].cpu(),
+                "labels": batch["labels"][i].cpu(),
+                **{k: v[i] for k, v in cpu.items()},
+            }
+            for i in range(len(examples))
+        ]
+        return items, metrics
+
+    def _chunked(self, fn, batch: dict) -> tuple[torch.Tensor, ...]:
+        """fn over micro-batch-sized slices of a padded batch, concatenated."""
+        mb, B = self.cfg.micro_batch_size, batch["input_ids"].shape[0]
+        parts = [fn({k: v[i : i + mb] for k, v in batch.items() if torch.is_tensor(v)}) for i in range(0, B, mb)]
+        return tuple(torch.cat(xs) for xs in zip(*parts))
+
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self.policy_logps(self.ref_model, batch)
+        policy = self.unwrapped().policy
+        if not hasattr(policy, "disable_adapter"):
+            raise RuntimeError("ppo: no reference model and no adapter to disable")
+        with policy.disable_adapter():
+            return self.policy_logps(policy, batch)
+
+    def micro_batches(self, step: int) -> list[dict]:
+        rollout, within = divmod(step, self.steps_per_rollout)
+        if self._rollout is None or self._rollout[0] != rollout:
+            items, metrics = self.make_rollout(rollout)
+            self._rollout = (rollout, items, metrics)
+            if self.kl_ctl:
+                self.kl_ctl.update(metrics["kl/mean"], self.p.rollout_prompts)
+        items = self._rollout[1]
+        per_epoch = len(items) // (self.cfg.micro_batch_size * self.cfg.grad_accum)
+        epoch, index = divmod(within, per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + rollout * 101 + epoch)
+        order = torch.randperm(len(items), generator=g).tolist()
+        size = self.cfg.micro_batch_size * self.cfg.grad_accum
+        chosen = order[index * size : (index + 1) * size]
+        mb = self.cfg.micro_batch_size
+        return [self.collate([items[i] for i in chosen[j : j + mb]]) for j in range(0, size, mb)]
+
+    def collate(self, items: list) -> dict:
+        batch = pad_examples(items, self.pad_id)
+        T = batch["input_ids"].shape[1]
+        for key in ("old_logps", "old_values", "advantages", "returns"):
+            batch[key] = torch.stack(
+                [torch.nn.functional.pad(x[key][:T], (0, T - min(T, len(x[key])))) for x in items]
+            )
+        return batch
+
+    def train_step(self, step: int) -> dict:
+        metrics = super().train_step(step)
+        names = sorted(self._rollout[2])
+        values = self.reduce_sum([self._rollout[2][k] for k in names])
+        metrics.update({k: v / self.world for k, v in zip(names, values)})
+        return metrics
+
+    def save_extra(self, directory: Path) -> None:
+        if self._rollout is not None and self.step % self.steps_per_rollout:
+            rollout, items, metrics = self._rollout
+            torch.save({"rollout": rollout, "items": items, "metrics": metrics}, directory / f"rollout_{self.rank}.pt")
+        if self.kl_ctl and self.is_main:
+            torch.save({"beta": self.kl_ctl.beta}, directory / "kl_controller.pt")
+
+    def load_extra(self, directory: Path) -> None:
+        path = Path(directory) / f"rollout_{self.rank}.pt"
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)
+            self._rollout = (saved["rollout"], saved["items"], saved["metrics"])
+        if self.kl_ctl and (Path(directory) / "kl_controller.pt").is_file():
+            self.kl_ctl.beta = float(torch.load(Path(directory) / "kl_controller.pt", weights_only=True)["beta"])
+
+    def load_weights(self, directory: Path) -> None:
+        self.unwrapped().load_checkpoint(directory)
+
+    # --- loss ----------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        with self.autocast():
+            logits, values = model(batch["input_ids"])  # (B, T, V), (B, T)
+        logits = logits.float() / self.p.temperature
+        logps = token_logprobs(logits, batch["labels"])
+        mask = (batch["labels"] != IGNORE_INDEX).float()
+        pg, stats = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, self.p.cliprange)
+        vf, vstats = ppo_value_loss(
+            values.float(), batch["old_values"], batch["returns"], mask, self.p.cliprange_value
+        )
+        loss = pg + self.p.vf_coef * vf
+        with torch.no_grad():
+            n = mask.sum().clamp(min=1)
+            stats.update(vstats, value_loss=float(vf / n), policy_loss=float(pg / n))
+        if self.p.entropy_coef:
+            probs = logits.softmax(-1)
+            entropy = -(probs * logits.log_softmax(-1)).sum(-1)  # (B, T)
+            loss = loss - self.p.entropy_coef * (entropy * mask).sum()
+            stats["entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+        return loss, stats
+
+    # --- eval ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy completions of the eval prompts: mean reward-model score and each reward function."""
+        if not self.eval_data:
+            return {}
+        rows = list(self.eval_data)[self.rank :: self.world]
+        params = SamplingParams(max_new_tokens=self.p.max_new_tokens, temperature=0.0, stop_ids=self.stop_ids)
+        sums: dict[str, float] = {}
+        for start in range(0, len(rows), 64):
+            chunk = rows[start : start + 64]
+            outs = TorchEngine(self.unwrapped().policy, pad_id=self.pad_id).generate(
+                [r["prompt_ids"] for r in chunk], params
+            )
+            texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+            columns = {k: [r[k] for r in chunk] for k in chunk[0] if k not in ("prompt", "prompt_ids")}
+            totals, parts = self.reward_set(
+                [r["prompt"] for r in chunk], texts, completion_ids=[o.token_ids for o in outs], **columns
+            )
+            for name, values in {"score": totals, **parts}.items():
+                sums[name] = sums.get(name, 0.0) + sum(values)
+        names = sorted(sums)
+        reduced = self.reduce_sum([float(len(rows))] + [sums[k] for k in names])
+        return {f"eval/{k}": v / max(reduced[0], 1) for k, v in zip(names, reduced[1:])}
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def make_critic(recipe: Recipe, policy: nn.Module) -> ScalarHeadModel:
+    """The separate critic: from ppo.value_init (or the reward model), a reward-model or LM checkpoint."""
+    from aligner.config import resolve_path
+
+    init = recipe.ppo.value_init or recipe.ppo.reward_model
+    if init and is_reward_checkpoint(resolve_path(init)):
+        return load_reward_model(init).train().requires_grad_(True)
+    if init:
+        return ScalarHeadModel.from_causal_lm(load_model(init))
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    return ScalarHeadModel.from_causal_lm(copy.deepcopy(base))
+
+
+def ppo(recipe: Recipe) -> dict:
+    """PPO from the recipe's model (default: the SFT run) against its reward model; returns eval metrics."""
+    from aligner.trainers.grpo import encode_prompts
+    from aligner.trainers.sft import final_accuracy, load_splits, prepare_model, sft_tokenizer, training_kind
+
+    d, p = recipe.data, recipe.ppo
+    recipe.sft.chat_template = p.chat_template or recipe.sft.chat_template
+    tokenizer = sft_tokenizer(recipe)
+    if not reply_stop_ids(tokenizer):
+        raise ConfigError("the tokenizer has no end-of-turn or EOS token, so completions could never stop; add one")
+    t = recipe.train
+    if p.rollout_prompts % (t.micro_batch_size * t.grad_accum):
+        raise ConfigError(
+            f"{recipe.path or 'recipe'}: ppo.rollout_prompts must be a multiple of train.micro_batch_size x "
+            f"grad_accum ({t.micro_batch_size * t.grad_accum}, one minibatch per process)"
+        )
+    fns = [resolve_reward(name) for name in p.rewards]
+    names = list(p.rewards)
+    if p.reward_model:
+        fns.insert(0, RewardModelScorer(p.reward_model))
+        names.insert(0, "reward_model")
+    reward_set = RewardSet(fns, p.reward_weights or None, names)
+    train_rows, eval_rows = load_splits(recipe, "rl")
+    limit = d.seq_len - p.max_new_tokens
+    prompts, dropped = encode_prompts(train_rows, tokenizer, limit, f"data.source '{d.source}'")
+    evals = encode_prompts(eval_rows, tokenizer, limit, "the eval split")[0] if eval_rows else None
+    policy = prepare_model(recipe, tokenizer)
+    ref_model = None if recipe.lora.enabled else copy.deepcopy(policy).requires_grad_(False)
+    critic = make_critic(recipe, policy) if p.value_model == "separate" else None
+    model = PolicyAndValue(policy, critic)
+    run_dir = Path(recipe.train.out_dir) / recipe.train.name
+    prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
+    trainer = PPOTrainer(recipe, model, tokenizer, prompts, evals, reward_set, ref_model=ref_model)
+    if trainer.is_main:
+        skipped = f", {dropped} longer than {limit} tokens dropped" if dropped else ""
+        ref = "adapter disabled" if recipe.lora.enabled else "frozen copy"
+        print(
+            f"ppo: {len(prompts)} prompts{skipped}; rewards {', '.join(reward_set.names)}; value model {p.value_model}"
+        )
+        print(
+            f"ppo: {training_kind(recipe)}, {p.rollout_prompts} prompts per rollout x {p.ppo_epochs} epochs "
+            f"({trainer.steps_per_rollout} steps each), kl_coef {p.kl_coef} (reference {ref}), "
+            f"{trainer.total_steps} steps -> {run_dir}"
+        )
+    metrics = trainer.train()
+    result = {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}
+    if trainer.is_main and p.accuracy_items and d.source.startswith("world"):
+        acc = final_accuracy(
+            recipe, trainer.unwrapped().policy, tokenizer, p.accuracy_items, p.accuracy_tokens, run_dir
+        )
+        result["accuracy"] = acc
+    return result
