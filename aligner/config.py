@@ -183,6 +183,9 @@ class GRPOConfig:
     num_iterations: int = 1  # optimizer steps per rollout batch (old log-probs recomputed when > 1)
     importance: str = choice("token", "token", "sequence")  # sequence = GSPO's sequence-level ratio
     mask_truncated: bool = True  # completions that hit max_new_tokens get no loss
+    engine: str = choice("torch", "torch", "vllm")  # rollout engine: built-in KV cache, or vLLM in this process
+    vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on its CPU backend: the share of CPU memory)
+    vllm_sleep: bool = False  # free vLLM's GPU memory while training (CUDA sleep mode)
     chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
     accuracy_items: int = 500  # held-out task-world items for exact-match accuracy at the end; 0 = skip
     accuracy_tokens: int = 160  # max new tokens per answer in that eval

@@ -60,6 +60,8 @@ class GRPOTrainer(Trainer):
         self.pad_id = pad_token_id(tokenizer)
         self.stop_ids = tuple(reply_stop_ids(tokenizer))
         self._rollout: tuple[int, list[dict], dict] | None = None  # (rollout index, micro-batches, metrics)
+        self._vllm = None  # the vLLM engine, made at the first rollout when grpo.engine is vllm
+        self._synced_at: int | None = None  # the optimizer step whose weights vLLM holds
 
     def compute_total_steps(self) -> int:
         if self.cfg.max_steps is not None:
@@ -94,8 +96,9 @@ class GRPOTrainer(Trainer):
         """Sample, score and batch one rollout: this process's micro-batches and the rollout's metrics."""
         G = self.g.num_generations
         rows = [self.train_data[i] for i in self.rollout_prompts(rollout)]
-        engine = TorchEngine(self.unwrapped(), pad_id=self.pad_id)
-        outs = engine.generate([r["prompt_ids"] for r in rows], self.sampling(rollout))
+        outs = self.engine().generate([r["prompt_ids"] for r in rows], self.sampling(rollout))
+        if self._vllm is not None:
+            self._vllm.sleep()
         texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k not in ("prompt", "prompt_ids")}
         prompts = [r["prompt"] for r in rows for _ in range(G)]
@@ -125,6 +128,29 @@ class GRPOTrainer(Trainer):
             **{f"rollout/{name}": sum(v) / len(v) for name, v in parts.items()},
         }
         return batches, metrics
+
+    def engine(self):
+        """The rollout engine, holding the policy's current weights."""
+        if self.g.engine == "torch":
+            return TorchEngine(self.unwrapped(), pad_id=self.pad_id)
+        from aligner.config import resolve_path
+        from aligner.rollout.vllm_engine import VLLMEngine
+
+        if self._vllm is None:
+            m = self.recipe.model
+            self._vllm = VLLMEngine(
+                resolve_path(m.init_from),
+                gpu_memory_utilization=self.g.vllm_memory,
+                max_model_len=self.recipe.data.seq_len,
+                enable_sleep_mode=self.g.vllm_sleep,
+                seed=self.cfg.seed,
+            )
+            self._synced_at = 0 if not self.cfg.resume else None
+        self._vllm.wake_up()
+        if self._synced_at != self.step:  # the policy moved since vLLM last got its weights
+            self._vllm.sync_weights(self.unwrapped())
+            self._synced_at = self.step
+        return self._vllm
 
     def collate(self, examples: list) -> dict:
         batch = pad_examples(examples, self.pad_id)

