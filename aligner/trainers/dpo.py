@@ -201,35 +201,30 @@ def sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tuple[list
         stop_ids=tuple(reply_stop_ids(tokenizer)),
         seed=seed,
     )
-    greedy = SamplingParams(max_new_tokens=o.sample_tokens, temperature=0.0, stop_ids=params.stop_ids)
     rng = random.Random(seed)
-    out, both, correct, greedy_wrong = [], 0, 0, 0
+    out, both, correct = [], 0, 0
     batch = max(1, 256 // n)
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
         prompts = [encode_prompt(tokenizer, r["prompt"]) for r in chunk]
         completions = engine.generate(prompts, params)
-        modes = engine.generate(prompts, greedy) if o.sample_greedy else []
         for i, row in enumerate(chunk):
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions[i * n : (i + 1) * n]]
             good = [t for t in texts if is_correct(t, row["answer"])]
             bad = [t for t in texts if not is_correct(t, row["answer"])]
             correct += len(good)
+            both += bool(good and bad)
             pair = dict(row)
             if good:
                 pair["chosen"] = [{"role": "assistant", "content": rng.choice(good)}]
-            if modes:  # the reply greedy decoding gives, when wrong, is the mistake to unlearn first
-                mode = tokenizer.decode(modes[i].token_ids, skip_special_tokens=True)
-                if not is_correct(mode, row["answer"]):
-                    bad, greedy_wrong = [mode], greedy_wrong + 1
-            both += bool(good and bad)
             if bad:
                 pair["rejected"] = [{"role": "assistant", "content": rng.choice(bad)}]
             out.append(pair)
-    report = f"{len(rows)} prompts x {n} samples: {correct / (len(rows) * n):.3f} correct"
-    if o.sample_greedy:
-        report += f", greedy reply wrong for {greedy_wrong}"
-    return out, report + f", {both} prompts with a sampled pair, the rest completed from the data"
+    report = (
+        f"{len(rows)} prompts x {n} samples: {correct / (len(rows) * n):.3f} correct, {both} prompts with a sampled "
+        "pair, the rest completed from the data"
+    )
+    return out, report
 
 
 def cached_sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tuple[list[dict], str]:
@@ -238,7 +233,7 @@ def cached_sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tup
     import json
 
     h = _weights_hash(model)
-    settings = [o.sample_pairs, o.sample_temperature, o.sample_tokens, o.sample_greedy, seed, tokenizer.chat_template]
+    settings = [o.sample_pairs, o.sample_temperature, o.sample_tokens, seed, tokenizer.chat_template]
     h.update(json.dumps([settings, rows], sort_keys=True, default=str).encode())
     path = Path(o.ref_cache_dir) / f"pairs_{h.hexdigest()[:24]}.json"
     if path.is_file():
