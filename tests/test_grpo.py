@@ -37,12 +37,15 @@ ID_REWARD = (
 def id_reward(tmp_path, monkeypatch):
     (tmp_path / "id_reward.py").write_text(ID_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # for processes the test launches
     return "id_reward:low_ids"
 
 
 def test_grpo_runs_logs_rollout_metrics_and_updates_weights(bases, tmp_path, capsys, id_reward):
     recipe = grpo_recipe(
-        tmp_path, bases / "gpt", grpo={"rewards": [id_reward, "correct_answer"], "mask_truncated": False}
+        tmp_path,
+        bases / "gpt",
+        grpo={"rewards": [id_reward, "correct_answer"], "mask_truncated": False, "loss_type": "grpo"},
     )
     assert main(["grpo", str(recipe), "--train.eval_every", "3"]) == 0
     out = capsys.readouterr().out
@@ -51,7 +54,8 @@ def test_grpo_runs_logs_rollout_metrics_and_updates_weights(bases, tmp_path, cap
     for key in ("rollout/reward_mean", "rollout/completion_len", "rollout/truncated", "rollout/zero_std_groups"):
         assert key in rows[0]
     assert "rollout/id_reward:low_ids" in rows[0] and "grpo/clip_ratio" in rows[0]
-    assert rows[0]["train/loss"] == pytest.approx(0.0, abs=1e-6)  # one pass per rollout: ratio 1, mean-zero A
+    # one pass per rollout: ratio 1, so the grpo loss is -mean(A) over sequences, 0 for group-centred A
+    assert rows[0]["train/loss"] == pytest.approx(0.0, abs=1e-6)
     assert rows[0]["grpo/clip_ratio"] == 0.0
     assert "eval/reward_mean" in rows[-1] and "eval/correct_answer" in rows[-1]
     before = load_file(bases / "gpt" / "model.safetensors")
@@ -142,10 +146,36 @@ def test_bad_inputs_are_one_line_errors(bases, tmp_path, monkeypatch, capsys):
 
 def test_a_step_whose_completions_are_all_truncated_skips_its_update(bases, tmp_path, id_reward):
     """mask_truncated: completions that never stop carry no loss; a step with only those changes nothing."""
-    recipe = grpo_recipe(tmp_path, bases / "gpt", grpo={"rewards": [id_reward]}, train={"max_steps": 1})
+    grpo = {"rewards": [id_reward], "max_new_tokens": 1}  # one token: a reply that ends needs <|im_end|> first
+    recipe = grpo_recipe(tmp_path, bases / "gpt", grpo=grpo, train={"max_steps": 1})
     assert main(["grpo", str(recipe)]) == 0
     row = metrics(tmp_path)[0]
     assert row["rollout/truncated"] == 1.0 and row["train/loss"] == 0.0 and row["train/grad_norm"] == 0.0
     before = load_file(bases / "gpt" / "model.safetensors")
     after = load_file(tmp_path / "runs/g/final/model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_two_processes_split_each_rollout(bases, tmp_path, id_reward):
+    """accelerate launch, 2 CPU processes: each samples half of the rollout's prompts; metrics are averaged."""
+    from conftest import launch_two_processes
+
+    recipe = grpo_recipe(tmp_path, bases / "gpt", grpo={"rewards": [id_reward], "mask_truncated": False})
+    proc = launch_two_processes(["grpo", str(recipe)])
+    assert "4 prompts x 4 per rollout" in proc.stdout and proc.stdout.count("checkpoint:") == 1
+    rows = metrics(tmp_path)
+    assert len(rows) == 3 and all(r["train/tokens"] > 0 and "rollout/reward_mean" in r for r in rows)
+
+
+def test_grpo_on_a_transformers_model(bases, tmp_path, id_reward):
+    """model.arch hf: rollouts decode the Llama through the GPT core over its own parameters, the loss
+    runs the transformers model; both see every update."""
+    recipe = grpo_recipe(
+        tmp_path, bases / "llama", grpo={"rewards": [id_reward], "mask_truncated": False, "num_iterations": 2}
+    )
+    recipe.write_text(recipe.read_text().replace("init_from:", "arch: hf\n  init_from:"))
+    assert main(["grpo", str(recipe)]) == 0
+    rows = metrics(tmp_path)
+    assert len(rows) == 3 and rows[1]["train/loss"] != 0.0
+    assert (tmp_path / "runs/g/final/model.safetensors").is_file()

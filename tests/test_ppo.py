@@ -125,3 +125,25 @@ def test_resume_mid_rollout_is_exact(bases, reward_model, tmp_path):
     wa = load_file(tmp_path / "runs/full/final/model.safetensors")
     wb = load_file(tmp_path / "runs/part/final/model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+@pytest.mark.slow
+def test_two_processes_split_each_rollout(bases, reward_model, tmp_path):
+    from conftest import launch_two_processes
+
+    recipe = ppo_recipe(tmp_path, bases / "gpt", reward_model, ppo={"value_model": "shared"})
+    proc = launch_two_processes(["ppo", str(recipe)])
+    assert "(2 steps each)" in proc.stdout and proc.stdout.count("checkpoint:") == 1  # global minibatch of 8
+    rows = metrics(tmp_path)
+    assert len(rows) == 4 and rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-5)
+    assert (tmp_path / "runs/p/final/value_head.safetensors").is_file()
+
+
+def test_ppo_on_a_transformers_model_with_lora(bases, reward_model, tmp_path):
+    recipe = ppo_recipe(
+        tmp_path, bases / "llama", reward_model, ppo={"ppo_epochs": 1}, lora={"enabled": True, "r": 4, "alpha": 8}
+    )
+    recipe.write_text(recipe.read_text().replace("init_from:", "arch: hf\n  init_from:", 1))
+    assert main(["ppo", str(recipe)]) == 0
+    rows = metrics(tmp_path)
+    assert rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-5) and rows[-1]["kl/mean"] != 0

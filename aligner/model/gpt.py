@@ -168,14 +168,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, KV, S, hd) -> (B, KV * n_rep, S, hd): each key/value head serves n_rep query heads."""
-    if n_rep == 1:
-        return x
-    B, KV, S, hd = x.shape
-    return x[:, :, None].expand(B, KV, n_rep, S, hd).reshape(B, KV * n_rep, S, hd)
-
-
 def packed_document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     """Document index of every token of padding-free packed rows, or None when no row is packed.
 
@@ -236,12 +228,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd)
-        n_rep = self.n_heads // self.n_kv
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, hd)
+        gqa = self.n_heads != self.n_kv  # SDPA shares each key/value head among its query heads, no copy
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
         return self.o_proj(y)
 
