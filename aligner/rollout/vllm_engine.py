@@ -15,6 +15,10 @@ unmerged again, so vLLM always serves base + adapter. The prefix cache is reset 
 cached keys and values were computed with the old weights). `sleep()` / `wake_up()` free and restore
 vLLM's GPU memory between rollout and training where vLLM supports sleep mode (CUDA).
 
+On vLLM's CPU backend `gpu_memory_utilization` is a share of CPU memory and the KV cache gets
+`cpu_kv_cache_gib` (1 GiB) outright: the backend's own budget subtracts the whole process's memory,
+the trainer's included, and can come out negative.
+
 Log-probs are vLLM's `processed_logprobs`: after temperature and any top-k/top-p/min-p filter. The
 torch engine reports them before the filters, so the two agree when no filter is set; trainers
 recompute the log-probs they train on with their own forward either way.
@@ -72,6 +76,7 @@ class VLLMEngine:
         max_model_len: int | None = None,
         enable_sleep_mode: bool = False,
         seed: int = 0,
+        cpu_kv_cache_gib: float = 1.0,
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm = _vllm()
@@ -88,6 +93,9 @@ class VLLMEngine:
             kw["max_model_len"] = max_model_len
         if torch.cuda.is_available():
             kw.update(enable_sleep_mode=enable_sleep_mode)
+        else:  # the CPU backend budgets its KV cache as that share of memory minus this process's RSS (the
+            # trainer's), which can come out negative; a fixed size avoids that
+            kw["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
         self.sleep_mode = bool(kw.get("enable_sleep_mode"))
         self.llm = vllm.LLM(**kw)
         self._vllm = vllm
