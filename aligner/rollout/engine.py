@@ -46,6 +46,13 @@ class Completion:
     finished: bool  # True = stopped on a stop id; False = ran into max_new_tokens
 
 
+def check_prompts(prompts: list[list[int]]) -> None:
+    """Every prompt needs at least one token (e.g. BOS) to condition on."""
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+
+
 @runtime_checkable
 class Engine(Protocol):
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:

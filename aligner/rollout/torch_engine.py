@@ -24,7 +24,7 @@ import inspect
 import torch
 
 from aligner.model.gpt import GPT, GPTConfig, KVCache
-from aligner.rollout.engine import Completion, SamplingParams
+from aligner.rollout.engine import Completion, SamplingParams, check_prompts
 
 # --- sampling -------------------------------------------------------------------------------------
 
@@ -112,9 +112,7 @@ class TorchEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """len(prompts) * params.n completions, grouped per prompt (the n samples of prompt 0 first)."""
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+        check_prompts(prompts)
         if not prompts:
             return []
         rows = [list(p) for p in prompts for _ in range(params.n)]

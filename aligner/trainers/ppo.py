@@ -31,7 +31,7 @@ from torch import nn
 from aligner import checkpoint as ckpt
 from aligner.advantages import AdaptiveKLController, gae, kl_penalty, whiten
 from aligner.config import Recipe
-from aligner.data.chat import IGNORE_INDEX, pad_token_id, reply_stop_ids
+from aligner.data.chat import IGNORE_INDEX, reply_stop_ids
 from aligner.data.collate import pad_examples
 from aligner.errors import ConfigError
 from aligner.losses import ppo_policy_loss, ppo_value_loss, token_logprobs
@@ -40,8 +40,8 @@ from aligner.model.heads import ScalarHeadModel, is_reward_checkpoint, load_rewa
 from aligner.model.load import base_config, causal_lm_logits, load_model
 from aligner.rewards import RewardModelScorer, RewardSet, resolve_reward
 from aligner.rollout.engine import SamplingParams
-from aligner.rollout.torch_engine import TorchEngine
-from aligner.trainers.base import Trainer, prepare_run_dir
+from aligner.trainers.base import prepare_run_dir
+from aligner.trainers.online import OnlineTrainer
 
 
 class PolicyAndValue(nn.Module):
@@ -89,25 +89,22 @@ class PolicyAndValue(nn.Module):
             self.value_head.weight.data.copy_(load_file(directory / "value_head.safetensors")["weight"])
 
 
-class PPOTrainer(Trainer):
+class PPOTrainer(OnlineTrainer):
     """Training data are prompt records {"prompt", "prompt_ids", **columns} (see aligner.trainers.grpo)."""
 
     stage = "ppo"
-    empty_steps_ok = True
+    total_name = "score"
 
     def __init__(
         self, recipe: Recipe, model: PolicyAndValue, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw
     ):
         self.p = recipe.ppo
-        super().__init__(recipe, model, tokenizer, prompts, eval_prompts, **kw)
-        self.reward_set = reward_set
+        super().__init__(recipe, model, tokenizer, prompts, eval_prompts, reward_set, **kw)
+        self.max_new_tokens = self.p.max_new_tokens
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
-        self.pad_id = pad_token_id(tokenizer)
-        self.stop_ids = tuple(reply_stop_ids(tokenizer))
         self.kl_ctl = (
             AdaptiveKLController(self.p.kl_coef, self.p.kl_target, self.p.kl_horizon) if self.p.kl_target else None
         )
-        self._rollout: tuple[int, list[dict], dict] | None = None
 
     @property
     def steps_per_rollout(self) -> int:
@@ -123,6 +120,9 @@ class PPOTrainer(Trainer):
     def kl_coef(self) -> float:
         return self.kl_ctl.beta if self.kl_ctl else self.p.kl_coef
 
+    def policy(self) -> nn.Module:
+        return self.unwrapped().policy
+
     # --- rollouts ------------------------------------------------------------------------------------
 
     def token_logps_values(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,25 +137,16 @@ class PPOTrainer(Trainer):
 
     @torch.no_grad()
     def make_rollout(self, rollout: int) -> tuple[list[dict], dict]:
-        n, P = len(self.train_data), self.p.rollout_prompts
-        order = [int(self._permutation(pos // n)[pos % n]) for pos in range(rollout * P, (rollout + 1) * P)]
-        rows = [self.train_data[i] for i in order[self.rank :: self.world]]
+        rows = self.rollout_rows(rollout, self.p.rollout_prompts)
         params = SamplingParams(
             max_new_tokens=self.p.max_new_tokens,
             temperature=self.p.temperature,
             stop_ids=self.stop_ids,
-            seed=(self.cfg.seed * 1_000_003 + rollout) * 64 + self.rank,
+            seed=self.sampling_seed(rollout),
         )
-        policy = self.unwrapped().policy
-        outs = TorchEngine(policy, pad_id=self.pad_id).generate([r["prompt_ids"] for r in rows], params)
-        texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
-        columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt", "prompt_ids")}
-        scores, parts = self.reward_set(
-            [r["prompt"] for r in rows], texts, completion_ids=[o.token_ids for o in outs], **columns
-        )
-        scores = (
-            torch.tensor(scores) - self.p.missing_eos_penalty * torch.tensor([not o.finished for o in outs]).float()
-        )
+        outs, _, scores, parts = self.complete_and_score(rows, params)
+        no_eos = torch.tensor([not o.finished for o in outs]).float()
+        scores = torch.tensor(scores) - self.p.missing_eos_penalty * no_eos
         examples = []
         for o in outs:
             ids = o.prompt_ids + o.token_ids
@@ -171,30 +162,33 @@ class PPOTrainer(Trainer):
         advantages, returns = gae(rewards, values * mask, mask, self.p.gamma, self.p.lam)
         if self.p.whiten_advantages:
             advantages = whiten(advantages, mask)
-        seq_kl = kl.sum(-1)
         var = ((returns - returns[mask > 0].mean()) ** 2 * mask).sum()
         resid = ((returns - values) ** 2 * mask).sum()
         metrics = {
             "rollout/score_mean": float(scores.mean()),
             "rollout/score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
             "rollout/completion_len": float(mask.sum(-1).mean()),
-            "rollout/no_eos": sum(not o.finished for o in outs) / len(outs),
-            "kl/mean": float(seq_kl.mean()),
+            "rollout/no_eos": float(no_eos.mean()),
+            "kl/mean": float(kl.sum(-1).mean()),
             "kl/coef": self.kl_coef,
             "rollout/explained_variance": float(1 - resid / var.clamp(min=1e-8)),
             **{f"rollout/{name}": sum(v) / len(v) for name, v in parts.items()},
         }
-        cpu = {"old_logps": logps, "old_values": values, "advantages": advantages, "returns": returns}
-        cpu = {k: v.cpu() for k, v in cpu.items()}
+        per_token = {"old_logps": logps, "old_values": values, "advantages": advantages, "returns": returns}
+        per_token = {k: v.cpu() for k, v in per_token.items()}
         items = [
             {
                 "input_ids": batch["input_ids"][i].cpu(),
                 "labels": batch["labels"][i].cpu(),
-                **{k: v[i] for k, v in cpu.items()},
+                **{k: v[i] for k, v in per_token.items()},
             }
             for i in range(len(examples))
         ]
         return items, metrics
+
+    def on_rollout(self, metrics: dict) -> None:
+        if self.kl_ctl:
+            self.kl_ctl.update(metrics["kl/mean"], self.p.rollout_prompts)
 
     def _chunked(self, fn, batch: dict) -> tuple[torch.Tensor, ...]:
         """fn over micro-batch-sized slices of a padded batch, concatenated."""
@@ -212,19 +206,13 @@ class PPOTrainer(Trainer):
             return self.policy_logps(policy, batch)
 
     def micro_batches(self, step: int) -> list[dict]:
+        """Minibatch `step` of the rollout's epochs: a seeded shuffle of the rollout per epoch."""
+        items = self.rollout_data(step)
         rollout, within = divmod(step, self.steps_per_rollout)
-        if self._rollout is None or self._rollout[0] != rollout:
-            items, metrics = self.make_rollout(rollout)
-            self._rollout = (rollout, items, metrics)
-            if self.kl_ctl:
-                self.kl_ctl.update(metrics["kl/mean"], self.p.rollout_prompts)
-        items = self._rollout[1]
-        per_epoch = len(items) // (self.cfg.micro_batch_size * self.cfg.grad_accum)
-        epoch, index = divmod(within, per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + rollout * 101 + epoch)
-        order = torch.randperm(len(items), generator=g).tolist()
         size = self.cfg.micro_batch_size * self.cfg.grad_accum
-        chosen = order[index * size : (index + 1) * size]
+        epoch, index = divmod(within, len(items) // size)
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + rollout * 101 + epoch)
+        chosen = torch.randperm(len(items), generator=g).tolist()[index * size : (index + 1) * size]
         mb = self.cfg.micro_batch_size
         return [self.collate([items[i] for i in chosen[j : j + mb]]) for j in range(0, size, mb)]
 
@@ -237,25 +225,13 @@ class PPOTrainer(Trainer):
             )
         return batch
 
-    def train_step(self, step: int) -> dict:
-        metrics = super().train_step(step)
-        names = sorted(self._rollout[2])
-        values = self.reduce_sum([self._rollout[2][k] for k in names])
-        metrics.update({k: v / self.world for k, v in zip(names, values)})
-        return metrics
-
     def save_extra(self, directory: Path) -> None:
-        if self._rollout is not None and self.step % self.steps_per_rollout:
-            rollout, items, metrics = self._rollout
-            torch.save({"rollout": rollout, "items": items, "metrics": metrics}, directory / f"rollout_{self.rank}.pt")
+        super().save_extra(directory)
         if self.kl_ctl and self.is_main:
             torch.save({"beta": self.kl_ctl.beta}, directory / "kl_controller.pt")
 
     def load_extra(self, directory: Path) -> None:
-        path = Path(directory) / f"rollout_{self.rank}.pt"
-        if path.is_file():
-            saved = torch.load(path, weights_only=True)
-            self._rollout = (saved["rollout"], saved["items"], saved["metrics"])
+        super().load_extra(directory)
         if self.kl_ctl and (Path(directory) / "kl_controller.pt").is_file():
             self.kl_ctl.beta = float(torch.load(Path(directory) / "kl_controller.pt", weights_only=True)["beta"])
 
@@ -284,32 +260,6 @@ class PPOTrainer(Trainer):
             loss = loss - self.p.entropy_coef * (entropy * mask).sum()
             stats["entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
         return loss, stats
-
-    # --- eval ------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Greedy completions of the eval prompts: mean reward-model score and each reward function."""
-        if not self.eval_data:
-            return {}
-        rows = list(self.eval_data)[self.rank :: self.world]
-        params = SamplingParams(max_new_tokens=self.p.max_new_tokens, temperature=0.0, stop_ids=self.stop_ids)
-        sums: dict[str, float] = {}
-        for start in range(0, len(rows), 64):
-            chunk = rows[start : start + 64]
-            outs = TorchEngine(self.unwrapped().policy, pad_id=self.pad_id).generate(
-                [r["prompt_ids"] for r in chunk], params
-            )
-            texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
-            columns = {k: [r[k] for r in chunk] for k in chunk[0] if k not in ("prompt", "prompt_ids")}
-            totals, parts = self.reward_set(
-                [r["prompt"] for r in chunk], texts, completion_ids=[o.token_ids for o in outs], **columns
-            )
-            for name, values in {"score": totals, **parts}.items():
-                sums[name] = sums.get(name, 0.0) + sum(values)
-        names = sorted(sums)
-        reduced = self.reduce_sum([float(len(rows))] + [sums[k] for k in names])
-        return {f"eval/{k}": v / max(reduced[0], 1) for k, v in zip(names, reduced[1:])}
 
 
 # --- the command ------------------------------------------------------------------------------------

@@ -1,0 +1,124 @@
+"""What the online-RL trainers (GRPO, PPO) share on top of the loop: rollouts that serve several steps.
+
+A rollout is made from the policy at the step it starts and serves `steps_per_rollout` optimizer
+steps; its prompts are the next ones of the loop's seeded order (a pure function of the seed and the
+rollout index, strided over processes) and its sampling seed is a function of (seed, rollout, rank),
+so a resumed run samples what the uninterrupted one did. A rollout that still has steps to serve is
+saved with the checkpoint (per process), which makes resume exact in the middle of one. Rollout
+metrics are averaged over processes and logged with every step it serves. Eval decodes the eval
+prompts greedily and reports the mean of every reward function (and their weighted total).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from aligner.data.chat import pad_token_id, reply_stop_ids
+from aligner.rollout.engine import Completion, SamplingParams
+from aligner.rollout.torch_engine import TorchEngine
+from aligner.trainers.base import Trainer
+
+PROMPT_KEYS = ("prompt", "prompt_ids")  # the columns of a prompt record that are not handed to rewards
+
+
+class OnlineTrainer(Trainer):
+    """Subclasses set `steps_per_rollout`, `max_new_tokens` and implement `make_rollout(rollout)`, which
+    returns (data, metrics); `rollout_data(step)` gives the data of the rollout serving `step`."""
+
+    token_loss = False
+    empty_steps_ok = True  # every completion masked out (truncated): no update; the rollout metrics say why
+    total_name = "reward_mean"  # the eval metric of the weighted reward total
+
+    def __init__(self, recipe, model, tokenizer, prompts, eval_prompts, reward_set, **kw):
+        super().__init__(recipe, model, tokenizer, prompts, eval_prompts, **kw)
+        self.reward_set = reward_set
+        self.pad_id = pad_token_id(tokenizer)
+        self.stop_ids = tuple(reply_stop_ids(tokenizer))
+        self._rollout: tuple[int, object, dict] | None = None  # (rollout index, data, metrics)
+
+    steps_per_rollout = 1
+    max_new_tokens = 64
+
+    def make_rollout(self, rollout: int) -> tuple[object, dict]:
+        raise NotImplementedError
+
+    def on_rollout(self, metrics: dict) -> None:
+        """Called once per new rollout (PPO's adaptive KL controller)."""
+
+    def policy(self) -> torch.nn.Module:
+        """The model that generates (the unwrapped policy)."""
+        return self.unwrapped()
+
+    # --- rollouts ------------------------------------------------------------------------------------
+
+    def rollout_rows(self, rollout: int, prompts: int) -> list[dict]:
+        """This process's share of the `prompts` prompt records of rollout `rollout`."""
+        n = len(self.train_data)
+        order = [
+            int(self._permutation(pos // n)[pos % n]) for pos in range(rollout * prompts, (rollout + 1) * prompts)
+        ]
+        return [self.train_data[i] for i in order[self.rank :: self.world]]
+
+    def sampling_seed(self, rollout: int) -> int:
+        return (self.cfg.seed * 1_000_003 + rollout) * 64 + self.rank
+
+    def engine(self):
+        return TorchEngine(self.policy(), pad_id=self.pad_id)
+
+    def complete_and_score(self, rows: list[dict], params: SamplingParams, engine=None):
+        """Completions of `rows` (params.n each), their texts and the reward set's (totals, per-function)."""
+        outs: list[Completion] = (engine or self.engine()).generate([r["prompt_ids"] for r in rows], params)
+        texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+        n = params.n
+        columns = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k not in PROMPT_KEYS}
+        prompts = [r["prompt"] for r in rows for _ in range(n)]
+        totals, parts = self.reward_set(prompts, texts, completion_ids=[o.token_ids for o in outs], **columns)
+        return outs, texts, totals, parts
+
+    def rollout_data(self, step: int):
+        rollout = step // self.steps_per_rollout
+        if self._rollout is None or self._rollout[0] != rollout:
+            data, metrics = self.make_rollout(rollout)
+            self._rollout = (rollout, data, metrics)
+            self.on_rollout(metrics)
+        return self._rollout[1]
+
+    def train_step(self, step: int) -> dict:
+        metrics = super().train_step(step)
+        names = sorted(self._rollout[2])
+        values = self.reduce_sum([self._rollout[2][k] for k in names])
+        metrics.update({k: v / self.world for k, v in zip(names, values)})
+        return metrics
+
+    def save_extra(self, directory: Path) -> None:
+        """A rollout that still has steps to serve is saved, so a resumed run trains on the same samples."""
+        if self._rollout is not None and self.step % self.steps_per_rollout:
+            rollout, data, metrics = self._rollout
+            torch.save({"rollout": rollout, "data": data, "metrics": metrics}, directory / f"rollout_{self.rank}.pt")
+
+    def load_extra(self, directory: Path) -> None:
+        path = Path(directory) / f"rollout_{self.rank}.pt"
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)
+            self._rollout = (saved["rollout"], saved["data"], saved["metrics"])
+
+    # --- eval ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy completions of the eval prompts: the mean of each reward function and of the total."""
+        if not self.eval_data:
+            return {}
+        rows = list(self.eval_data)[self.rank :: self.world]
+        params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0, stop_ids=self.stop_ids)
+        sums = dict.fromkeys([self.total_name, *self.reward_set.names], 0.0)  # the same keys on every process
+        engine = TorchEngine(self.policy(), pad_id=self.pad_id)
+        for start in range(0, len(rows), 64):
+            _, _, totals, parts = self.complete_and_score(rows[start : start + 64], params, engine)
+            for name, values in {self.total_name: totals, **parts}.items():
+                sums[name] += sum(values)
+        names = sorted(sums)
+        reduced = self.reduce_sum([float(len(rows))] + [sums[k] for k in names])
+        return {f"eval/{k}": v / max(reduced[0], 1) for k, v in zip(names, reduced[1:])}
