@@ -213,6 +213,9 @@ class PPOConfig:
     vf_coef: float = 0.1  # weight of the value loss
     entropy_coef: float = 0.0  # entropy bonus (0 = off)
     missing_eos_penalty: float = 1.0  # subtracted from the score of a completion that never ends
+    engine: str = choice("torch", "torch", "vllm")  # rollout engine: built-in KV cache, or vLLM in this process
+    vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on its CPU backend: the share of CPU memory)
+    vllm_sleep: bool = False  # free vLLM's GPU memory while training (CUDA sleep mode)
     chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
     accuracy_items: int = 500  # held-out task-world items for exact-match accuracy at the end; 0 = skip
     accuracy_tokens: int = 160  # max new tokens per answer in that eval

@@ -143,3 +143,26 @@ def test_grpo_with_the_vllm_engine(checkpoint, tmp_path, monkeypatch, capsys):
     rows = [json.loads(x) for x in (tmp_path / "runs/g/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("rollout/reward_mean" in r for r in rows)
     assert rows[-1]["rollout/reward_mean"] != rows[0]["rollout/reward_mean"]
+
+
+def test_ppo_with_the_vllm_engine(checkpoint, tmp_path, monkeypatch):
+    from conftest import tiny_run_recipe
+
+    from aligner.cli import main
+
+    (tmp_path / "ids.py").write_text(
+        "def low(prompts, completions, completion_ids, **r):\n    return [-sum(c) / 1e3 for c in completion_ids]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = {
+        "model": {"init_from": str(checkpoint)},
+        "ppo": {"reward_model": None, "rewards": ["ids:low"], "rollout_prompts": 8, "ppo_epochs": 1,
+                "max_new_tokens": 12, "accuracy_items": 0, "engine": "vllm"},
+        "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 0, "seq_len": 256},
+        "train": {"name": "p", "lr": 1e-3, "warmup_steps": 1, "micro_batch_size": 4, "max_steps": 4},
+        "sft": {"chat_template": "chatml"},
+    }  # fmt: skip
+    assert main(["ppo", str(tiny_run_recipe(tmp_path, recipe, {}, "ppo.yaml"))]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "runs/p/metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-4)  # vLLM samples, the trainer scores
+    assert rows[2]["kl/mean"] != rows[0]["kl/mean"]  # the second rollout: synced weights, moved policy

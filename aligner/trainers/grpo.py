@@ -56,8 +56,7 @@ class GRPOTrainer(OnlineTrainer):
         self.max_new_tokens = self.g.max_new_tokens
         self.prompts_per_rollout = self.global_batch // self.g.num_generations
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
-        self._vllm = None  # the vLLM engine, made at the first rollout when grpo.engine is vllm
-        self._synced_at: int | None = None  # the optimizer step whose weights vLLM holds
+        self.rollout_engine = (self.g.engine, self.g.vllm_memory, self.g.vllm_sleep)
 
     def compute_total_steps(self) -> int:
         if self.cfg.max_steps is not None:
@@ -87,8 +86,6 @@ class GRPOTrainer(OnlineTrainer):
         G = self.g.num_generations
         rows = self.rollout_rows(rollout, self.prompts_per_rollout)
         outs, _, totals, parts = self.complete_and_score(rows, self.sampling(rollout))
-        if self._vllm is not None:
-            self._vllm.sleep()
         rewards = torch.tensor(totals)  # (N*G,)
         advantages = group_advantages(rewards, G, self.g.scale_rewards)
         examples = []
@@ -113,29 +110,6 @@ class GRPOTrainer(OnlineTrainer):
             **{f"rollout/{name}": sum(v) / len(v) for name, v in parts.items()},
         }
         return batches, metrics
-
-    def engine(self):
-        """The rollout engine, holding the policy's current weights."""
-        if self.g.engine == "torch":
-            return super().engine()
-        from aligner.config import resolve_path
-        from aligner.rollout.vllm_engine import VLLMEngine
-
-        if self._vllm is None:
-            m = self.recipe.model
-            self._vllm = VLLMEngine(
-                resolve_path(m.init_from),
-                gpu_memory_utilization=self.g.vllm_memory,
-                max_model_len=self.recipe.data.seq_len,
-                enable_sleep_mode=self.g.vllm_sleep,
-                seed=self.cfg.seed,
-            )
-            self._synced_at = 0 if not self.cfg.resume else None
-        self._vllm.wake_up()
-        if self._synced_at != self.step:  # the policy moved since vLLM last got its weights
-            self._vllm.sync_weights(self.unwrapped())
-            self._synced_at = self.step
-        return self._vllm
 
     def collate(self, examples: list) -> dict:
         batch = pad_examples(examples, self.pad_id)

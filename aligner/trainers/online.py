@@ -37,6 +37,9 @@ class OnlineTrainer(Trainer):
         self.pad_id = pad_token_id(tokenizer)
         self.stop_ids = tuple(reply_stop_ids(tokenizer))
         self._rollout: tuple[int, object, dict] | None = None  # (rollout index, data, metrics)
+        self.rollout_engine = ("torch", 0.2, False)  # (engine, vLLM memory share, vLLM sleep mode): the recipe's
+        self._vllm = None  # the vLLM engine, made at the first rollout when the recipe asks for it
+        self._synced_at: int | None = None  # the optimizer step whose weights vLLM holds
 
     steps_per_rollout = 1
     max_new_tokens = 64
@@ -65,7 +68,28 @@ class OnlineTrainer(Trainer):
         return (self.cfg.seed * 1_000_003 + rollout) * 64 + self.rank
 
     def engine(self):
-        return TorchEngine(self.policy(), pad_id=self.pad_id)
+        """The rollout engine, holding the policy's current weights: the torch engine over the policy itself,
+        or vLLM, started from the recipe's model.init_from and synced whenever the policy has moved."""
+        name, memory, sleep = self.rollout_engine
+        if name == "torch":
+            return TorchEngine(self.policy(), pad_id=self.pad_id)
+        from aligner.config import resolve_path
+        from aligner.rollout.vllm_engine import VLLMEngine
+
+        if self._vllm is None:
+            self._vllm = VLLMEngine(
+                resolve_path(self.recipe.model.init_from),
+                gpu_memory_utilization=memory,
+                max_model_len=self.recipe.data.seq_len,
+                enable_sleep_mode=sleep,
+                seed=self.cfg.seed,
+            )
+            self._synced_at = None if self.cfg.resume else 0  # a fresh run starts from init_from's weights
+        self._vllm.wake_up()
+        if self._synced_at != self.step:
+            self._vllm.sync_weights(self.policy())
+            self._synced_at = self.step
+        return self._vllm
 
     def complete_and_score(self, rows: list[dict], params: SamplingParams, engine=None):
         """Completions of `rows` (params.n each), their texts and the reward set's (totals, per-function)."""
@@ -74,6 +98,8 @@ class OnlineTrainer(Trainer):
         n = params.n
         columns = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k not in PROMPT_KEYS}
         prompts = [r["prompt"] for r in rows for _ in range(n)]
+        if self._vllm is not None:
+            self._vllm.sleep()  # frees vLLM's GPU memory for training (CUDA sleep mode; else nothing)
         totals, parts = self.reward_set(prompts, texts, completion_ids=[o.token_ids for o in outs], **columns)
         return outs, texts, totals, parts
 
