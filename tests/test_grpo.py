@@ -179,3 +179,23 @@ def test_grpo_on_a_transformers_model(bases, tmp_path, id_reward):
     rows = metrics(tmp_path)
     assert len(rows) == 3 and rows[1]["train/loss"] != 0.0
     assert (tmp_path / "runs/g/final/model.safetensors").is_file()
+
+
+def test_a_tokenizer_without_any_stop_token_is_an_error(bases, tmp_path, capsys):
+    """A template that closes turns with plain text and a tokenizer without EOS: completions could never stop."""
+    from aligner.model.load import load_tokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(bases / "gpt", base)
+    tok = load_tokenizer(base)
+    tok.eos_token = None
+    tok.save_pretrained(base)
+    template = tmp_path / "plain.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    recipe = grpo_recipe(tmp_path, base, sft={"chat_template": str(template)})
+    assert main(["grpo", str(recipe)]) == 2
+    assert "no end-of-turn or EOS token" in one_line_error(capsys)
+    assert not (tmp_path / "runs" / "g").exists()
