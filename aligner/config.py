@@ -172,8 +172,8 @@ class GRPOConfig:
     top_k: int = 0  # top-k sampling; 0 = off
     min_p: float = 0.0  # min-p sampling; 0 = off
     rewards: list[str] = field(default_factory=lambda: ["correct_answer", "format_reward"])  # names or module:fn
-    reward_weights: list[float] = field(default_factory=list)  # one per reward (and reward_model); [] = all 1
-    reward_model: str | None = None  # a reward-model checkpoint, scored as one more reward
+    reward_weights: list[float] = field(default_factory=list)  # one per reward (reward_model's first); [] = all 1
+    reward_model: str | None = None  # a reward-model checkpoint, scored as one more reward (the first)
     scale_rewards: str = choice("group", "group", "batch", "none")  # advantage scale; none = Dr. GRPO
     loss_type: str = choice("dapo", "grpo", "bnpo", "dr_grpo", "dapo")  # loss aggregation
     epsilon: float = 0.2  # clip: ratio >= 1 - epsilon
@@ -194,7 +194,7 @@ class GRPOConfig:
 class PPOConfig:
     reward_model: str | None = "runs/rm/final"  # reward-model checkpoint scoring each completion (aligner rm)
     rewards: list[str] = field(default_factory=list)  # reward functions added to the score (names or module:fn)
-    reward_weights: list[float] = field(default_factory=list)  # one per reward function; [] = all 1
+    reward_weights: list[float] = field(default_factory=list)  # one per reward (reward_model's first); [] = all 1
     value_model: str = choice("separate", "separate", "shared")  # a critic of its own, or a head on the policy
     value_init: str | None = None  # critic start (separate): a reward-model or LM checkpoint; None = reward_model
     rollout_prompts: int = 64  # prompts per rollout (all processes); one completion each

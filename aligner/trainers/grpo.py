@@ -31,16 +31,14 @@ import torch
 
 from aligner.advantages import group_advantages
 from aligner.config import Recipe
-from aligner.data.chat import IGNORE_INDEX, encode_prompt, reply_stop_ids
+from aligner.data.chat import IGNORE_INDEX
 from aligner.data.collate import pad_examples
-from aligner.data.formats import to_prompt_records
-from aligner.errors import ConfigError, DataError
+from aligner.errors import ConfigError
 from aligner.losses import grpo_loss, token_logprobs
 from aligner.model.load import causal_lm_logits
-from aligner.rewards import RewardModelScorer, RewardSet, resolve_reward
 from aligner.rollout.engine import SamplingParams
 from aligner.trainers.base import prepare_run_dir
-from aligner.trainers.online import OnlineTrainer
+from aligner.trainers.online import OnlineTrainer, setup
 
 
 class GRPOTrainer(OnlineTrainer):
@@ -168,55 +166,17 @@ class GRPOTrainer(OnlineTrainer):
 # --- the command ------------------------------------------------------------------------------------
 
 
-def encode_prompts(rows: list[dict], tokenizer, max_prompt_len: int, source: str) -> tuple[list[dict], int]:
-    """Prompt records with their token ids (rendered with the generation prompt, as at rollout), dropping
-    prompts over `max_prompt_len` tokens; returns the records and how many were dropped."""
-    out, dropped = [], 0
-    for rec in to_prompt_records(rows, source):
-        ids = encode_prompt(tokenizer, rec["prompt"])
-        if len(ids) > max_prompt_len:
-            dropped += 1
-            continue
-        out.append({**rec, "prompt_ids": ids})
-    if not out:
-        raise DataError(
-            f"{source}: every prompt is longer than data.seq_len - grpo.max_new_tokens = {max_prompt_len} tokens; "
-            "raise data.seq_len or lower grpo.max_new_tokens"
-        )
-    return out, dropped
-
-
-def make_reward_set(recipe: Recipe) -> RewardSet:
-    g = recipe.grpo
-    fns = [resolve_reward(name) for name in g.rewards]
-    names = list(g.rewards)
-    if g.reward_model:
-        fns.append(RewardModelScorer(g.reward_model))
-        names.append("reward_model")
-    return RewardSet(fns, g.reward_weights or None, names)
-
-
 def grpo(recipe: Recipe) -> dict:
     """GRPO from the recipe's model (default: the SFT run); returns eval metrics and held-out accuracy."""
-    from aligner.trainers.sft import final_accuracy, load_splits, prepare_model, sft_tokenizer, training_kind
+    from aligner.trainers.sft import final_accuracy, prepare_model, training_kind
 
-    d, g = recipe.data, recipe.grpo
-    recipe.sft.chat_template = g.chat_template or recipe.sft.chat_template
-    tokenizer = sft_tokenizer(recipe)
-    if not reply_stop_ids(tokenizer):
-        raise ConfigError("the tokenizer has no end-of-turn or EOS token, so completions could never stop; add one")
-    t = recipe.train
+    d, g, t = recipe.data, recipe.grpo, recipe.train
     if (t.micro_batch_size * t.grad_accum) % g.num_generations:
         raise ConfigError(
             f"{recipe.path or 'recipe'}: train.micro_batch_size x grad_accum (completions per process and step) "
             f"must be a multiple of grpo.num_generations ({g.num_generations})"
         )
-    reward_set = make_reward_set(recipe)
-    train_rows, eval_rows = load_splits(recipe, "rl")
-    limit = d.seq_len - g.max_new_tokens
-    where = f"data.source '{d.source}'"
-    prompts, dropped = encode_prompts(train_rows, tokenizer, limit, where)
-    evals = encode_prompts(eval_rows, tokenizer, limit, "the eval split")[0] if eval_rows else None
+    tokenizer, reward_set, prompts, evals, note = setup(recipe, g)
     model = prepare_model(recipe, tokenizer)
     ref_model = None
     if g.beta > 0 and not recipe.lora.enabled:
@@ -225,9 +185,8 @@ def grpo(recipe: Recipe) -> dict:
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
     trainer = GRPOTrainer(recipe, model, tokenizer, prompts, evals, reward_set, ref_model=ref_model)
     if trainer.is_main:
-        skipped = f", {dropped} longer than {limit} tokens dropped" if dropped else ""
         ref = "none" if g.beta == 0 else "adapter disabled" if recipe.lora.enabled else "frozen copy"
-        print(f"grpo: {len(prompts)} prompts{skipped}; rewards {', '.join(reward_set.names)}")
+        print(f"grpo: {note}")
         print(
             f"grpo: {training_kind(recipe)}, {trainer.prompts_per_rollout} prompts x {g.num_generations} per rollout, "
             f"loss {g.loss_type}, beta {g.beta} (reference {ref}), {trainer.total_steps} steps -> {run_dir}"

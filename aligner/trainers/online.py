@@ -148,3 +148,59 @@ class OnlineTrainer(Trainer):
         names = sorted(sums)
         reduced = self.reduce_sum([float(len(rows))] + [sums[k] for k in names])
         return {f"eval/{k}": v / max(reduced[0], 1) for k, v in zip(names, reduced[1:])}
+
+
+# --- what the commands share ------------------------------------------------------------------------
+
+
+def encode_prompts(rows: list[dict], tokenizer, max_prompt_len: int, source: str) -> tuple[list[dict], int]:
+    """Prompt records with their token ids (rendered with the generation prompt, as at rollout), dropping
+    prompts over `max_prompt_len` tokens; returns the records and how many were dropped."""
+    from aligner.data.chat import encode_prompt
+    from aligner.data.formats import to_prompt_records
+    from aligner.errors import DataError
+
+    out, dropped = [], 0
+    for rec in to_prompt_records(rows, source):
+        ids = encode_prompt(tokenizer, rec["prompt"])
+        if len(ids) > max_prompt_len:
+            dropped += 1
+            continue
+        out.append({**rec, "prompt_ids": ids})
+    if not out:
+        raise DataError(
+            f"{source}: every prompt is longer than data.seq_len - max_new_tokens = {max_prompt_len} tokens; "
+            "raise data.seq_len or lower max_new_tokens"
+        )
+    return out, dropped
+
+
+def reward_set_of(names: list[str], weights: list[float], reward_model: str | None):
+    """The recipe's reward functions, with a reward model scored first (as `reward_model`) when one is named."""
+    from aligner.rewards import RewardModelScorer, RewardSet, resolve_reward
+
+    fns, labels = [resolve_reward(name) for name in names], list(names)
+    if reward_model:
+        fns.insert(0, RewardModelScorer(reward_model))
+        labels.insert(0, "reward_model")
+    return RewardSet(fns, weights or None, labels)
+
+
+def setup(recipe, section) -> tuple:
+    """Tokenizer (with the section's chat template), reward set and encoded train/eval prompts for an
+    online-RL command, all checked before anything is written: (tokenizer, rewards, prompts, evals, note)."""
+    from aligner.errors import ConfigError
+    from aligner.trainers.sft import load_splits, sft_tokenizer
+
+    d = recipe.data
+    recipe.sft.chat_template = section.chat_template or recipe.sft.chat_template
+    tokenizer = sft_tokenizer(recipe)
+    if not reply_stop_ids(tokenizer):
+        raise ConfigError("the tokenizer has no end-of-turn or EOS token, so completions could never stop; add one")
+    rewards = reward_set_of(section.rewards, section.reward_weights, section.reward_model)
+    train_rows, eval_rows = load_splits(recipe, "rl")
+    limit = d.seq_len - section.max_new_tokens
+    prompts, dropped = encode_prompts(train_rows, tokenizer, limit, f"data.source '{d.source}'")
+    evals = encode_prompts(eval_rows, tokenizer, limit, "the eval split")[0] if eval_rows else None
+    note = f"{len(prompts)} prompts" + (f", {dropped} longer than {limit} tokens dropped" if dropped else "")
+    return tokenizer, rewards, prompts, evals, f"{note}; rewards {', '.join(rewards.names)}"

@@ -31,17 +31,16 @@ from torch import nn
 from aligner import checkpoint as ckpt
 from aligner.advantages import AdaptiveKLController, gae, kl_penalty, whiten
 from aligner.config import Recipe
-from aligner.data.chat import IGNORE_INDEX, reply_stop_ids
+from aligner.data.chat import IGNORE_INDEX
 from aligner.data.collate import pad_examples
 from aligner.errors import ConfigError
 from aligner.losses import ppo_policy_loss, ppo_value_loss, token_logprobs
 from aligner.model.gpt import GPTConfig
 from aligner.model.heads import ScalarHeadModel, is_reward_checkpoint, load_reward_model
 from aligner.model.load import base_config, causal_lm_logits, load_model
-from aligner.rewards import RewardModelScorer, RewardSet, resolve_reward
 from aligner.rollout.engine import SamplingParams
 from aligner.trainers.base import prepare_run_dir
-from aligner.trainers.online import OnlineTrainer
+from aligner.trainers.online import OnlineTrainer, setup
 
 
 class PolicyAndValue(nn.Module):
@@ -281,30 +280,15 @@ def make_critic(recipe: Recipe, policy: nn.Module) -> ScalarHeadModel:
 
 def ppo(recipe: Recipe) -> dict:
     """PPO from the recipe's model (default: the SFT run) against its reward model; returns eval metrics."""
-    from aligner.trainers.grpo import encode_prompts
-    from aligner.trainers.sft import final_accuracy, load_splits, prepare_model, sft_tokenizer, training_kind
+    from aligner.trainers.sft import final_accuracy, prepare_model, training_kind
 
-    d, p = recipe.data, recipe.ppo
-    recipe.sft.chat_template = p.chat_template or recipe.sft.chat_template
-    tokenizer = sft_tokenizer(recipe)
-    if not reply_stop_ids(tokenizer):
-        raise ConfigError("the tokenizer has no end-of-turn or EOS token, so completions could never stop; add one")
-    t = recipe.train
+    d, p, t = recipe.data, recipe.ppo, recipe.train
     if p.rollout_prompts % (t.micro_batch_size * t.grad_accum):
         raise ConfigError(
             f"{recipe.path or 'recipe'}: ppo.rollout_prompts must be a multiple of train.micro_batch_size x "
             f"grad_accum ({t.micro_batch_size * t.grad_accum}, one minibatch per process)"
         )
-    fns = [resolve_reward(name) for name in p.rewards]
-    names = list(p.rewards)
-    if p.reward_model:
-        fns.insert(0, RewardModelScorer(p.reward_model))
-        names.insert(0, "reward_model")
-    reward_set = RewardSet(fns, p.reward_weights or None, names)
-    train_rows, eval_rows = load_splits(recipe, "rl")
-    limit = d.seq_len - p.max_new_tokens
-    prompts, dropped = encode_prompts(train_rows, tokenizer, limit, f"data.source '{d.source}'")
-    evals = encode_prompts(eval_rows, tokenizer, limit, "the eval split")[0] if eval_rows else None
+    tokenizer, reward_set, prompts, evals, note = setup(recipe, p)
     policy = prepare_model(recipe, tokenizer)
     ref_model = None if recipe.lora.enabled else copy.deepcopy(policy).requires_grad_(False)
     critic = make_critic(recipe, policy) if p.value_model == "separate" else None
@@ -313,11 +297,8 @@ def ppo(recipe: Recipe) -> dict:
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
     trainer = PPOTrainer(recipe, model, tokenizer, prompts, evals, reward_set, ref_model=ref_model)
     if trainer.is_main:
-        skipped = f", {dropped} longer than {limit} tokens dropped" if dropped else ""
         ref = "adapter disabled" if recipe.lora.enabled else "frozen copy"
-        print(
-            f"ppo: {len(prompts)} prompts{skipped}; rewards {', '.join(reward_set.names)}; value model {p.value_model}"
-        )
+        print(f"ppo: {note}; value model {p.value_model}")
         print(
             f"ppo: {training_kind(recipe)}, {p.rollout_prompts} prompts per rollout x {p.ppo_epochs} epochs "
             f"({trainer.steps_per_rollout} steps each), kl_coef {p.kl_coef} (reference {ref}), "
