@@ -1,17 +1,7 @@
-"""Recipes: one dataclass per YAML section, a strict loader, and command-line overrides.
+"""Recipes: a strict loader for the sections of aligner.sections, and command-line overrides.
 
-A recipe is a YAML file with the sections below (all optional; each field has a typed default):
-
-    model:     what to train (the GPT core from scratch, a checkpoint, or a Hugging Face model)
-    tokenizer: where the tokenizer comes from, or how to train one
-    data:      where rows come from and how they become sequences
-    train:     the shared training loop (optimizer, schedule, batch, precision, cadence, run dir)
-    sft:       supervised fine-tuning / pretraining options (chat template, loss mask, packing)
-    lora:      LoRA / QLoRA adapters instead of full fine-tuning
-    dpo:       direct preference optimisation and its variants (and KTO on unpaired rows)
-    rm:        Bradley-Terry reward models
-    grpo:      group relative policy optimisation (online RL with reward functions)
-    ppo:       PPO with a KL penalty, a value model and GAE (online RL with a reward model)
+A recipe is a YAML file with the sections of `aligner.sections` (all optional; each field has a typed
+default): model, tokenizer, data, train, sft, lora, dpo, rm, grpo, ppo.
 
 Loading is strict: malformed YAML, unknown keys, wrong types and missing files raise `ConfigError`
 with one line naming the file and key (and the closest valid key). Flags override the recipe:
@@ -25,250 +15,31 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from aligner.errors import ConfigError
+from aligner.sections import (  # noqa: F401  (re-exported: the sections are part of this module's API)
+    DEFAULT_RECIPE,
+    OWN_SECTION,
+    SECTIONS,
+    DataConfig,
+    DPOConfig,
+    GRPOConfig,
+    LoRAConfig,
+    ModelConfig,
+    PPOConfig,
+    Recipe,
+    RMConfig,
+    SFTConfig,
+    TokenizerConfig,
+    TrainConfig,
+    choice,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def choice(default: Any, *choices: Any) -> Any:
-    """A field whose value must be one of `choices`."""
-    return field(default=default, metadata={"choices": choices})
-
-
-# --- sections -------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelConfig:
-    init_from: str | None = None  # checkpoint dir / HF model dir or hub name; None = fresh GPT core
-    arch: str = choice("gpt", "gpt", "hf")  # gpt = aligner's GPT core; hf = any AutoModelForCausalLM
-    hidden_size: int = 256  # GPT core width (fresh init only)
-    num_layers: int = 4  # GPT core depth
-    num_heads: int = 4  # attention heads
-    num_kv_heads: int = 2  # key/value heads (grouped-query attention); must divide num_heads
-    intermediate_size: int | None = None  # SwiGLU width; None = 8/3 * hidden_size rounded up to 64
-    max_seq_len: int = 512  # RoPE context length written to config.json
-    rope_theta: float = 10000.0  # RoPE base
-    tie_embeddings: bool = True  # share input embedding and output head
-    trust_remote_code: bool = False  # only for hf models whose code lives in the model repo
-
-
-@dataclass
-class TokenizerConfig:
-    path: str | None = None  # tokenizer dir or hub name; None = init_from's tokenizer, else train one
-    vocab_size: int = 2048  # byte-level BPE vocabulary size when training one
-    chat_template: str = "prompts/chatml.jinja"  # template file (or name in prompts/) attached to it
-    train_rows: int = 20000  # rows of the training text used to fit the BPE merges
-
-
-@dataclass
-class DataConfig:
-    source: str = "world:pretrain"  # world[:kind], a jsonl/json/parquet/csv/txt file or dir, or hub name
-    split: str = "train"  # split of `source` to train on
-    eval_source: str | None = None  # None = the world's val split, or a held-out slice of `source`
-    eval_split: str = "val"  # split of eval_source
-    eval_fraction: float = 0.02  # held-out fraction of `source` when there is no eval source
-    text_field: str = "text"  # column holding plain text (pretraining)
-    format: str | None = None  # row format (messages, sharegpt, alpaca, prompt_completion, text); None = detect
-    num_rows: int | None = None  # use only the first N training rows
-    num_eval_rows: int | None = 500  # use only the first N eval rows; 0 = no eval split
-    seq_len: int = 256  # tokens per training sequence
-    world_seed: int = 0  # seed of the built-in task world
-    world_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # task difficulty levels
-
-
-@dataclass
-class TrainConfig:
-    name: str = "pretrain"  # run name: checkpoints go to <out_dir>/<name>
-    out_dir: str = "runs"  # parent of run directories
-    seed: int = 0  # seeds init, data order and sampling
-    lr: float = 3e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_ratio: float = 0.03  # fraction of steps spent in linear warmup (ignored if warmup_steps set)
-    warmup_steps: int | None = None  # explicit warmup steps
-    weight_decay: float = 0.1  # AdamW decay on matrices (not on norms, biases, embeddings)
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = 1.0  # clip global grad norm; 0 disables
-    micro_batch_size: int = 16  # sequences per forward/backward on each process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int | None = None  # optimizer steps; None = derive from epochs
-    epochs: float = 1.0  # passes over the training rows when max_steps is None
-    precision: str = choice("auto", "auto", "fp32", "bf16", "fp16")  # auto = bf16 autocast where supported
-    eval_every: int = 100  # steps between evals; 0 = only at the end
-    save_every: int = 200  # steps between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2  # step_* directories kept (final is always kept)
-    log_every: int = 1  # steps between metrics.jsonl lines
-    trackers: list[str] = field(default_factory=list)  # extra trackers: tensorboard, wandb
-    progress: bool = True  # progress bar on stderr
-    resume: bool = False  # continue from the newest checkpoint in the run dir
-    overwrite: bool = False  # replace an existing run dir instead of refusing
-
-
-@dataclass
-class SFTConfig:
-    chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
-    train_on: str = choice("all", "all", "last")  # assistant turns in the loss: every one, or only the last
-    overlong: str = choice("truncate", "truncate", "drop", "error")  # conversations over data.seq_len tokens
-    packing: bool = True  # padding-free packing of each micro-batch (same loss, less padding)
-    accuracy_items: int = 500  # held-out task-world items for exact-match accuracy at the end; 0 = skip
-    accuracy_tokens: int = 160  # max new tokens per answer in that eval
-    samples: int = 3  # sample generations printed at the end of the run
-    sample_tokens: int = 48  # max new tokens per printed sample
-
-
-@dataclass
-class LoRAConfig:
-    enabled: bool = False  # train low-rank adapters (peft) instead of every weight
-    r: int = 16  # adapter rank
-    alpha: float = 32.0  # scaling numerator: W = W0 + (alpha / r) * B @ A
-    dropout: float = 0.05  # dropout on the adapter input
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # names; all-linear = all but the head
-    quantize: str = choice("none", "none", "nf4")  # nf4 = QLoRA: frozen base in 4-bit NF4 (bitsandbytes)
-    double_quant: bool = True  # QLoRA: quantize the quantization constants too
-    compute_dtype: str = choice("auto", "auto", "bf16", "fp32")  # QLoRA matmul dtype; auto = bf16 where it is fast
-
-
-@dataclass
-class DPOConfig:
-    loss: str = choice("sigmoid", "sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "kto")  # variant
-    beta: float = 0.1  # strength of the implicit KL to the reference (SimPO: reward scale, ~2.0)
-    label_smoothing: float = 0.0  # cdpo / robust: assumed probability that a pair's label is flipped
-    simpo_gamma: float = 0.5  # SimPO target reward margin
-    orpo_lambda: float = 0.1  # ORPO weight of the odds-ratio term against the chosen NLL
-    sft_weight: float = 0.0  # RPO: + sft_weight x the chosen replies' token NLL (TRL: loss_type [sigmoid, sft])
-    kto_desirable_weight: float = 1.0  # KTO: weight of desirable examples (raise it when they are fewer)
-    kto_undesirable_weight: float = 1.0  # KTO: weight of undesirable examples
-    sample_pairs: int = 0  # > 0: on-policy pairs from this many samples per training prompt of the start model
-    sample_temperature: float = 1.0  # sampling temperature for those pairs
-    sample_tokens: int = 160  # max new tokens per sample
-    precompute_ref: bool = False  # reference log-probs computed once before training and cached on disk
-    ref_cache_dir: str = "runs/.ref_cache"  # where precomputed reference log-probs are kept (keyed by model + data)
-    chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
-    overlong: str = choice("truncate", "truncate", "drop", "error")  # pairs over data.seq_len tokens
-    accuracy_items: int = 500  # held-out task-world items for exact-match accuracy at the end; 0 = skip
-    accuracy_tokens: int = 160  # max new tokens per answer in that eval
-
-
-@dataclass
-class RMConfig:
-    center_coef: float = 0.0  # + center_coef * (r_chosen + r_rejected)^2 keeps rewards near 0 (~0.01)
-    chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
-    overlong: str = choice("truncate", "truncate", "drop", "error")  # pairs over data.seq_len tokens
-
-
-@dataclass
-class GRPOConfig:
-    num_generations: int = 8  # G completions per prompt; train.micro_batch_size x grad_accum x processes counts them
-    max_new_tokens: int = 160  # longest completion
-    temperature: float = 1.0  # sampling temperature (the loss's log-probs use the same one)
-    top_p: float = 1.0  # nucleus sampling; 1 = off
-    top_k: int = 0  # top-k sampling; 0 = off
-    min_p: float = 0.0  # min-p sampling; 0 = off
-    rewards: list[str] = field(default_factory=lambda: ["correct_answer", "format_reward"])  # names or module:fn
-    reward_weights: list[float] = field(default_factory=list)  # one per reward (reward_model's first); [] = all 1
-    reward_model: str | None = None  # a reward-model checkpoint, scored as one more reward (the first)
-    scale_rewards: str = choice("group", "group", "batch", "none")  # advantage scale; none = Dr. GRPO
-    loss_type: str = choice("dapo", "grpo", "bnpo", "dr_grpo", "dapo")  # loss aggregation
-    epsilon: float = 0.2  # clip: ratio >= 1 - epsilon
-    epsilon_high: float | None = None  # clip: ratio <= 1 + epsilon_high; None = epsilon (DAPO: 0.28)
-    beta: float = 0.0  # k3 KL to the reference; 0 = no reference model is loaded
-    num_iterations: int = 1  # optimizer steps per rollout batch (old log-probs recomputed when > 1)
-    importance: str = choice("token", "token", "sequence")  # sequence = GSPO's sequence-level ratio
-    mask_truncated: bool = True  # completions that hit max_new_tokens get no loss
-    engine: str = choice("torch", "torch", "vllm")  # rollout engine: built-in KV cache, or vLLM in this process
-    vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on its CPU backend: the share of CPU memory)
-    vllm_sleep: bool = False  # free vLLM's GPU memory while training (CUDA sleep mode)
-    chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
-    accuracy_items: int = 500  # held-out task-world items for exact-match accuracy at the end; 0 = skip
-    accuracy_tokens: int = 160  # max new tokens per answer in that eval
-
-
-@dataclass
-class PPOConfig:
-    reward_model: str | None = "runs/rm/final"  # reward-model checkpoint scoring each completion (aligner rm)
-    rewards: list[str] = field(default_factory=list)  # reward functions added to the score (names or module:fn)
-    reward_weights: list[float] = field(default_factory=list)  # one per reward (reward_model's first); [] = all 1
-    value_model: str = choice("separate", "separate", "shared")  # a critic of its own, or a head on the policy
-    value_init: str | None = None  # critic start (separate): a reward-model or LM checkpoint; None = reward_model
-    rollout_prompts: int = 64  # prompts per rollout (all processes); one completion each
-    ppo_epochs: int = 4  # passes over each rollout, in minibatches of the loop's global batch
-    max_new_tokens: int = 160  # longest completion
-    temperature: float = 1.0  # sampling temperature (the loss's log-probs use the same one)
-    kl_coef: float = 0.05  # per-token KL penalty in the reward: r_t = -kl_coef * KL_t (+ score at the end)
-    kl_estimator: str = choice("k1", "k1", "k3")  # per-token KL estimate in the reward
-    kl_target: float | None = None  # adaptive KL controller (Ziegler et al.) toward this KL per sequence; None = off
-    kl_horizon: int = 10000  # the controller's horizon
-    gamma: float = 1.0  # GAE discount
-    lam: float = 0.95  # GAE lambda
-    whiten_advantages: bool = True  # normalise advantages over the rollout
-    cliprange: float = 0.2  # policy ratio clip
-    cliprange_value: float = 0.2  # value clip around the rollout's values
-    vf_coef: float = 0.1  # weight of the value loss
-    entropy_coef: float = 0.0  # entropy bonus (0 = off)
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a completion that never ends
-    engine: str = choice("torch", "torch", "vllm")  # rollout engine: built-in KV cache, or vLLM in this process
-    vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on its CPU backend: the share of CPU memory)
-    vllm_sleep: bool = False  # free vLLM's GPU memory while training (CUDA sleep mode)
-    chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
-    accuracy_items: int = 500  # held-out task-world items for exact-match accuracy at the end; 0 = skip
-    accuracy_tokens: int = 160  # max new tokens per answer in that eval
-
-
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "tokenizer": TokenizerConfig,
-    "data": DataConfig,
-    "train": TrainConfig,
-    "sft": SFTConfig,
-    "lora": LoRAConfig,
-    "dpo": DPOConfig,
-    "rm": RMConfig,
-    "grpo": GRPOConfig,
-    "ppo": PPOConfig,
-}
-
-
-@dataclass
-class Recipe:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    rm: RMConfig = field(default_factory=RMConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    path: str | None = field(default=None, metadata={"internal": True})  # where it was loaded from
-
-    def to_dict(self) -> dict:
-        """The resolved recipe as plain data (what gets saved next to every checkpoint)."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
-
-    def to_yaml(self) -> str:
-        header = f"# resolved recipe (from {self.path or 'built-in defaults'})\n"
-        return header + yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# Which section a bare flag (`--lr`) looks at first, per command.
-OWN_SECTION = {"pretrain": "sft", "sft": "sft", "dpo": "dpo", "rm": "rm", "grpo": "grpo", "ppo": "ppo"}
-# Default recipe per command (recipes/<file>), used when no recipe path is given.
-DEFAULT_RECIPE = {
-    "pretrain": "pretrain.yaml",
-    "sft": "chat.yaml",
-    "dpo": "dpo.yaml",
-    "rm": "reward.yaml",
-    "grpo": "grpo.yaml",
-    "ppo": "ppo.yaml",
-}
 
 
 # --- type checking --------------------------------------------------------------------------------

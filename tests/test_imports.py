@@ -14,7 +14,7 @@ def imported_after(module: str) -> set[str]:
     return set(out.split())
 
 
-LIGHT = ["aligner.losses", "aligner.advantages", "aligner.model.gpt", "aligner.config", "aligner"]
+LIGHT = ["aligner.losses", "aligner.advantages", "aligner.model.gpt", "aligner.config", "aligner.sections", "aligner"]
 
 
 @pytest.mark.parametrize("module", LIGHT)
