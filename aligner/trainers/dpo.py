@@ -286,9 +286,9 @@ def encode_pairs(recipe: Recipe, tokenizer, model=None) -> tuple[list[dict], lis
 
 def dpo(recipe: Recipe) -> dict:
     """Preference optimisation from the recipe's model (default: the SFT run); returns eval metrics."""
-    from aligner.trainers.sft import final_accuracy, prepare_model, sft_tokenizer
+    from aligner.trainers.sft import prepare_model, sft_tokenizer, train_and_score
 
-    d, o = recipe.data, recipe.dpo
+    o = recipe.dpo
     recipe.sft.chat_template = o.chat_template or recipe.sft.chat_template
     tokenizer = sft_tokenizer(recipe)
     model = prepare_model(recipe, tokenizer)
@@ -313,9 +313,4 @@ def dpo(recipe: Recipe) -> dict:
         ref = "none" if not needs_ref else "precomputed" if o.precompute_ref else ref
         print(f"dpo: {report}")
         print(f"dpo: loss {o.loss}, beta {o.beta}, reference {ref}, {trainer.total_steps} steps -> {run_dir}")
-    metrics = trainer.train()
-    result = {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}
-    if trainer.is_main and o.accuracy_items and d.source.startswith("world"):
-        acc = final_accuracy(recipe, trainer.unwrapped(), tokenizer, o.accuracy_items, o.accuracy_tokens, run_dir)
-        result["accuracy"] = acc
-    return result
+    return train_and_score(trainer, trainer.unwrapped, tokenizer, o.accuracy_items, o.accuracy_tokens)

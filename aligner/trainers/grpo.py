@@ -168,9 +168,9 @@ class GRPOTrainer(OnlineTrainer):
 
 def grpo(recipe: Recipe) -> dict:
     """GRPO from the recipe's model (default: the SFT run); returns eval metrics and held-out accuracy."""
-    from aligner.trainers.sft import final_accuracy, prepare_model, training_kind
+    from aligner.trainers.sft import prepare_model, train_and_score, training_kind
 
-    d, g, t = recipe.data, recipe.grpo, recipe.train
+    g, t = recipe.grpo, recipe.train
     if (t.micro_batch_size * t.grad_accum) % g.num_generations:
         raise ConfigError(
             f"{recipe.path or 'recipe'}: train.micro_batch_size x grad_accum (completions per process and step) "
@@ -191,9 +191,4 @@ def grpo(recipe: Recipe) -> dict:
             f"grpo: {training_kind(recipe)}, {trainer.prompts_per_rollout} prompts x {g.num_generations} per rollout, "
             f"loss {g.loss_type}, beta {g.beta} (reference {ref}), {trainer.total_steps} steps -> {run_dir}"
         )
-    metrics = trainer.train()
-    result = {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}
-    if trainer.is_main and g.accuracy_items and d.source.startswith("world"):
-        acc = final_accuracy(recipe, trainer.unwrapped(), tokenizer, g.accuracy_items, g.accuracy_tokens, run_dir)
-        result["accuracy"] = acc
-    return result
+    return train_and_score(trainer, trainer.unwrapped, tokenizer, g.accuracy_items, g.accuracy_tokens)

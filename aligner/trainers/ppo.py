@@ -280,9 +280,9 @@ def make_critic(recipe: Recipe, policy: nn.Module) -> ScalarHeadModel:
 
 def ppo(recipe: Recipe) -> dict:
     """PPO from the recipe's model (default: the SFT run) against its reward model; returns eval metrics."""
-    from aligner.trainers.sft import final_accuracy, prepare_model, training_kind
+    from aligner.trainers.sft import prepare_model, train_and_score, training_kind
 
-    d, p, t = recipe.data, recipe.ppo, recipe.train
+    p, t = recipe.ppo, recipe.train
     if p.rollout_prompts % (t.micro_batch_size * t.grad_accum):
         raise ConfigError(
             f"{recipe.path or 'recipe'}: ppo.rollout_prompts must be a multiple of train.micro_batch_size x "
@@ -304,11 +304,4 @@ def ppo(recipe: Recipe) -> dict:
             f"({trainer.steps_per_rollout} steps each), kl_coef {p.kl_coef} (reference {ref}), "
             f"{trainer.total_steps} steps -> {run_dir}"
         )
-    metrics = trainer.train()
-    result = {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}
-    if trainer.is_main and p.accuracy_items and d.source.startswith("world"):
-        acc = final_accuracy(
-            recipe, trainer.unwrapped().policy, tokenizer, p.accuracy_items, p.accuracy_tokens, run_dir
-        )
-        result["accuracy"] = acc
-    return result
+    return train_and_score(trainer, trainer.policy, tokenizer, p.accuracy_items, p.accuracy_tokens)

@@ -254,14 +254,23 @@ def sft(recipe: Recipe) -> dict:
             f"packing {'on' if s.packing else 'off'}, precision {trainer.precision}, {trainer.world} process(es) "
             f"-> {run_dir}"
         )
-    metrics = trainer.train()
-    result = {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}
-    if trainer.is_main and s.accuracy_items and d.source.startswith("world"):
-        acc = final_accuracy(recipe, trainer.unwrapped(), tokenizer, s.accuracy_items, s.accuracy_tokens, run_dir)
-        result["accuracy"] = acc
+    result = train_and_score(trainer, trainer.unwrapped, tokenizer, s.accuracy_items, s.accuracy_tokens)
+    metrics = result["metrics"]
+    if "accuracy" in result:
+        acc = result["accuracy"]
         result["samples"] = [(c["answer"], c["completion"]) for c in acc["completions"][: s.samples]]
         metrics.update({"eval/accuracy": acc["accuracy"], "eval/accuracy_lo": acc["ci95"][0]})
         metrics["eval/accuracy_hi"] = acc["ci95"][1]
+    return result
+
+
+def train_and_score(trainer: Trainer, model, tokenizer, items: int, max_new_tokens: int) -> dict:
+    """Run the trainer; then, on the main process and on the task world, held-out accuracy of `model` (the
+    policy inside whatever the trainer trains). Returns {"metrics", "run_dir", "samples", "is_main"[, "accuracy"]}."""
+    metrics = trainer.train()
+    result = {"metrics": metrics, "run_dir": str(trainer.run_dir), "samples": [], "is_main": trainer.is_main}
+    if trainer.is_main and items and trainer.recipe.data.source.startswith("world"):
+        result["accuracy"] = final_accuracy(trainer.recipe, model(), tokenizer, items, max_new_tokens, trainer.run_dir)
     return result
 
 
