@@ -34,6 +34,75 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int =
     return out.view_as(labels)
 
 
+def _chunk_rows(vocab: int) -> int:
+    """Rows per chunk so that one (rows, V) fp32 block is about 32 MiB."""
+    return max(16, (32 << 20) // (4 * vocab))
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T / temperature)[label] chunk by chunk; backward recomputes each chunk's
+    logits, so no (N, V) tensor is ever held: memory O(chunk x V) instead of O(N x V)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature: float, compute_dtype: torch.dtype):
+        n, vocab = hidden.size(0), weight.size(0)
+        step = _chunk_rows(vocab)
+        w = weight.to(compute_dtype)
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, step):
+            logits = (hidden[s : s + step].to(compute_dtype) @ w.T).float() / temperature  # (rows, V)
+            lse[s : s + step] = torch.logsumexp(logits, dim=-1)
+            out[s : s + step] = logits.gather(-1, labels[s : s + step, None]).squeeze(-1) - lse[s : s + step]
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.temperature, ctx.compute_dtype = temperature, compute_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        t, cd = ctx.temperature, ctx.compute_dtype
+        step = _chunk_rows(weight.size(0))
+        w = weight.to(cd)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        )
+        for s in range(0, hidden.size(0), step):
+            h = hidden[s : s + step].to(cd)
+            g = grad_out[s : s + step].float()
+            probs = torch.exp((h @ w.T).float() / t - lse[s : s + step, None])  # softmax, (rows, V)
+            d = probs.mul_(-g[:, None])  # d logp[label] / d logits = onehot - softmax
+            d.scatter_add_(-1, labels[s : s + step, None], g[:, None])
+            d = (d / t).to(cd)
+            if grad_h is not None:
+                grad_h[s : s + step] = (d @ w).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += (d.T @ h).float()
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probability of each label under logits = hidden @ weight.T / temperature, without materialising
+    the logits: the LM head and the log-softmax run together in chunks of rows, forward and backward.
+
+    hidden: (..., D) final hidden states; weight: (V, D) the LM head; labels: (...) token ids, IGNORE_INDEX
+    where not needed (those rows are skipped entirely and get log-prob 0). Returns (...) fp32 log-probs.
+    The matmuls run in the autocast dtype when autocast is on (as the LM head would), the softmax in fp32.
+    """
+    dev = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    keep = (labels != IGNORE_INDEX).reshape(-1)
+    idx = keep.nonzero().squeeze(-1)
+    rows = hidden.reshape(-1, hidden.size(-1)).index_select(0, idx)  # (N, D): loss rows only
+    with torch.autocast(dev, enabled=False):
+        picked = _LinearLogprobs.apply(rows, weight, labels.reshape(-1)[idx], float(temperature), compute_dtype)
+    out = torch.zeros(keep.numel(), dtype=torch.float32, device=hidden.device)
+    return out.index_put((idx,), picked).view(labels.shape)
+
+
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum()
 
@@ -227,6 +296,12 @@ PREFERENCE_LOSSES = {
     "orpo": orpo_loss,
 }
 REFERENCE_FREE = {"simpo", "orpo"}
+
+
+def summed_logps(token_logps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B,), (B,)): each row's log-probs (B, T) summed over its loss tokens, and their number."""
+    mask = labels != IGNORE_INDEX
+    return (token_logps * mask).sum(-1), mask.sum(-1).to(token_logps.dtype)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

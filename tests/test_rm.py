@@ -127,3 +127,35 @@ def test_rm_rejects_unpaired_rows_and_a_non_reward_checkpoint(bases, tmp_path, c
 
     with pytest.raises(ConfigError, match="not a reward model checkpoint"):
         load_reward_model(bases / "gpt")
+
+
+@pytest.mark.parametrize("arch", ["gpt", "hf"])
+def test_packed_pairs_give_the_padded_loss_and_gradients(bases, arch, monkeypatch):
+    import aligner.trainers.rm as rm_mod
+    from aligner.config import Recipe, TrainConfig
+    from aligner.trainers.rm import RewardTrainer
+
+    lm = GPT.from_pretrained(bases / "gpt") if arch == "gpt" else load_hf_model(str(bases / "llama"))
+    model = ScalarHeadModel.from_causal_lm(lm)
+    g = torch.Generator().manual_seed(0)
+
+    def seq(n):
+        ids = torch.randint(5, 300, (n,), generator=g).tolist()
+        return {"input_ids": ids, "labels": ids}
+
+    pairs = [{"chosen": seq(a), "rejected": seq(b), "margin": 0.5} for a, b in [(9, 4), (13, 13), (6, 11)]]
+    trainer = RewardTrainer(Recipe(train=TrainConfig(out_dir="/nonexistent", precision="fp32")), model, None, [])
+    monkeypatch.setattr(rm_mod, "pad_token_id", lambda tok: 0)
+    results = []
+    for packing in (False, True):  # 3 pairs of 4-13 tokens: packed into rows of 24, margins kept
+        trainer.packing, trainer.row_len = packing, 24
+        batch = trainer.collate(pairs)
+        model.zero_grad()
+        loss, _ = trainer.compute_loss(model, batch)
+        loss.backward()
+        results.append(
+            (float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    assert "ends" in trainer.collate(pairs) and results[0][0] == pytest.approx(results[1][0], abs=1e-5)
+    for name, grad in results[0][1].items():
+        assert torch.allclose(results[1][1][name], grad, atol=1e-5), name

@@ -69,7 +69,8 @@ def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
     Rows are filled first-fit, longest example first. position_ids restart at 0 for every example
     (and for the padding at the end of a row), which the GPT core and transformers models read as
     document boundaries: attention never crosses examples, so the loss and gradients are those of the
-    unpacked batch, with fewer padded positions. Returns the `pad_examples` keys plus position_ids.
+    unpacked batch, with fewer padded positions. Returns the `pad_examples` keys plus position_ids and
+    `ends` (N,): where each example's last token lies in the flattened (rows x width) batch, in input order.
     """
     lengths = [len(e["input_ids"]) for e in examples]
     row_len = max([row_len, *lengths])
@@ -88,10 +89,12 @@ def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.int64)
     positions = torch.zeros((len(rows), width), dtype=torch.int64)
+    ends = torch.zeros(len(examples), dtype=torch.int64)
     for r, members in enumerate(rows):
         at = 0
         for i in members:
             n = lengths[i]
+            ends[i] = r * width + at + n - 1
             ids[r, at : at + n] = torch.as_tensor(examples[i]["input_ids"])
             labels[r, at : at + n] = torch.as_tensor(examples[i]["labels"])
             positions[r, at : at + n] = torch.arange(n)
@@ -101,6 +104,7 @@ def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
         "input_ids": ids,
         "labels": labels,
         "position_ids": positions,
+        "ends": ends,
         "n_loss": int((labels != IGNORE_INDEX).sum()),
         "n_tokens": sum(lengths),
     }

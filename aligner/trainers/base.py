@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from aligner import checkpoint as ckpt
 from aligner.config import Recipe, save_recipe
 from aligner.errors import AlignerError, ConfigError, DataError
-from aligner.model.load import cpu_has_fast_bf16
+from aligner.model.load import cpu_has_fast_bf16, enable_gradient_checkpointing
 from aligner.tracking import Progress, Tracker, plot_metrics
 
 
@@ -110,6 +110,8 @@ class Trainer:
 
         torch.manual_seed(self.cfg.seed)
         self.model = model
+        if self.cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.optimizer = self.make_optimizer(model)
         self.total_steps = self.compute_total_steps()
         warmup = self.cfg.warmup_steps

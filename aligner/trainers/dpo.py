@@ -40,8 +40,8 @@ from aligner.data.chat import REPLY_SIDES, encode_preferences, pad_token_id
 from aligner.data.collate import pad_pairs, pad_unpaired
 from aligner.data.formats import to_preference_records, unpair, with_kl_partners
 from aligner.errors import DataError
-from aligner.losses import PREFERENCE_LOSSES, REFERENCE_FREE, kto_loss, rpo_nll, sequence_logps
-from aligner.model.load import causal_lm_logits
+from aligner.losses import PREFERENCE_LOSSES, REFERENCE_FREE, kto_loss, rpo_nll, summed_logps
+from aligner.model.load import causal_lm_token_logprobs
 from aligner.trainers.base import Trainer, prepare_run_dir
 
 
@@ -68,7 +68,7 @@ class DPOTrainer(Trainer):
     @staticmethod
     def logps_of(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed reply log-probs and reply lengths of every row, ((2B,), (2B,))."""
-        return sequence_logps(causal_lm_logits(model, batch["input_ids"]), batch["labels"])
+        return summed_logps(causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"]), batch["labels"])
 
     @torch.no_grad()
     def reference_logps(self, batch: dict) -> torch.Tensor:
@@ -106,9 +106,9 @@ class DPOTrainer(Trainer):
     def kto_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Completions (rows :B) with gradients; the mismatched KL rows (B:) without."""
         B, ids, labels = batch["n_loss"], batch["input_ids"], batch["labels"]
-        logps = sequence_logps(causal_lm_logits(model, ids[:B]), labels[:B])[0]
+        logps = summed_logps(causal_lm_token_logprobs(model, ids[:B], labels[:B]), labels[:B])[0]
         with torch.no_grad():
-            kl_logps = sequence_logps(causal_lm_logits(model, ids[B:]), labels[B:])[0]
+            kl_logps = summed_logps(causal_lm_token_logprobs(model, ids[B:], labels[B:]), labels[B:])[0]
         ref = self.reference_logps(batch).to(logps.dtype)  # (2B,)
         kl = (kl_logps - ref[B:]).mean()
         d = self.dpo

@@ -34,8 +34,8 @@ from aligner.config import Recipe
 from aligner.data.chat import IGNORE_INDEX
 from aligner.data.collate import pad_examples
 from aligner.errors import ConfigError
-from aligner.losses import grpo_loss, token_logprobs
-from aligner.model.load import causal_lm_logits
+from aligner.losses import grpo_loss
+from aligner.model.load import causal_lm_token_logprobs
 from aligner.rollout.engine import SamplingParams
 from aligner.trainers.base import prepare_run_dir
 from aligner.trainers.online import OnlineTrainer, setup
@@ -140,8 +140,7 @@ class GRPOTrainer(OnlineTrainer):
     def token_logps(self, model, batch: dict) -> torch.Tensor:
         """Per-token log-probs (B, T) of the labels under the sampling temperature, as the sampler saw them."""
         with self.autocast():
-            logits = causal_lm_logits(model, batch["input_ids"])  # (B, T, V)
-        return token_logprobs(logits.float() / self.g.temperature, batch["labels"])
+            return causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"], temperature=self.g.temperature)
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logps = self.token_logps(model, batch)  # (B, T)

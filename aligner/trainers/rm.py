@@ -21,7 +21,7 @@ import torch
 
 from aligner.config import Recipe
 from aligner.data.chat import encode_preferences, pad_token_id
-from aligner.data.collate import pad_examples, pad_pairs
+from aligner.data.collate import pack_examples, pad_examples, pad_pairs
 from aligner.data.formats import to_preference_records
 from aligner.errors import DataError
 from aligner.losses import bradley_terry_loss
@@ -34,12 +34,24 @@ class RewardTrainer(Trainer):
 
     stage = "rm"
     token_loss = False  # units are pairs
+    packing = False  # the 2B sequences packed padding-free into rows of `row_len` tokens
+    row_len = 0
 
     def collate(self, pairs: list) -> dict:
-        return pad_pairs(pairs, pad_token_id(self.tokenizer))
+        if not self.packing:
+            return pad_pairs(pairs, pad_token_id(self.tokenizer))
+        rows = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+        batch = pack_examples(rows, pad_token_id(self.tokenizer), self.row_len)
+        batch["n_loss"] = len(pairs)
+        if all("margin" in p for p in pairs):
+            batch["margin"] = torch.tensor([float(p["margin"]) for p in pairs])
+        return batch
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        rewards = last_token_values(model(batch["input_ids"]), batch["lengths"])  # (2B,)
+        if "ends" in batch:  # packed: each sequence's last token, wherever its row put it
+            rewards = model(batch["input_ids"], batch["position_ids"]).reshape(-1)[batch["ends"]]  # (2B,)
+        else:
+            rewards = last_token_values(model(batch["input_ids"]), batch["lengths"])  # (2B,)
         chosen, rejected = rewards.chunk(2)
         return bradley_terry_loss(chosen, rejected, batch.get("margin"), self.recipe.rm.center_coef)
 
@@ -89,6 +101,7 @@ def rm(recipe: Recipe) -> dict:
     run_dir = Path(recipe.train.out_dir) / recipe.train.name
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
     trainer = RewardTrainer(recipe, model, tokenizer, train_data, eval_data)
+    trainer.packing, trainer.row_len = r.packing, d.seq_len
     if trainer.is_main:
         kind = training_kind(recipe)
         dropped = f", {counts['identical']} with identical chosen and rejected dropped" if counts["identical"] else ""

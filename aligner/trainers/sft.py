@@ -26,13 +26,12 @@ from aligner.data.collate import PackedText, pack_examples, pad_examples
 from aligner.data.formats import to_records
 from aligner.data.sources import load_rows
 from aligner.errors import ConfigError, DataError
-from aligner.losses import sft_loss
-from aligner.model.heads import ScalarHeadModel
+from aligner.model.heads import ScalarHeadModel, is_reward_checkpoint, load_reward_model
 from aligner.model.load import (
     apply_lora,
     build_model,
     build_quantized_model,
-    causal_lm_logits,
+    causal_lm_token_logprobs,
     has_tokenizer,
     load_tokenizer,
 )
@@ -57,9 +56,9 @@ class SFTTrainer(Trainer):
         return pad_token_id(self.tokenizer)
 
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = causal_lm_logits(model, batch["input_ids"], batch.get("position_ids"))  # (B, T, V)
-        loss, _ = sft_loss(logits, batch["labels"])
-        return loss, {}
+        # summed token NLL over the loss tokens (losses.sft_loss), the head fused with the log-softmax
+        logps = causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"], batch.get("position_ids"))
+        return -logps.sum(), {}
 
 
 # --- pretraining ---------------------------------------------------------------------------------------
@@ -200,11 +199,14 @@ def prepare_model(recipe: Recipe, tokenizer, scalar_head: bool = False) -> torch
     (reward models), and LoRA / QLoRA adapters when the recipe asks for them."""
     torch.manual_seed(recipe.train.seed)  # same initial weights (and adapters) on every process and run
     lora = recipe.lora
-    if lora.enabled and lora.quantize == "nf4":
+    init = resolve_path(recipe.model.init_from) if recipe.model.init_from else None
+    if scalar_head and init is not None and is_reward_checkpoint(init) and lora.quantize != "nf4":
+        model = load_reward_model(init).train()  # continue a reward model: its head too
+    elif lora.enabled and lora.quantize == "nf4":
         model = build_quantized_model(recipe.model, lora, tokenizer)
     else:
         model = build_model(recipe.model, tokenizer)
-    if scalar_head:
+    if scalar_head and not isinstance(model, ScalarHeadModel):
         model = ScalarHeadModel.from_causal_lm(model)
     if lora.enabled:
         base = str(resolve_path(recipe.model.init_from).resolve()) if recipe.model.init_from else None

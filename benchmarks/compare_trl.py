@@ -1,0 +1,534 @@
+"""aligner against TRL 1.16: SFT, reward model, DPO and GRPO on the same Hugging Face Llama, side by side.
+
+    python benchmarks/compare_trl.py                        # ~10M Llama (8k vocab) and ~23M (32k vocab), all four
+    python benchmarks/compare_trl.py --trainers sft dpo --vocab 8192 --steps 20
+    python benchmarks/compare_trl.py --quick                # smoke test: tiny model, one timed step each
+
+Both frameworks get the same checkpoint (a LlamaForCausalLM built here, seed 0), the same tokenizer and
+chat template, the same rows (task-world conversations, preference pairs and RL prompts), batch size,
+maximum length, precision (bf16 autocast where the CPU has fast bf16, else fp32), optimizer (fused
+AdamW, constant learning rate, grad clip 1.0) and gradient checkpointing (on: TRL's default; --checkpointing
+off for both). TRL reads the rows in aligner's data order
+(train_sampling_strategy "sequential" over rows written in that order), so every step sees the same
+examples and the first step's loss must agree: SFT and DPO losses are checked to 1e-3 (bf16 autocast
+in both) and printed. GRPO samples, so its loss is not compared; its tokens are the completion tokens
+sampled and trained on per second (generation included, as a user sees it). Each run is a process of
+its own (`--child`), so its peak memory is its own: the peak resident memory while the trainer is
+built and trains, above the resident memory once the libraries are imported (glibc is told to return
+freed blocks at once so the figure follows live tensors). "bare" is the model's own forward, backward
+and AdamW step on the same batches (right-padded, the model's own loss), with no trainer: the
+throughput ceiling each trainer's figure reads against.
+
+Settings that differ because the frameworks differ, not because the benchmark chose them: aligner
+packs SFT examples padding-free (its default; the loss is the same) where TRL pads; TRL's SFT also
+computes entropy and token accuracy metrics over the logits every step (its default). The 32k-vocab
+model shares the 8k tokenizer (ids stay below 8192), which leaves the compute of a 32k vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TRAINERS = ("sft", "rm", "dpo", "grpo")
+FRAMEWORKS = ("bare", "aligner", "trl")
+# ChatML with the newline between turns put before <|im_start|> instead of after <|im_end|>: nothing follows
+# the last turn's end token, so aligner's loss span (through the end token) and TRL's (to the end of the
+# rendered text) are the same tokens and the losses can be compared.
+TEMPLATE = (
+    "{%- for m in messages -%}{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\\n<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def distinct_reward(prompts, completions, **_) -> list[float]:
+    """GRPO reward for the benchmark: the share of distinct characters, so that groups have variance
+    even under an untrained model (whose completions are never correct)."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [len(set(t)) / max(len(t), 1) for t in texts]
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak() -> None:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process to its current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+# --- the shared inputs ----------------------------------------------------------------------------
+
+
+def build_inputs(root: Path, vocabs: list[int], quick: bool, rows: int) -> dict:
+    """Tokenizer, one checkpoint per vocabulary, and the jsonl rows of each trainer (in aligner's order)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from aligner.data.world import world_rows
+    from aligner.model.tokenizer import train_tokenizer
+
+    texts = [r["text"] for r in world_rows("pretrain", "train", n=4000)]
+    tok = train_tokenizer(texts, vocab_size=min(vocabs), chat_template=TEMPLATE)
+    models = {}
+    for vocab in vocabs:
+        torch.manual_seed(0)
+        hidden, layers = (64, 2) if quick else (256, 8)
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=3 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=max(1, hidden // 128),
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        model = LlamaForCausalLM(cfg)
+        path = root / f"llama_{vocab}"
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        torch.manual_seed(1)
+        rm = LlamaForSequenceClassification(LlamaConfig(**{**cfg.to_dict(), "num_labels": 1}))
+        rm.model.load_state_dict(model.model.state_dict())  # the same body, a seeded score head
+        rm.save_pretrained(f"{path}_rm")
+        tok.save_pretrained(f"{path}_rm")
+        models[vocab] = {
+            "path": str(path),
+            "rm_path": f"{path}_rm",
+            "params": sum(p.numel() for p in model.parameters()),
+        }
+
+    # aligner's data order for seed 0, epoch 0 (Trainer._permutation); TRL reads the rows in this order
+    def ordered(items: list[dict]) -> list[dict]:
+        g = torch.Generator().manual_seed(0)
+        return [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
+
+    sft = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in world_rows("sft", n=rows)]
+    pref = [
+        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+        for r in world_rows("preference", n=rows)
+    ]
+    rl = [{"prompt": r["prompt"], "answer": r["answer"]} for r in world_rows("rl", n=rows)]
+    data = {}
+    for name, items in (("sft", sft), ("pref", pref), ("rl", rl)):
+        for order, chosen in (("aligner", items), ("trl", ordered(items))):
+            path = root / f"{name}_{order}.jsonl"
+            path.write_text("".join(json.dumps(x) + "\n" for x in chosen))
+            data[f"{name}_{order}"] = str(path)
+    return {"models": models, "data": data}
+
+
+# --- one run per process --------------------------------------------------------------------------
+
+
+def child(spec: dict) -> dict:
+    # the libraries every framework here reads data and builds models with, imported before the
+    # baseline is taken so that none is charged for importing them later
+    import accelerate  # noqa: F401
+    import datasets  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    torch.set_num_threads(spec["threads"])
+    run = {"bare": run_bare, "aligner": run_aligner, "trl": run_trl}[spec["framework"]]
+    return run(spec)
+
+
+def summarise(ends, tokens, losses, peaks, warmup: int, base: float, start: float) -> dict:
+    """Figures over the timed steps: each step's time is the interval between consecutive step ends; the
+    peak is the highest resident memory seen at a step's end (what building and training took)."""
+    times = [b - a for a, b in zip(ends[warmup - 1 :], ends[warmup:])] if warmup else None
+    if not warmup:
+        times = [ends[0] - start] + [b - a for a, b in zip(ends, ends[1:])]
+    timed_tokens = tokens[warmup:] if warmup else tokens
+    total = sum(times)
+    return {
+        "steps_per_s": len(times) / total,
+        "tokens_per_s": sum(timed_tokens) / total,
+        "peak_mib": max(peaks) - base,
+        "losses": losses[:2],  # the first two steps' (same batches, same start in both frameworks)
+        "steps": len(times),
+    }
+
+
+def run_aligner(spec: dict) -> dict:
+    import yaml
+
+    sys.path.insert(0, str(HERE))
+    import aligner.trainers.base as base_mod
+    from aligner.config import load_recipe
+    from aligner.trainers import dpo, grpo, rm, sft
+
+    base = rss_mib()
+    reset_peak()
+    ends, tokens, losses, peaks = [], [], [], []
+    original = base_mod.Trainer.train_step
+
+    def timed_step(self, step):
+        out = original(self, step)
+        ends.append(time.perf_counter())
+        peaks.append(peak_mib())
+        tokens.append(int(out.get("train/tokens", 0)))
+        losses.append(float(out["train/loss"]))
+        return out
+
+    trainer, s = spec["trainer"], spec
+    steps = s["warmup"] + s["steps"]
+    source = {"sft": "sft", "rm": "pref", "dpo": "pref", "grpo": "rl"}[trainer]
+    recipe = {
+        "model": {"init_from": s["model"], "arch": "hf"},
+        "data": {"source": s["data"][f"{source}_aligner"], "num_eval_rows": 0, "seq_len": s["max_len"]},
+        "train": {
+            "out_dir": s["out_dir"],
+            "name": f"{trainer}_aligner",
+            "max_steps": steps,
+            "micro_batch_size": s["batch"] * (s["generations"] if trainer == "grpo" else 1),
+            "lr": 1e-5,
+            "warmup_steps": 0,
+            "min_lr_ratio": 1.0,
+            "weight_decay": 0.0,
+            "beta2": 0.999,
+            "precision": s["precision"],
+            "gradient_checkpointing": s["checkpointing"] == "on",
+            "eval_every": 0,
+            "save_every": 0,
+            "progress": False,
+            "overwrite": True,
+        },
+    }
+    if trainer == "sft":
+        recipe["sft"] = {"accuracy_items": 0, "samples": 0}
+    elif trainer == "rm":
+        recipe["rm"] = {}
+    elif trainer == "dpo":
+        recipe["dpo"] = {"accuracy_items": 0, "beta": 0.1}
+    else:
+        recipe["grpo"] = {
+            "num_generations": s["generations"],
+            "max_new_tokens": s["new_tokens"],
+            "rewards": ["compare_trl:distinct_reward"],
+            "mask_truncated": False,
+            "accuracy_items": 0,
+        }
+    Path(s["out_dir"]).mkdir(parents=True, exist_ok=True)
+    path = Path(s["out_dir"]) / f"{trainer}_aligner.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    command = {"sft": sft.sft, "rm": rm.rm, "dpo": dpo.dpo, "grpo": grpo.grpo}[trainer]
+    base_mod.Trainer.train_step = timed_step
+    start = time.perf_counter()
+    command(load_recipe(str(path), command=trainer))
+    out = summarise(ends, tokens, losses, peaks, s["warmup"], base, start)
+    if trainer == "grpo":  # completion tokens: the rollout's mean length x completions per step
+        lens = [
+            json.loads(line).get("rollout/completion_len")
+            for line in open(Path(s["out_dir"]) / "grpo_aligner" / "metrics.jsonl")
+        ]
+        per_step = [n * s["batch"] * s["generations"] for n in lens if n is not None]
+        out["tokens_per_s"] = sum(per_step[s["warmup"] :]) / (out["steps"] / out["steps_per_s"])
+    return out
+
+
+def run_trl(spec: dict) -> dict:
+    import datasets
+    import transformers
+    import trl
+
+    sys.path.insert(0, str(HERE))
+    base = rss_mib()
+    reset_peak()
+    s, trainer = spec, spec["trainer"]
+    steps = s["warmup"] + s["steps"]
+    ends, tokens, losses, peaks = [], [], [], []
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+            peaks.append(peak_mib())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    common = dict(
+        output_dir=str(Path(s["out_dir"]) / f"{trainer}_trl"),
+        per_device_train_batch_size=s["batch"] * (s["generations"] if trainer == "grpo" else 1),
+        max_steps=steps,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",
+        bf16=s["precision"] == "bf16",
+        gradient_checkpointing=s["checkpointing"] == "on",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        use_cpu=True,
+    )
+    source = {"sft": "sft", "rm": "pref", "dpo": "pref", "grpo": "rl"}[trainer]
+    dataset = datasets.load_dataset("json", data_files=s["data"][f"{source}_trl"], split="train")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(s["model"])
+    if trainer == "sft":
+        cfg = trl.SFTConfig(max_length=s["max_len"], shuffle_dataset=False, **common)
+        model = transformers.AutoModelForCausalLM.from_pretrained(s["model"])
+        tr = trl.SFTTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer)
+    elif trainer == "rm":
+        cfg = trl.RewardConfig(max_length=s["max_len"], **common)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(s["model"], num_labels=1)
+        tr = trl.RewardTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer)
+    elif trainer == "dpo":
+        cfg = trl.DPOConfig(max_length=s["max_len"], beta=0.1, **common)
+        model = transformers.AutoModelForCausalLM.from_pretrained(s["model"])
+        tr = trl.DPOTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer)
+    else:
+
+        def reward(prompts, completions, completion_ids=None, **kw):
+            tokens.append(sum(len(c) for c in completion_ids))
+            return distinct_reward(prompts, completions)
+
+        cfg = trl.GRPOConfig(
+            num_generations=s["generations"],
+            max_completion_length=s["new_tokens"],
+            temperature=1.0,
+            beta=0.0,
+            loss_type="dapo",
+            scale_rewards="group",
+            shuffle_dataset=False,
+            **common,
+        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(s["model"])
+        tr = trl.GRPOTrainer(
+            model=model, reward_funcs=reward, args=cfg, train_dataset=dataset, processing_class=tokenizer
+        )
+    if trainer != "grpo":  # count the real tokens of each collated batch
+        collate = tr.data_collator
+
+        def counting(examples):
+            batch = collate(examples)
+            tokens.append(int(batch["attention_mask"].sum()))
+            return batch
+
+        tr.data_collator = counting
+    tr.add_callback(Clock())
+    start = time.perf_counter()
+    tr.train()
+    return summarise(ends, tokens[:steps], losses, peaks, s["warmup"], base, start)
+
+
+def run_bare(spec: dict) -> dict:
+    """The model alone: forward, backward and fused AdamW on right-padded batches of the same rows."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    base = rss_mib()
+    reset_peak()
+    s, trainer = spec, spec["trainer"]
+    tok = transformers.AutoTokenizer.from_pretrained(s["model"])
+    source = {"sft": "sft", "rm": "pref", "dpo": "pref", "grpo": "rl"}[trainer]
+    rows = [json.loads(line) for line in open(s["data"][f"{source}_trl"])]
+
+    def ids(messages):
+        text = tok.apply_chat_template(messages, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"][: s["max_len"]]
+
+    if trainer == "sft":
+        seqs = [ids(r["prompt"] + r["completion"]) for r in rows]
+        per_step = s["batch"]
+    elif trainer in ("rm", "dpo"):
+        seqs = []
+        for r in rows:
+            seqs += [ids(r["prompt"] + r["chosen"]), ids(r["prompt"] + r["rejected"])]
+        per_step = 2 * s["batch"]
+    else:  # a prompt plus new_tokens sampled tokens, G times per prompt
+        g = torch.Generator().manual_seed(0)
+        seqs = []
+        for r in rows:
+            for _ in range(s["generations"]):
+                seqs.append(ids(r["prompt"]) + torch.randint(0, len(tok), (s["new_tokens"],), generator=g).tolist())
+        per_step = s["batch"] * s["generations"]
+    if trainer == "rm":
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(s["model"], num_labels=1)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(s["model"])
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if s["precision"] == "bf16" else contextlib.nullcontext()
+    ends, tokens, losses, peaks = [], [], [], []
+    start = time.perf_counter()
+    for step in range(s["warmup"] + s["steps"]):
+        chunk = seqs[step * per_step : (step + 1) * per_step]
+        width = max(map(len, chunk))
+        input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in chunk])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk])
+        with cast:
+            if trainer == "rm":
+                scores = model(input_ids=input_ids, attention_mask=mask).logits.float().view(-1, 2)
+                loss = -F.logsigmoid(scores[:, 0] - scores[:, 1]).mean()
+            else:
+                labels = input_ids.masked_fill(mask == 0, -100)
+                loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ends.append(time.perf_counter())
+        peaks.append(peak_mib())
+        if trainer == "grpo":
+            tokens.append(s["new_tokens"] * len(chunk))
+        else:
+            tokens.append(int(mask.sum()))
+        losses.append(float(loss))
+    return summarise(ends, tokens, losses, peaks, s["warmup"], base, start)
+
+
+# --- the driver -----------------------------------------------------------------------------------
+
+
+def spawn(spec: dict, root: Path) -> dict:
+    path = root / f"spec_{spec['trainer']}_{spec['framework']}_{spec['vocab']}.json"
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"{spec['trainer']} / {spec['framework']} / vocab {spec['vocab']} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=TRAINERS)
+    p.add_argument("--vocab", nargs="+", type=int, default=[8192, 32768])
+    p.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8, help="sequences (pairs; GRPO: prompts) per step")
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--generations", type=int, default=8, help="GRPO completions per prompt")
+    p.add_argument("--new-tokens", type=int, default=96, help="GRPO completion length")
+    p.add_argument("--grpo-steps", type=int, default=3, help="timed GRPO steps (each samples a rollout)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--checkpointing",
+        choices=("on", "off"),
+        default="on",
+        help="gradient checkpointing in both (TRL's default: on)",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny model, one timed step each: a smoke test")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(Path(args.child).read_text()))))
+        return
+    if args.quick:
+        args.vocab, args.steps, args.warmup, args.grpo_steps = [min(args.vocab)], 1, 1, 1
+        args.batch, args.max_len, args.generations, args.new_tokens = 2, 192, 2, 8
+    if args.precision == "auto":
+        from aligner.model.load import cpu_has_fast_bf16
+
+        args.precision = "bf16" if cpu_has_fast_bf16() else "fp32"
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        rows = (args.warmup + max(args.steps, args.grpo_steps)) * args.batch
+        inputs = build_inputs(root, args.vocab, args.quick, rows)
+        for vocab in args.vocab:
+            for trainer in args.trainers:
+                steps = args.grpo_steps if trainer == "grpo" else args.steps
+                row = {"trainer": trainer, "vocab": vocab, "params": inputs["models"][vocab]["params"]}
+                for framework in FRAMEWORKS:
+                    spec = {
+                        "trainer": trainer,
+                        "framework": framework,
+                        "vocab": vocab,
+                        "model": inputs["models"][vocab]["rm_path" if trainer == "rm" else "path"],
+                        "data": inputs["data"],
+                        "out_dir": str(root / "runs"),
+                        "steps": steps,
+                        **{k: getattr(args, k) for k in ("warmup", "batch", "max_len", "generations", "new_tokens")},
+                        **{k: getattr(args, k) for k in ("precision", "threads", "checkpointing")},
+                    }
+                    row[framework] = spawn(spec, root)
+                    print(f"  {trainer} vocab {vocab} {framework}: {json.dumps(row[framework])}", file=sys.stderr)
+                results.append(row)
+    print_table(results, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    failed = [r for r in results if not loss_parity(r)[1]]
+    if failed:
+        sys.exit("first-step losses differ: " + ", ".join(f"{r['trainer']} vocab {r['vocab']}" for r in failed))
+
+
+def loss_parity(row: dict) -> tuple[str, bool]:
+    """The first two steps' losses of aligner and TRL, and whether they agree (GRPO samples: not compared)."""
+    if row["trainer"] == "grpo":
+        return "-", True
+    a, t = row["aligner"]["losses"], row["trl"]["losses"]
+    same = len(a) == len(t) and all(abs(x - y) <= 2e-3 * max(1.0, abs(y)) for x, y in zip(a, t))
+    return " ".join(f"{x:.4f}/{y:.4f}" for x, y in zip(a, t)), same
+
+
+def print_table(results: list[dict], args) -> None:
+    print(
+        f"\naligner vs TRL {__import__('trl').__version__}, CPU, {args.threads} threads, {args.precision}; "
+        f"batch {args.batch}, max length {args.max_len}; GRPO {args.generations} x {args.new_tokens} new tokens; "
+        f"gradient checkpointing {args.checkpointing} (bare: off)"
+    )
+    head = (
+        f"{'trainer':<6}{'vocab':>7}{'params':>8}{'aligner tok/s':>15}{'TRL tok/s':>11}{'ratio':>7}"
+        f"{'bare tok/s':>12}{'al/bare':>8}{'TRL/bare':>9}{'al MiB':>8}{'TRL MiB':>9}{'mem ratio':>10}"
+        f"{'  loss steps 1, 2 (al/TRL)':>30}"
+    )
+    print(head)
+    for r in results:
+        a, t, b = r["aligner"], r["trl"], r["bare"]
+        print(
+            f"{r['trainer']:<6}{r['vocab']:>7}{r['params'] / 1e6:>7.1f}M{a['tokens_per_s']:>15.0f}"
+            f"{t['tokens_per_s']:>11.0f}{a['tokens_per_s'] / t['tokens_per_s']:>7.2f}{b['tokens_per_s']:>12.0f}"
+            f"{a['tokens_per_s'] / b['tokens_per_s']:>8.2f}{t['tokens_per_s'] / b['tokens_per_s']:>9.2f}"
+            f"{a['peak_mib']:>8.0f}{t['peak_mib']:>9.0f}{a['peak_mib'] / t['peak_mib']:>10.2f}"
+            f"{loss_parity(r)[0]:>30}"
+        )
+    print(
+        "steps/s (aligner / TRL): "
+        + ", ".join(
+            f"{r['trainer']}@{r['vocab']} {r['aligner']['steps_per_s']:.2f} / {r['trl']['steps_per_s']:.2f}"
+            for r in results
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
