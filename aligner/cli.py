@@ -7,6 +7,7 @@
     aligner rm recipes/reward.yaml                 # reward model from runs/sft/final
     aligner grpo recipes/grpo.yaml                 # GRPO from runs/sft/final with the task world's rewards
     aligner generate runs/sft/final --chat --prompt "What is 7 + 5?"
+    aligner chat runs/sft/final                    # interactive, streamed, /reset and /exit
     aligner export runs/sft_lora/final out/merged  # merge a LoRA adapter into a full HF model
 
 Errors in the user's input print one line and exit with code 2; a run stopped by a non-finite loss
@@ -36,6 +37,7 @@ commands:
   generate     sample from a checkpoint: aligner generate CHECKPOINT --prompt TEXT
   export       merge a LoRA checkpoint into a full model: aligner export CHECKPOINT OUT_DIR
   eval         held-out exact-match accuracy on the task world: aligner eval CHECKPOINT --items 500
+  chat         talk to a checkpoint, replies streamed: aligner chat CHECKPOINT
 
 Flags override the recipe: --lr 3e-4 (the command's own section first, then the one section that has
 the key) or --train.lr 3e-4 (always). Boolean flags may omit the value: --resume, --overwrite.
@@ -192,6 +194,23 @@ def run_generate(argv: list[str]) -> int:
     return 0
 
 
+def run_chat(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="aligner chat", description="Talk to a checkpoint; replies are streamed.")
+    p.add_argument("checkpoint", help="checkpoint directory (full model or adapter)")
+    p.add_argument("--system", default="system.txt", help="system prompt: a file, a file in prompts/, or text")
+    p.add_argument("--template", default=None, help="chat template file or prompts/ name (default: the tokenizer's)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--arch", choices=["auto", "gpt", "hf"], default="auto")
+    args = p.parse_args(argv)
+    from aligner.interactive import chat
+
+    check_checkpoint(args.checkpoint)
+    return chat(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -210,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_export(rest)
         if command == "eval":
             return run_eval(rest)
+        if command == "chat":
+            return run_chat(rest)
         print(f"error: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
     except AlignerError as e:

@@ -304,6 +304,18 @@ def summed_logps(token_logps: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     return (token_logps * mask).sum(-1), mask.sum(-1).to(token_logps.dtype)
 
 
+def summed_logps_by_doc(
+    token_logps: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`summed_logps` for packed rows: ((n,), (n,)) sums and counts of loss tokens per document, where
+    doc_ids (R, T) holds each position's document index (-1 for padding)."""
+    mask = (labels != IGNORE_INDEX) & (doc_ids >= 0)
+    docs = doc_ids[mask]
+    sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, docs, token_logps[mask])
+    counts = torch.bincount(docs, minlength=n).to(token_logps.dtype)
+    return sums, counts
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of each row's loss tokens and their number: ((B,), (B,)) from logits (B, T, V)
     aligned with labels (B, T) (IGNORE_INDEX outside the completion)."""

@@ -509,7 +509,7 @@ def print_table(results: list[dict], args) -> None:
     head = (
         f"{'trainer':<6}{'vocab':>7}{'params':>8}{'aligner tok/s':>15}{'TRL tok/s':>11}{'ratio':>7}"
         f"{'bare tok/s':>12}{'al/bare':>8}{'TRL/bare':>9}{'al MiB':>8}{'TRL MiB':>9}{'mem ratio':>10}"
-        f"{'  loss steps 1, 2 (al/TRL)':>30}"
+        f"   {'loss steps 1, 2 (aligner/TRL)'}"
     )
     print(head)
     for r in results:
@@ -519,7 +519,7 @@ def print_table(results: list[dict], args) -> None:
             f"{t['tokens_per_s']:>11.0f}{a['tokens_per_s'] / t['tokens_per_s']:>7.2f}{b['tokens_per_s']:>12.0f}"
             f"{a['tokens_per_s'] / b['tokens_per_s']:>8.2f}{t['tokens_per_s'] / b['tokens_per_s']:>9.2f}"
             f"{a['peak_mib']:>8.0f}{t['peak_mib']:>9.0f}{a['peak_mib'] / t['peak_mib']:>10.2f}"
-            f"{loss_parity(r)[0]:>30}"
+            f"   {loss_parity(r)[0]}"
         )
     print(
         "steps/s (aligner / TRL): "

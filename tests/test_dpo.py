@@ -144,3 +144,42 @@ def test_two_process_dpo_on_an_hf_model_with_uneven_eval_shards(bases, tmp_path)
     one, two = metrics(tmp_path, "one")[-1], metrics(tmp_path, "two")[-1]
     for key in ("eval/loss", "eval/rewards/accuracy", "eval/rewards/margin"):
         assert two[key] == pytest.approx(one[key], abs=1e-4), key
+
+
+@pytest.mark.parametrize("arch", ["gpt", "hf"])
+def test_packed_pairs_give_the_padded_dpo_loss_and_gradients(bases, arch, monkeypatch):
+    import torch
+
+    import aligner.trainers.dpo as dpo_mod
+    from aligner.config import DPOConfig, Recipe, TrainConfig
+    from aligner.model.gpt import GPT
+    from aligner.model.load import load_hf_model
+
+    load = (
+        (lambda: GPT.from_pretrained(bases / "gpt")) if arch == "gpt" else lambda: load_hf_model(str(bases / "llama"))
+    )
+    model, ref = load(), load().eval()
+    g = torch.Generator().manual_seed(0)
+
+    def seq(prompt, n):  # a prompt (no loss) and a reply of n tokens
+        ids = torch.randint(5, 300, (prompt + n,), generator=g).tolist()
+        return {"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]}
+
+    pairs = [{"chosen": seq(5, a), "rejected": seq(5, b)} for a, b in [(4, 9), (13, 2), (6, 6)]]
+    recipe = Recipe(train=TrainConfig(out_dir="/nonexistent", precision="fp32"), dpo=DPOConfig(sft_weight=0.3))
+    trainer = dpo_mod.DPOTrainer(recipe, model, None, [], ref_model=ref)
+    monkeypatch.setattr(dpo_mod, "pad_token_id", lambda tok: 0)
+    results = []
+    for packing in (False, True):  # 6 sequences of 7-18 tokens packed into rows of 24
+        trainer.packing, trainer.row_len = packing, 24
+        batch = trainer.collate(pairs)
+        model.zero_grad()
+        loss, stats = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((float(loss.detach()), stats, grads))
+    assert "doc_ids" in trainer.collate(pairs) and results[0][0] == pytest.approx(results[1][0], abs=1e-5)
+    for k, v in results[0][1].items():
+        assert results[1][1][k] == pytest.approx(v, abs=1e-4), k
+    for name, grad in results[0][2].items():
+        assert torch.allclose(results[1][2][name], grad, atol=1e-5), name

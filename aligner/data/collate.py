@@ -70,7 +70,8 @@ def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
     (and for the padding at the end of a row), which the GPT core and transformers models read as
     document boundaries: attention never crosses examples, so the loss and gradients are those of the
     unpacked batch, with fewer padded positions. Returns the `pad_examples` keys plus position_ids and
-    `ends` (N,): where each example's last token lies in the flattened (rows x width) batch, in input order.
+    `ends` (N,): where each example's last token lies in the flattened (rows x width) batch, in input order,
+    and `doc_ids` (rows, width): the index of the example each position holds (-1 for padding).
     """
     lengths = [len(e["input_ids"]) for e in examples]
     row_len = max([row_len, *lengths])
@@ -90,11 +91,13 @@ def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.int64)
     positions = torch.zeros((len(rows), width), dtype=torch.int64)
     ends = torch.zeros(len(examples), dtype=torch.int64)
+    doc_ids = torch.full((len(rows), width), -1, dtype=torch.int64)
     for r, members in enumerate(rows):
         at = 0
         for i in members:
             n = lengths[i]
             ends[i] = r * width + at + n - 1
+            doc_ids[r, at : at + n] = i
             ids[r, at : at + n] = torch.as_tensor(examples[i]["input_ids"])
             labels[r, at : at + n] = torch.as_tensor(examples[i]["labels"])
             positions[r, at : at + n] = torch.arange(n)
@@ -105,6 +108,7 @@ def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
         "labels": labels,
         "position_ids": positions,
         "ends": ends,
+        "doc_ids": doc_ids,
         "n_loss": int((labels != IGNORE_INDEX).sum()),
         "n_tokens": sum(lengths),
     }
@@ -114,7 +118,10 @@ def _pad_two_sides(examples: Sequence[dict], pad_id: int, first: str, second: st
     """One right-padded batch of 2B rows, every example's `first` side then every `second` side, with
     `lengths` (2B,), `n_loss` = B and, when every example carries them, `ref_logps` (2B,)."""
     rows = [e[first] for e in examples] + [e[second] for e in examples]
-    batch = pad_examples(rows, pad_id)
+    return _two_sided(pad_examples(rows, pad_id), rows, examples)
+
+
+def _two_sided(batch: dict, rows: Sequence[dict], examples: Sequence[dict]) -> dict:
     batch["lengths"] = torch.tensor([len(r["input_ids"]) for r in rows])
     batch["n_loss"] = len(examples)
     if all("ref_logps" in e for e in examples):
@@ -127,7 +134,18 @@ def _pad_two_sides(examples: Sequence[dict], pad_id: int, first: str, second: st
 def pad_pairs(pairs: Sequence[dict], pad_id: int) -> dict:
     """Preference pairs -> one batch of 2B rows, chosen first then rejected (one forward for both), with
     `lengths`, `n_loss` = B pairs, `ref_logps` as `_pad_two_sides` and, when pairs carry them, `margin` (B,)."""
-    batch = _pad_two_sides(pairs, pad_id, "chosen", "rejected")
+    return _with_margin(_pad_two_sides(pairs, pad_id, "chosen", "rejected"), pairs)
+
+
+def pack_pairs(pairs: Sequence[dict], pad_id: int, row_len: int) -> dict:
+    """Preference pairs -> their 2B sequences (chosen first, then rejected) packed padding-free into rows of
+    `row_len` tokens (`pack_examples`: `ends`, `doc_ids`, position_ids), with the `pad_pairs` extras."""
+    rows = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    batch = _two_sided(pack_examples(rows, pad_id, row_len), rows, pairs)
+    return _with_margin(batch, pairs)
+
+
+def _with_margin(batch: dict, pairs: Sequence[dict]) -> dict:
     if all("margin" in p for p in pairs):
         batch["margin"] = torch.tensor([float(p["margin"]) for p in pairs])
     return batch

@@ -110,8 +110,10 @@ class TorchEngine:
             not self.is_gpt and "logits_to_keep" in inspect.signature(self.core.forward).parameters
         )
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """len(prompts) * params.n completions, grouped per prompt (the n samples of prompt 0 first)."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, on_token=None) -> list[Completion]:
+        """len(prompts) * params.n completions, grouped per prompt (the n samples of prompt 0 first).
+        `on_token(tokens, alive)`, if given, sees each step's (rows,) new ids and which rows were still
+        generating, as they are produced (streaming)."""
         check_prompts(prompts)
         if not prompts:
             return []
@@ -120,7 +122,7 @@ class TorchEngine:
         self.model.eval()
         try:
             with torch.inference_mode():
-                tokens, logps, lengths, finished = self._generate(rows, params)
+                tokens, logps, lengths, finished = self._generate(rows, params, on_token)
         finally:
             for m, mode in modes.items():
                 m.training = mode
@@ -135,7 +137,7 @@ class TorchEngine:
             for i in range(len(rows))
         ]
 
-    def _generate(self, rows: list[list[int]], params: SamplingParams):
+    def _generate(self, rows: list[list[int]], params: SamplingParams, on_token=None):
         device = next(self.model.parameters()).device
         B, P, N = len(rows), max(len(r) for r in rows), params.max_new_tokens
         total = P + N
@@ -164,6 +166,8 @@ class TorchEngine:
             ids[:, P + t] = tok.masked_fill(finished, self.pad_id)
             logps[:, t] = logp.masked_fill(finished, 0.0)
             lengths += alive
+            if on_token is not None:
+                on_token(tok, alive)
             if stop.numel():
                 finished |= alive & torch.isin(tok, stop)
             if t == N - 1 or bool(finished.all()):

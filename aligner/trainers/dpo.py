@@ -37,10 +37,10 @@ import torch
 
 from aligner.config import Recipe
 from aligner.data.chat import REPLY_SIDES, encode_preferences, pad_token_id
-from aligner.data.collate import pad_pairs, pad_unpaired
+from aligner.data.collate import pack_pairs, pad_pairs, pad_unpaired
 from aligner.data.formats import to_preference_records, unpair, with_kl_partners
 from aligner.errors import DataError
-from aligner.losses import PREFERENCE_LOSSES, REFERENCE_FREE, kto_loss, rpo_nll, summed_logps
+from aligner.losses import PREFERENCE_LOSSES, REFERENCE_FREE, kto_loss, rpo_nll, summed_logps, summed_logps_by_doc
 from aligner.model.load import causal_lm_token_logprobs
 from aligner.trainers.base import Trainer, prepare_run_dir
 
@@ -58,9 +58,14 @@ class DPOTrainer(Trainer):
         self.loss_fn = kto_loss if self.dpo.loss == "kto" else PREFERENCE_LOSSES[self.dpo.loss]
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
 
+    packing = False  # pairs' 2B sequences packed padding-free into rows of `row_len` tokens (not KTO)
+    row_len = 0
+
     def collate(self, pairs: list) -> dict:
         if self.dpo.loss == "kto":
             return pad_unpaired(pairs, pad_token_id(self.tokenizer))
+        if self.packing:
+            return pack_pairs(pairs, pad_token_id(self.tokenizer), self.row_len)
         return pad_pairs(pairs, pad_token_id(self.tokenizer))
 
     # --- log-probs --------------------------------------------------------------------------------------
@@ -68,7 +73,11 @@ class DPOTrainer(Trainer):
     @staticmethod
     def logps_of(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed reply log-probs and reply lengths of every row, ((2B,), (2B,))."""
-        return summed_logps(causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"]), batch["labels"])
+        labels = batch["labels"]
+        logps = causal_lm_token_logprobs(model, batch["input_ids"], labels, batch.get("position_ids"))
+        if "doc_ids" in batch:  # packed rows
+            return summed_logps_by_doc(logps, labels, batch["doc_ids"], len(batch["lengths"]))
+        return summed_logps(logps, labels)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict) -> torch.Tensor:
@@ -299,6 +308,7 @@ def dpo(recipe: Recipe) -> dict:
     run_dir = Path(recipe.train.out_dir) / recipe.train.name
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
     trainer = DPOTrainer(recipe, model, tokenizer, train_data, eval_data, ref_model=ref_model)
+    trainer.packing, trainer.row_len = o.packing and o.loss != "kto", recipe.data.seq_len
     if needs_ref and o.precompute_ref:
         reference = trainer.ref_model if trainer.ref_model is not None else model
         ctx = model.disable_adapter() if trainer.ref_model is None else contextlib.nullcontext()

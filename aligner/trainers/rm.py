@@ -21,7 +21,7 @@ import torch
 
 from aligner.config import Recipe
 from aligner.data.chat import encode_preferences, pad_token_id
-from aligner.data.collate import pack_examples, pad_examples, pad_pairs
+from aligner.data.collate import pack_pairs, pad_examples, pad_pairs
 from aligner.data.formats import to_preference_records
 from aligner.errors import DataError
 from aligner.losses import bradley_terry_loss
@@ -38,14 +38,9 @@ class RewardTrainer(Trainer):
     row_len = 0
 
     def collate(self, pairs: list) -> dict:
-        if not self.packing:
-            return pad_pairs(pairs, pad_token_id(self.tokenizer))
-        rows = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-        batch = pack_examples(rows, pad_token_id(self.tokenizer), self.row_len)
-        batch["n_loss"] = len(pairs)
-        if all("margin" in p for p in pairs):
-            batch["margin"] = torch.tensor([float(p["margin"]) for p in pairs])
-        return batch
+        if self.packing:
+            return pack_pairs(pairs, pad_token_id(self.tokenizer), self.row_len)
+        return pad_pairs(pairs, pad_token_id(self.tokenizer))
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         if "ends" in batch:  # packed: each sequence's last token, wherever its row put it
