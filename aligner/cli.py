@@ -36,7 +36,7 @@ commands:
 {commands}
   generate     sample from a checkpoint: aligner generate CHECKPOINT --prompt TEXT
   export       merge a LoRA checkpoint into a full model: aligner export CHECKPOINT OUT_DIR
-  eval         held-out exact-match accuracy on the task world: aligner eval CHECKPOINT --items 500
+  eval         evaluate a checkpoint on specs in evals/: aligner eval CHECKPOINT [SPEC ...] --items 500
   chat         talk to a checkpoint, replies streamed: aligner chat CHECKPOINT
 
 Flags override the recipe: --lr 3e-4 (the command's own section first, then the one section that has
@@ -86,35 +86,45 @@ def run_training(command: str, argv: list[str]) -> int:
 
 
 def run_eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="aligner eval", description="Held-out exact-match accuracy (greedy).")
-    p.add_argument("checkpoint", help="checkpoint directory (full model or adapter)")
-    p.add_argument("--items", type=int, default=500, help="task-world items to answer")
-    p.add_argument("--split", default="test", choices=["val", "test"])
-    p.add_argument("--seed", type=int, default=0, help="task-world seed")
+    p = argparse.ArgumentParser(
+        prog="aligner eval", description="Evaluate a checkpoint on task specs (evals/*.yaml): table + JSON."
+    )
+    p.add_argument("checkpoint", help="checkpoint directory (full model, adapter or reward model)")
+    p.add_argument(
+        "specs", nargs="*", default=["task_world"], help="spec files or names in evals/ (default: task_world)"
+    )
+    p.add_argument("--items", type=int, default=None, help="rows per spec (overrides data.items)")
+    p.add_argument("--split", default=None, help="data split (overrides data.split)")
+    p.add_argument("--seed", type=int, default=None, help="task-world seed (overrides data.seed)")
+    p.add_argument("--metrics", default=None, help="comma-separated metrics (overrides the specs' own)")
+    p.add_argument("--reference", default=None, help="reference checkpoint for win_rate and kl")
+    p.add_argument("--reward-model", default=None, help="reward-model checkpoint for win_rate / reward_accuracy")
     p.add_argument("--template", default=None, help="chat template file or prompts/ name (default: the tokenizer's)")
-    p.add_argument("--max-new-tokens", type=int, default=160)
-    p.add_argument("--out", default=None, help="write the result (and every completion) to this JSON file")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--out", default=None, help="JSON file for the results (default: CHECKPOINT/eval.json)")
     args = p.parse_args(argv)
 
-    import json
-    from pathlib import Path
-
-    from aligner.data.world import world_rows
-    from aligner.evaluate import exact_match
-    from aligner.model.load import load_model, load_tokenizer
+    from aligner.errors import ConfigError
+    from aligner.evaluate import METRICS, evaluate, load_spec
     from aligner.model.tokenizer import load_chat_template
 
     check_checkpoint(args.checkpoint)
-    tokenizer = load_tokenizer(args.checkpoint)
+    specs = [load_spec(name) for name in args.specs]
+    for spec in specs:
+        for key, value in (("items", args.items), ("split", args.split), ("seed", args.seed)):
+            if value is not None:
+                setattr(spec.data, key, value)
+        if args.max_new_tokens is not None:
+            spec.sampling.max_new_tokens = args.max_new_tokens
+        if args.metrics:
+            spec.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+            unknown = [m for m in spec.metrics if m not in METRICS]
+            if unknown:
+                raise ConfigError(f"--metrics: unknown metric '{unknown[0]}' (use {', '.join(METRICS)})")
+        spec.reference = args.reference or spec.reference
+        spec.reward_model = args.reward_model or spec.reward_model
     template = load_chat_template(args.template) if args.template else None
-    model = load_model(args.checkpoint)
-    rows = world_rows("rl", args.split, n=args.items, seed=args.seed)
-    result = exact_match(model, tokenizer, rows, template=template, max_new_tokens=args.max_new_tokens)
-    lo, hi = result["ci95"]
-    acc, n = result["accuracy"], result["n"]
-    print(f"{args.checkpoint}: accuracy {acc:.3f} (95% interval {lo:.3f}-{hi:.3f}, {n} items)")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    evaluate(args.checkpoint, specs, template=template, out=args.out)
     return 0
 
 

@@ -1,22 +1,48 @@
-"""Held-out evaluation of a checkpoint: exact-match accuracy of greedy answers, with a 95% interval.
+"""Evaluation of checkpoints: metric functions, and the task specs of evals/*.yaml that run them.
 
+    aligner eval runs/grpo/final                              # evals/task_world.yaml
+    aligner eval runs/grpo/final win_rate kl --out grpo.json  # evals/win_rate.yaml, evals/kl.yaml
+    aligner eval runs/rm/final reward_accuracy
     from aligner.evaluate import exact_match
     result = exact_match(model, tokenizer, world_rows("rl", "test", n=500))   # {"accuracy", "ci95", ...}
 
+A spec (YAML, header comment, strict keys) names its data, system prompt, metrics and sampling:
+
+    name: task_world
+    data: {source: "world:rl", split: test, items: 500}    # or a jsonl/parquet/csv file, or a hub name
+    prompt: system.txt                                      # a file in prompts/ (replaces the rows' system turn)
+    metrics: [exact_match, pass_at_k, samples]
+    sampling: {k: 8, temperature: 1.0, max_new_tokens: 160}
+
+Metrics (METRICS):
+    exact_match      greedy answers, checked by the reward functions' checker (`aligner.data.world.is_correct`)
+    pass_at_k        a right answer among k samples, and maj_at_k: the most common of the k answers is right
+    perplexity       exp(mean NLL) of the assistant tokens of conversations (data: world:sft or chat rows)
+    reward_accuracy  pairwise accuracy of a reward model (`reward_model`, else the checkpoint) on preference pairs
+    win_rate         the checkpoint's greedy replies against `reference`'s, judged by `reward_model` (ties: half)
+    kl               KL(checkpoint || reference) per reply on the checkpoint's own samples (k1, sequence-summed)
+    samples          a table of the first few prompts, greedy replies and whether they are right
+
 Prompts are rendered with the chat template exactly as training rendered them (generation prompt
-appended), answers are generated greedily until the template's end-of-turn token, and the final
-answer is checked by the same function the reward functions use (`aligner.data.world.is_correct`).
-The interval is Wilson's score interval, which stays inside [0, 1] at accuracies near 0 or 1.
+appended) and replies are decoded until the template's end-of-turn token. Intervals are 95% Wilson
+intervals, which stay inside [0, 1] at accuracies near 0 or 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import yaml
 
-from aligner.data.chat import encode_prompt, pad_token_id, reply_stop_ids
-from aligner.data.world import is_correct
+from aligner.data.chat import encode_conversation, encode_prompt, pad_token_id, reply_stop_ids
+from aligner.data.world import extract_answer, is_correct
+from aligner.errors import ConfigError, DataError
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -69,3 +95,369 @@ def exact_match(
         "correct": correct,
         "completions": completions,
     }
+
+
+# --- more metrics -----------------------------------------------------------------------------------
+
+
+def _engine(model, tokenizer):
+    from aligner.rollout.torch_engine import TorchEngine
+
+    return TorchEngine(model, pad_id=pad_token_id(tokenizer))
+
+
+def _params(tokenizer, template, max_new_tokens: int, temperature: float = 0.0, n: int = 1, top_p=1.0, seed=0):
+    from aligner.rollout.engine import SamplingParams
+
+    stop = tuple(reply_stop_ids(tokenizer, template))
+    return SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, n=n, top_p=top_p, stop_ids=stop, seed=seed
+    )
+
+
+@torch.no_grad()
+def pass_at_k(model, tokenizer, rows, *, k=8, temperature=1.0, top_p=1.0, max_new_tokens=160, template=None, seed=0):
+    """Share of prompts with a right answer among k samples (pass@k) and whose most common answer is
+    right (maj@k), each with a 95% interval."""
+    engine = _engine(model, tokenizer)
+    params = _params(tokenizer, template, max_new_tokens, temperature, k, top_p, seed)
+    passed = majority = 0
+    for start in range(0, len(rows), 16):
+        chunk = rows[start : start + 16]
+        outs = engine.generate([encode_prompt(tokenizer, r["prompt"], template) for r in chunk], params)
+        for i, row in enumerate(chunk):
+            texts = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs[i * k : (i + 1) * k]]
+            passed += any(is_correct(t, row["answer"]) for t in texts)
+            answers = [a for a in map(extract_answer, texts) if a is not None]
+            if answers:
+                top = Counter(answers).most_common(1)[0][0]
+                majority += is_correct(f"Final answer: {top}", row["answer"])
+    n = len(rows)
+    return {
+        "pass_at_k": passed / n if n else 0.0, "ci95": wilson_interval(passed, n), "k": k,
+        "maj_at_k": majority / n if n else 0.0, "maj_ci95": wilson_interval(majority, n), "n": n,
+    }  # fmt: skip
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, conversations: list[list[dict]], template=None, batch_size: int = 16) -> dict:
+    """exp(mean NLL per token) of the assistant tokens (end-of-turn included) of each conversation."""
+    from aligner.data.collate import IGNORE_INDEX, pad_examples
+    from aligner.model.load import causal_lm_token_logprobs
+
+    nll, tokens = 0.0, 0
+    for start in range(0, len(conversations), batch_size):
+        examples = []
+        for messages in conversations[start : start + batch_size]:
+            ids, mask = encode_conversation(tokenizer, messages, template)
+            labels = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
+            examples.append({"input_ids": ids[:-1], "labels": labels})
+        batch = pad_examples(examples, pad_token_id(tokenizer))
+        logps = causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"])
+        nll -= float(logps.sum())
+        tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+    loss = nll / max(tokens, 1)
+    return {"perplexity": math.exp(min(loss, 50.0)), "nll": loss, "tokens": tokens, "n": len(conversations)}
+
+
+def reward_accuracy(reward_model, tokenizer, pairs: list[dict]) -> dict:
+    """Share of pairs {"prompt", "chosen", "rejected"} (message lists) the reward model ranks right."""
+    from aligner.trainers.rm import score_conversations
+
+    chosen = score_conversations(reward_model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
+    rejected = score_conversations(reward_model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
+    right = sum(c > r for c, r in zip(chosen, rejected))
+    n = len(pairs)
+    margin = sum(c - r for c, r in zip(chosen, rejected)) / max(n, 1)
+    return {"accuracy": right / n if n else 0.0, "ci95": wilson_interval(right, n), "margin": margin, "n": n}
+
+
+def greedy_replies(model, tokenizer, rows, template=None, max_new_tokens=160) -> list[str]:
+    return [
+        c["completion"]
+        for c in exact_match(model, tokenizer, rows, template=template, max_new_tokens=max_new_tokens)["completions"]
+    ]
+
+
+def win_rate(replies: list[str], reference_replies: list[str], rows, reward_model, tokenizer) -> dict:
+    """Share of prompts where the reward model scores `replies` above the reference's (a tie counts half)."""
+    from aligner.trainers.rm import score_conversations
+
+    def convs(texts):
+        return [r["prompt"] + [{"role": "assistant", "content": t.strip()}] for r, t in zip(rows, texts)]
+
+    ours = score_conversations(reward_model, tokenizer, convs(replies))
+    theirs = score_conversations(reward_model, tokenizer, convs(reference_replies))
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs))
+    n = len(rows)
+    return {
+        "win_rate": wins / n if n else 0.0, "ci95": wilson_interval(round(wins), n), "n": n,
+        "score": sum(ours) / max(n, 1), "reference_score": sum(theirs) / max(n, 1),
+    }  # fmt: skip
+
+
+@torch.no_grad()
+def kl_to_reference(model, reference, tokenizer, rows, *, max_new_tokens=160, template=None, seed=0) -> dict:
+    """Mean over prompts of sum_t [log p(y_t) - log p_ref(y_t)] on one T = 1 sample y of the model per
+    prompt: an unbiased estimate of the sequence KL(model || reference), with its standard error."""
+    from aligner.data.collate import IGNORE_INDEX, pad_examples
+    from aligner.model.load import causal_lm_token_logprobs
+
+    params = _params(tokenizer, template, max_new_tokens, temperature=1.0, seed=seed)
+    outs = _engine(model, tokenizer).generate([encode_prompt(tokenizer, r["prompt"], template) for r in rows], params)
+    kls = []
+    for start in range(0, len(outs), 16):
+        examples = []
+        for o in outs[start : start + 16]:
+            ids = o.prompt_ids + o.token_ids
+            examples.append({"input_ids": ids[:-1], "labels": [IGNORE_INDEX] * (len(o.prompt_ids) - 1) + o.token_ids})
+        batch = pad_examples(examples, pad_token_id(tokenizer))
+        ours = causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"]).sum(-1)
+        theirs = causal_lm_token_logprobs(reference, batch["input_ids"], batch["labels"]).sum(-1)
+        kls.extend((ours - theirs).tolist())
+    n = len(kls)
+    mean = sum(kls) / max(n, 1)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in kls) / max(n - 1, 1))
+    return {"kl": mean, "stderr": sd / math.sqrt(max(n, 1)), "n": n}
+
+
+# --- specs --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSpec:
+    source: str = "world:rl"  # world:<kind>, a local file, or a hub name
+    split: str = "test"  # split of the source
+    items: int = 500  # rows evaluated (the first N)
+    seed: int = 0  # task-world seed
+    format: str | None = None  # row format of a file (None = detect)
+
+
+@dataclass
+class SamplingSpec:
+    k: int = 8  # samples per prompt for pass_at_k
+    temperature: float = 1.0  # sampling temperature (pass_at_k; kl samples at 1)
+    top_p: float = 1.0  # nucleus sampling for pass_at_k
+    max_new_tokens: int = 160  # longest reply
+    seed: int = 0  # sampler seed
+
+
+@dataclass
+class EvalSpec:
+    name: str
+    metrics: list[str]
+    data: DataSpec = field(default_factory=DataSpec)
+    prompt: str | None = None  # system prompt file (prompts/<name>); None = the rows' own
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    reference: str | None = None  # checkpoint for win_rate and kl
+    reward_model: str | None = None  # reward-model checkpoint for win_rate (and reward_accuracy)
+    samples: int = 5  # rows in the samples table
+
+
+METRICS = ("exact_match", "pass_at_k", "perplexity", "reward_accuracy", "win_rate", "kl", "samples")
+NEEDS = {"win_rate": ("reference", "reward_model"), "kl": ("reference",)}
+
+
+def _typed(cls, values, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(known)})")
+    out = {}
+    for key, value in values.items():
+        default = known[key].default
+        if key in ("data", "sampling"):
+            out[key] = _typed(DataSpec if key == "data" else SamplingSpec, value, f"{where}.{key}")
+            continue
+        if key == "metrics":
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"{where}.metrics: expected a non-empty list of {', '.join(METRICS)}")
+            bad = [m for m in value if m not in METRICS]
+            if bad:
+                raise ConfigError(f"{where}.metrics: unknown metric '{bad[0]}' (use {', '.join(METRICS)})")
+        elif isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
+        elif type(default) is int and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigError(f"{where}.{key}: expected an integer, got {value!r}")
+        elif type(default) is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
+        elif not isinstance(default, (bool, int, float)) and value is not None and not isinstance(value, str):
+            raise ConfigError(f"{where}.{key}: expected a string, got {value!r}")
+        out[key] = float(value) if isinstance(default, float) else value
+    try:
+        return cls(**out)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def find_spec(name_or_path: str) -> Path:
+    """A spec file: a path (cwd first, then the repository root) or a name in evals/."""
+    from aligner.config import resolve_path
+
+    for candidate in (name_or_path, f"evals/{name_or_path}.yaml", f"evals/{name_or_path}"):
+        p = resolve_path(candidate)
+        if p.is_file():
+            return p
+    raise ConfigError(f"eval spec '{name_or_path}' not found (a YAML file, or a name in evals/)")
+
+
+def load_spec(name_or_path: str) -> EvalSpec:
+    path = find_spec(name_or_path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    values = values or {}
+    if not isinstance(values, dict) or "metrics" not in values:
+        raise ConfigError(f"{path}: an eval spec needs at least 'metrics' (and usually 'data')")
+    values.setdefault("name", path.stem)
+    return _typed(EvalSpec, values, str(path))
+
+
+def spec_rows(spec: EvalSpec, kind: str) -> list[dict]:
+    """The spec's rows: task-world renderings by kind, or a file / hub dataset read as such."""
+    from aligner.data.sources import load_rows
+
+    d = spec.data
+    rows = load_rows(d.source, d.split, n=d.items, seed=d.seed, world_kind=kind)
+    if not rows:
+        raise DataError(f"eval '{spec.name}': data.source '{d.source}' split '{d.split}' has no rows")
+    if spec.prompt and kind == "rl":
+        from aligner.interactive import system_prompt
+
+        system = {"role": "system", "content": system_prompt(spec.prompt)}
+        for r in rows:
+            r["prompt"] = [system] + [m for m in r["prompt"] if m["role"] != "system"]
+    return rows
+
+
+def _prompt_rows(spec: EvalSpec) -> list[dict]:
+    rows = spec_rows(spec, "rl")
+    missing = [c for c in ("prompt", "answer") if c not in rows[0]]
+    if missing:
+        raise DataError(f"eval '{spec.name}': rows need 'prompt' and 'answer' columns (missing {', '.join(missing)})")
+    for r in rows:
+        if isinstance(r["prompt"], str):
+            r["prompt"] = [{"role": "user", "content": r["prompt"]}]
+    return rows
+
+
+def run_spec(spec: EvalSpec, checkpoint: str, *, template: str | None = None, cache: dict | None = None) -> dict:
+    """Every metric of `spec` on `checkpoint`: {metric: figures}. `cache` shares loaded models between specs."""
+    from aligner.model.heads import is_reward_checkpoint, load_reward_model
+    from aligner.model.load import load_model, load_tokenizer
+
+    cache = {} if cache is None else cache
+    for metric in spec.metrics:
+        for need in NEEDS.get(metric, ()):
+            if getattr(spec, need) is None:
+                raise ConfigError(f"eval '{spec.name}': metric {metric} needs '{need}' (a checkpoint) in the spec")
+
+    def model_of(path):
+        if path not in cache:
+            cache[path] = load_reward_model(path) if is_reward_checkpoint(path) else load_model(path).eval()
+        return cache[path]
+
+    tokenizer = load_tokenizer(checkpoint)
+    s, out, replies = spec.sampling, {}, None
+    for metric in spec.metrics:
+        if metric == "perplexity":
+            rows = spec_rows(spec, "sft")
+            from aligner.data.formats import to_records
+
+            convs = [r["messages"] for r in to_records(rows, spec.data.format, f"eval '{spec.name}'")]
+            out[metric] = perplexity(model_of(checkpoint), tokenizer, convs, template)
+        elif metric == "reward_accuracy":
+            from aligner.data.formats import to_preference_records
+
+            pairs = to_preference_records(spec_rows(spec, "preference"), spec.data.format, f"eval '{spec.name}'")[0]
+            out[metric] = reward_accuracy(model_of(spec.reward_model or checkpoint), tokenizer, pairs)
+        elif metric in ("exact_match", "samples", "win_rate"):
+            rows = _prompt_rows(spec)
+            if replies is None:
+                result = exact_match(
+                    model_of(checkpoint), tokenizer, rows, template=template, max_new_tokens=s.max_new_tokens
+                )
+                replies = result
+            if metric == "exact_match":
+                out[metric] = {k: v for k, v in replies.items() if k != "completions"}
+            elif metric == "samples":
+                out[metric] = [
+                    {"question": r["prompt"][-1]["content"], **c}
+                    for r, c in zip(rows, replies["completions"][: spec.samples])
+                ]
+            else:
+                ref = greedy_replies(
+                    model_of(spec.reference), load_tokenizer(spec.reference), rows, template, s.max_new_tokens
+                )
+                ours = [c["completion"] for c in replies["completions"]]
+                out[metric] = win_rate(ours, ref, rows, model_of(spec.reward_model), load_tokenizer(spec.reward_model))
+        elif metric == "pass_at_k":
+            rows = _prompt_rows(spec)
+            out[metric] = pass_at_k(
+                model_of(checkpoint), tokenizer, rows, k=s.k, temperature=s.temperature, top_p=s.top_p,
+                max_new_tokens=s.max_new_tokens, template=template, seed=s.seed,
+            )  # fmt: skip
+        elif metric == "kl":
+            rows = _prompt_rows(spec)
+            out[metric] = kl_to_reference(
+                model_of(checkpoint), model_of(spec.reference), tokenizer, rows,
+                max_new_tokens=s.max_new_tokens, template=template, seed=s.seed,
+            )  # fmt: skip
+    return out
+
+
+def summary_lines(name: str, results: dict) -> list[str]:
+    """One printed line per figure of a spec's results (the samples as a small table)."""
+
+    def interval(ci):
+        return f" ({ci[0]:.3f} - {ci[1]:.3f})"
+
+    lines = []
+    for metric, r in results.items():
+        if metric == "exact_match":
+            lines.append(f"{name:<18}{'exact match':<18}{r['accuracy']:.3f}{interval(r['ci95'])}  n={r['n']}")
+        elif metric == "pass_at_k":
+            lines.append(f"{name:<18}{'pass@' + str(r['k']):<18}{r['pass_at_k']:.3f}{interval(r['ci95'])}  n={r['n']}")
+            lines.append(f"{name:<18}{'maj@' + str(r['k']):<18}{r['maj_at_k']:.3f}{interval(r['maj_ci95'])}")
+        elif metric == "perplexity":
+            lines.append(
+                f"{name:<18}{'perplexity':<18}{r['perplexity']:.3f}  ({r['tokens']} tokens, {r['n']} conversations)"
+            )
+        elif metric == "reward_accuracy":
+            lines.append(
+                f"{name:<18}{'pairwise acc.':<18}{r['accuracy']:.3f}{interval(r['ci95'])}  margin {r['margin']:.2f}"
+            )
+        elif metric == "win_rate":
+            lines.append(
+                f"{name:<18}{'win rate':<18}{r['win_rate']:.3f}{interval(r['ci95'])}  "
+                f"score {r['score']:.2f} vs {r['reference_score']:.2f}"
+            )
+        elif metric == "kl":
+            lines.append(
+                f"{name:<18}{'KL to reference':<18}{r['kl']:.3f} +- {1.96 * r['stderr']:.3f} nats  n={r['n']}"
+            )
+        elif metric == "samples":
+            for row in r:
+                mark = "right" if row["correct"] else "wrong"
+                reply = " / ".join(row["completion"].strip().splitlines())[:100]
+                lines.append(f"  [{mark}] {row['question'][:60]!r} -> {reply!r}")
+    return lines
+
+
+def evaluate(
+    checkpoint: str, specs: list[EvalSpec], template: str | None = None, out: str | Path | None = None
+) -> dict:
+    """Run `specs` on `checkpoint`, print the table, write JSON to `out` (default <checkpoint>/eval.json)."""
+    cache: dict = {}
+    results = {spec.name: run_spec(spec, checkpoint, template=template, cache=cache) for spec in specs}
+    print(f"{'eval':<18}{'metric':<18}value (95% interval)")
+    for name, r in results.items():
+        for line in summary_lines(name, r):
+            print(line)
+    path = Path(out) if out else Path(checkpoint) / "eval.json"
+    path.write_text(json.dumps({"checkpoint": str(checkpoint), "results": results}, indent=1))
+    print(f"written: {path}")
+    return results

@@ -1,0 +1,105 @@
+"""Eval specs (evals/*.yaml) and `aligner eval`: every metric on tiny checkpoints, with invariants that
+can fail (KL to itself is 0, a win rate against itself is one half, pass@1 at T = 0 is greedy exact
+match), and one-line errors for bad specs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aligner.cli import main
+from aligner.evaluate import METRICS, exact_match, load_spec, pass_at_k, reward_accuracy
+from aligner.model.heads import ScalarHeadModel, load_reward_model
+from aligner.model.load import load_model, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reward_ckpt(bases, tmp_path_factory):
+    from aligner.model.gpt import GPT
+
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    ScalarHeadModel.from_causal_lm(GPT.from_pretrained(bases / "gpt")).save_pretrained(out)
+    load_tokenizer(bases / "gpt").save_pretrained(out)
+    return out
+
+
+def test_committed_specs_load():
+    names = sorted(p.stem for p in (REPO / "evals").glob("*.yaml"))
+    assert {"task_world", "perplexity", "reward_accuracy", "win_rate", "kl"} <= set(names)
+    for name in names:
+        spec = load_spec(name)
+        assert spec.metrics and all(m in METRICS for m in spec.metrics)
+        assert (REPO / "evals" / f"{name}.yaml").read_text().startswith("#")  # a header says what it measures
+
+
+def test_every_metric_through_the_command(bases, reward_ckpt, tmp_path, capsys):
+    spec = tmp_path / "all.yaml"
+    spec.write_text(
+        "# all metrics\nname: all\ndata: {source: 'world:rl', split: test, items: 6}\nprompt: system.txt\n"
+        "metrics: [exact_match, pass_at_k, samples, win_rate, kl]\nsampling: {k: 2, max_new_tokens: 8}\n"
+        f"reference: {bases / 'gpt'}\nreward_model: {reward_ckpt}\nsamples: 3\n"
+    )
+    ppl = tmp_path / "ppl.yaml"
+    ppl.write_text("# ppl\ndata: {source: 'world:sft', split: val, items: 4}\nmetrics: [perplexity]\n")
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(bases / "gpt"), str(spec), str(ppl), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for label in ("exact match", "pass@2", "maj@2", "win rate", "KL to reference", "perplexity"):
+        assert label in printed
+    results = json.loads(out.read_text())["results"]
+    r = results["all"]
+    assert r["exact_match"]["n"] == 6 and len(r["samples"]) == 3
+    assert r["kl"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the reference is the checkpoint itself
+    assert r["win_rate"]["win_rate"] == 0.5  # identical replies: every prompt a tie
+    assert results["ppl"]["perplexity"]["perplexity"] > 1.0 and results["ppl"]["perplexity"]["tokens"] > 0
+
+
+def test_pass_at_one_greedy_is_exact_match(bases):
+    from aligner.data.world import world_rows
+
+    model, tok = load_model(bases / "gpt"), load_tokenizer(bases / "gpt")
+    rows = world_rows("rl", "test", n=5)
+    greedy = exact_match(model, tok, rows, max_new_tokens=8)
+    sampled = pass_at_k(model, tok, rows, k=1, temperature=0.0, max_new_tokens=8)
+    assert sampled["pass_at_k"] == greedy["accuracy"] and sampled["n"] == 5
+
+
+def test_reward_accuracy_counts_the_pairs_ranked_right(bases, reward_ckpt):
+    from aligner.data.world import world_rows
+    from aligner.trainers.rm import score_conversations
+
+    rm, tok = load_reward_model(reward_ckpt), load_tokenizer(reward_ckpt)
+    pairs = world_rows("preference", "val", n=8)
+    got = reward_accuracy(rm, tok, pairs)
+    c = score_conversations(rm, tok, [p["prompt"] + p["chosen"] for p in pairs])
+    r = score_conversations(rm, tok, [p["prompt"] + p["rejected"] for p in pairs])
+    assert got["accuracy"] == sum(a > b for a, b in zip(c, r)) / 8
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("metrics: [exact_match]\nbogus: 1\n", "unknown key 'bogus'"),
+        ("metrics: [exact]\n", "unknown metric 'exact'"),
+        ("metrics: [exact_match]\ndata: {items: many}\n", "data.items: expected an integer"),
+        ("metrics: [exact_match\n", "not valid YAML"),
+        ("data: {items: 5}\n", "needs at least 'metrics'"),
+    ],
+)
+def test_bad_specs_are_one_line_errors(tmp_path, capsys, bases, text, message):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(text)
+    assert main(["eval", str(bases / "gpt"), str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_metric_without_its_reference_is_an_error(tmp_path, capsys, bases):
+    spec = tmp_path / "kl.yaml"
+    spec.write_text("metrics: [kl]\ndata: {items: 2}\n")
+    assert main(["eval", str(bases / "gpt"), str(spec)]) == 2
+    assert "needs 'reference'" in capsys.readouterr().err
