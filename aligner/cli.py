@@ -38,6 +38,7 @@ commands:
   export       merge a LoRA checkpoint into a full model: aligner export CHECKPOINT OUT_DIR
   eval         evaluate a checkpoint on specs in evals/: aligner eval CHECKPOINT [SPEC ...] --items 500
   chat         talk to a checkpoint, replies streamed: aligner chat CHECKPOINT
+  report       plots and a markdown summary of runs: aligner report RUN_DIR... [--out DIR]
 
 Flags override the recipe: --lr 3e-4 (the command's own section first, then the one section that has
 the key) or --train.lr 3e-4 (always). Boolean flags may omit the value: --resume, --overwrite.
@@ -221,6 +222,18 @@ def run_chat(argv: list[str]) -> int:
     return chat(args)
 
 
+def run_report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="aligner report", description="PNG plots and a markdown summary of runs.")
+    p.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
+    p.add_argument("--out", default="runs/report", help="directory for the PNGs and report.md")
+    args = p.parse_args(argv)
+    from aligner.report import write_report
+
+    shown = write_report(args.runs, args.out)
+    print(f"report: {args.out}/report.md ({', '.join(shown) or 'no curves'})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -241,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_eval(rest)
         if command == "chat":
             return run_chat(rest)
+        if command == "report":
+            return run_report(rest)
         print(f"error: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
     except AlignerError as e:
