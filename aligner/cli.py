@@ -39,6 +39,7 @@ commands:
   eval         evaluate a checkpoint on specs in evals/: aligner eval CHECKPOINT [SPEC ...] --items 500
   chat         talk to a checkpoint, replies streamed: aligner chat CHECKPOINT
   report       plots and a markdown summary of runs: aligner report RUN_DIR... [--out DIR]
+  pipeline     pretrain -> SFT -> RM -> DPO, PPO, GRPO -> eval: aligner pipeline recipes/pipeline.yaml
 
 Flags override the recipe: --lr 3e-4 (the command's own section first, then the one section that has
 the key) or --train.lr 3e-4 (always). Boolean flags may omit the value: --resume, --overwrite.
@@ -222,6 +223,17 @@ def run_chat(argv: list[str]) -> int:
     return chat(args)
 
 
+def run_pipeline(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="aligner pipeline", description="Every stage, the eval, one table.")
+    p.add_argument("file", nargs="?", default="recipes/pipeline.yaml", help="the pipeline file")
+    p.add_argument("--redo", nargs="+", default=[], help="stages to rerun (and those after them), or all")
+    args = p.parse_args(argv)
+    from aligner.pipeline import pipeline
+
+    pipeline(args.file, redo=args.redo)
+    return 0
+
+
 def run_report(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="aligner report", description="PNG plots and a markdown summary of runs.")
     p.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
@@ -256,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_chat(rest)
         if command == "report":
             return run_report(rest)
+        if command == "pipeline":
+            return run_pipeline(rest)
         print(f"error: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
     except AlignerError as e:

@@ -1,0 +1,260 @@
+"""`aligner pipeline recipes/pipeline.yaml`: pretrain -> SFT -> reward model -> DPO, PPO and GRPO (each
+from the SFT model) -> eval, then one comparison table and a report.
+
+    aligner pipeline recipes/pipeline.yaml             # `make demo`: the embedded task world end to end
+    aligner pipeline recipes/pipeline.yaml --redo sft  # rerun SFT and every stage after it
+    aligner pipeline recipes/pipeline.yaml --redo all
+
+A stage whose run directory already has a final checkpoint is skipped (its outputs are reused) unless
+asked to redo it; redoing a stage redoes the stages that start from it. Each stage is the stage's own
+command on its recipe, with the recipe's flags from the pipeline file applied and the chain wired in:
+the stage's run directory (<out_dir>/<prefix><stage>), `model.init_from` (SFT from pretrain, the others
+from SFT) and PPO's reward model. The eval step scores every policy the same way on the same held-out
+items: exact match with its 95% interval (written to the run's accuracy.json), the reward model's mean
+score of the greedy replies, and the KL to the SFT model on the policy's own samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from aligner.errors import ConfigError
+
+STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")
+STARTS_FROM = {"sft": "pretrain", "rm": "sft", "dpo": "sft", "ppo": "sft", "grpo": "sft"}
+NEEDS = {"ppo": ("sft", "rm")}  # beyond the stage it starts from
+POLICIES = ("sft", "dpo", "ppo", "grpo")
+ACCURACY_SECTION = {"sft": "sft", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo"}
+
+
+@dataclass
+class StageConfig:
+    recipe: str  # the stage's recipe file
+    flags: dict = field(default_factory=dict)  # recipe overrides, as on the command line: {train.max_steps: 100}
+    enabled: bool = True  # false = leave the stage out (and the stages that need it)
+
+
+@dataclass
+class EvalConfig:
+    items: int = 500  # held-out test items for exact match and the reward-model score
+    kl_items: int = 200  # prompts for the KL to the SFT model
+    max_new_tokens: int = 160  # longest reply
+    seed: int = 0  # task-world seed of the items
+
+
+@dataclass
+class PipelineConfig:
+    out_dir: str = "runs"  # parent of every stage's run directory
+    prefix: str = ""  # run names are <prefix><stage>
+    stages: dict = field(default_factory=dict)  # stage -> StageConfig
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    path: str = "pipeline"
+
+    def run_dir(self, stage: str) -> Path:
+        return Path(self.out_dir) / f"{self.prefix}{stage}"
+
+
+def _strict(cls, values, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{key}' (valid keys: {', '.join(known)})")
+    for f in dataclasses.fields(cls):
+        if f.name in values and f.default is not dataclasses.MISSING and f.default is not None:
+            want = type(f.default)
+            ok = isinstance(values[f.name], (int, float) if want is float else want)
+            if not ok or (want is not bool and isinstance(values[f.name], bool)):
+                raise ConfigError(f"{where}.{f.name} must be {want.__name__}, got {values[f.name]!r}")
+    return cls(**values)
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """The pipeline file, strictly: unknown stages or keys and wrong types are one-line errors."""
+    from aligner.config import resolve_path
+
+    p = resolve_path(path)
+    if not p.is_file():
+        raise ConfigError(f"pipeline file '{path}' not found")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    values = dict(values) if isinstance(values, dict) else {"stages": values}
+    stages = values.pop("stages", None)
+    if not isinstance(stages, dict) or not stages:
+        raise ConfigError(f"{p}: 'stages' must map stage names ({', '.join(STAGES)}) to {{recipe: FILE}}")
+    built = {}
+    for name, stage in stages.items():
+        if name not in STAGES:
+            raise ConfigError(f"{p}: unknown stage '{name}' (use {', '.join(STAGES)})")
+        if not isinstance(stage, dict) or "recipe" not in stage:
+            raise ConfigError(f"{p}: stages.{name} needs a 'recipe' file")
+        built[name] = _strict(StageConfig, stage, f"{p}: stages.{name}")
+    evals = _strict(EvalConfig, values.pop("eval", {}) or {}, f"{p}: eval")
+    cfg = _strict(PipelineConfig, values, str(p))
+    cfg.stages, cfg.eval, cfg.path = built, evals, str(p)
+    for name in built:
+        for need in (STARTS_FROM.get(name), *NEEDS.get(name, ())):
+            if need and need not in built:
+                raise ConfigError(f"{p}: stage '{name}' needs stage '{need}' (add it, or drop '{name}')")
+    return cfg
+
+
+def downstream(stages: set[str]) -> set[str]:
+    """`stages` and every stage that starts from or needs one of them."""
+    out = set(stages)
+    while True:
+        more = {s for s in STAGES if ({STARTS_FROM.get(s), *NEEDS.get(s, ())} & out) and s not in out}
+        if not more:
+            return out
+        out |= more
+
+
+def is_done(run_dir: Path) -> bool:
+    final = run_dir / "final"
+    return (final / "config.json").is_file() or (final / "adapter_config.json").is_file()
+
+
+def stage_recipe(cfg: PipelineConfig, stage: str, redo: bool):
+    """The stage's recipe with the pipeline's flags and the chain (run dir, start model, reward model)."""
+    from aligner.config import load_recipe
+
+    overrides = dict(cfg.stages[stage].flags)
+    overrides.update({"train.out_dir": cfg.out_dir, "train.name": f"{cfg.prefix}{stage}", "train.overwrite": redo})
+    if stage in STARTS_FROM:
+        overrides["model.init_from"] = str(cfg.run_dir(STARTS_FROM[stage]) / "final")
+    if stage == "ppo":
+        overrides["ppo.reward_model"] = str(cfg.run_dir("rm") / "final")
+    if stage in ACCURACY_SECTION:
+        overrides[f"{ACCURACY_SECTION[stage]}.accuracy_items"] = 0  # the eval step scores every policy alike
+    try:
+        return load_recipe(cfg.stages[stage].recipe, overrides, command=stage)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg.path}: stage {stage}: {e}") from None
+
+
+def run_stage(stage: str, recipe) -> None:
+    from aligner.trainers import dpo, grpo, ppo, rm, sft
+
+    commands = {
+        "pretrain": sft.pretrain,
+        "sft": sft.sft,
+        "rm": rm.rm,
+        "dpo": dpo.dpo,
+        "ppo": ppo.ppo,
+        "grpo": grpo.grpo,
+    }
+    commands[stage](recipe)
+
+
+def evaluate_policies(cfg: PipelineConfig, policies: list[str]) -> list[dict]:
+    """Exact match (also written to each run's accuracy.json), reward-model score and KL to SFT, per policy."""
+    import torch
+
+    from aligner.data.world import world_rows
+    from aligner.evaluate import exact_match, kl_to_reference
+    from aligner.model.heads import load_reward_model
+    from aligner.model.load import load_model, load_tokenizer
+    from aligner.trainers.rm import score_conversations
+
+    e = cfg.eval
+    rows = world_rows("rl", "test", n=e.items, seed=e.seed)
+    rm_dir = cfg.run_dir("rm") / "final"
+    reward_model = load_reward_model(rm_dir) if "rm" in cfg.stages and is_done(cfg.run_dir("rm")) else None
+    sft_model = load_model(cfg.run_dir("sft") / "final").eval()
+    out = []
+    for stage in policies:
+        ckpt = cfg.run_dir(stage) / "final"
+        model, tok = load_model(ckpt).eval(), load_tokenizer(ckpt)
+        acc = exact_match(model, tok, rows, max_new_tokens=e.max_new_tokens)
+        summary = {k: v for k, v in acc.items() if k != "completions"} | {"split": "test"}
+        (cfg.run_dir(stage) / "accuracy.json").write_text(json.dumps(summary, indent=1))
+        row = {"stage": stage, "accuracy": acc["accuracy"], "ci95": acc["ci95"], "n": acc["n"]}
+        if reward_model is not None:
+            convs = [
+                r["prompt"] + [{"role": "assistant", "content": c["completion"].strip()}]
+                for r, c in zip(rows, acc["completions"])
+            ]
+            with torch.no_grad():
+                scores = score_conversations(reward_model, tok, convs)
+            row["rm_score"] = sum(scores) / len(scores)
+        kl_rows = rows[: e.kl_items]
+        row["kl"] = (
+            0.0
+            if stage == "sft"
+            else kl_to_reference(model, sft_model, tok, kl_rows, max_new_tokens=e.max_new_tokens)["kl"]
+        )
+        out.append(row)
+    return out
+
+
+def table(rows: list[dict], walls: dict) -> str:
+    sft = next((r for r in rows if r["stage"] == "sft"), None)
+    lines = [
+        "| stage | held-out accuracy | 95% interval | vs SFT | reward-model score | KL to SFT (nats) | wall time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lo, hi = r["ci95"]
+        if sft is None or r["stage"] == "sft":
+            verdict = "-"
+        else:
+            half = (sft["ci95"][1] - sft["ci95"][0]) / 2
+            diff = r["accuracy"] - sft["accuracy"]
+            verdict = f"{diff:+.3f} ({'beyond' if diff > half else 'within'} +-{half:.3f})"
+        score = f"{r['rm_score']:.2f}" if "rm_score" in r else "-"
+        wall = f"{walls[r['stage']] / 60:.1f} min" if walls.get(r["stage"]) else "-"
+        cells = [r["stage"], f"{r['accuracy']:.3f}", f"{lo:.3f} - {hi:.3f}", verdict, score, f"{r['kl']:.3f}", wall]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pipeline(path: str | Path, redo: list[str] | None = None) -> dict:
+    """Run (or reuse) every stage, evaluate the policies, print the table, write the report."""
+    from aligner.report import run_summary, write_report
+
+    cfg = load_pipeline(path)
+    redo = list(redo or [])
+    unknown = [s for s in redo if s != "all" and s not in STAGES]
+    if unknown:
+        raise ConfigError(f"--redo: unknown stage '{unknown[0]}' (use all or {', '.join(STAGES)})")
+    asked = set(cfg.stages) if "all" in redo else downstream(set(redo))
+    active = [s for s in STAGES if s in cfg.stages and cfg.stages[s].enabled]
+    for s in active:
+        for need in (STARTS_FROM.get(s), *NEEDS.get(s, ())):
+            if need and need not in active:
+                raise ConfigError(f"{cfg.path}: stage '{s}' is enabled but stage '{need}' it needs is not")
+    walls: dict[str, float] = {}
+    for stage in active:
+        run_dir = cfg.run_dir(stage)
+        if is_done(run_dir) and stage not in asked:
+            print(f"pipeline: {stage}: {run_dir}/final exists, reused (--redo {stage} to rerun)")
+        else:
+            recipe = stage_recipe(cfg, stage, redo=stage in asked or run_dir.exists())
+            print(f"pipeline: {stage}: {cfg.stages[stage].recipe} -> {run_dir}")
+            start = time.perf_counter()
+            run_stage(stage, recipe)
+            walls[stage] = time.perf_counter() - start
+        walls.setdefault(stage, run_summary(run_dir)["wall_s"] or 0.0)
+    policies = [s for s in POLICIES if s in active]
+    print(f"pipeline: evaluating {', '.join(policies)} on {cfg.eval.items} held-out items")
+    start = time.perf_counter()
+    rows = evaluate_policies(cfg, policies)
+    text = table(rows, walls)
+    print(text)
+    report_dir = Path(cfg.out_dir) / f"{cfg.prefix}report"
+    write_report([cfg.run_dir(s) for s in active], report_dir)
+    md = report_dir / "report.md"
+    md.write_text(
+        f"# Pipeline: {cfg.path}\n\n{text}\n\nEval: {time.perf_counter() - start:.0f} s.\n\n" + md.read_text()
+    )
+    print(f"pipeline: report {md}")
+    return {"rows": rows, "walls": walls, "report": str(md)}

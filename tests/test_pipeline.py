@@ -1,0 +1,91 @@
+"""`aligner pipeline`: a miniature run of every stage (tiny model, a few steps each), the comparison
+table and report, reuse of finished stages, redo cascades, and bad pipeline files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from aligner.cli import main
+from aligner.pipeline import downstream
+
+QUIET = {"train.precision": "fp32", "train.progress": False, "train.eval_every": 0, "train.save_every": 0}
+SMALL = {**QUIET, "data.num_rows": 32, "data.num_eval_rows": 4, "train.micro_batch_size": 4, "train.max_steps": 2}
+
+
+def mini_pipeline(tmp_path) -> str:
+    stages = {
+        "pretrain": {
+            "recipe": "recipes/pretrain.yaml",
+            "flags": {
+                **SMALL, "data.num_rows": 200, "train.max_steps": 3, "model.hidden_size": 32, "model.num_layers": 1,
+                "model.num_heads": 2, "model.num_kv_heads": 1,
+                "tokenizer.vocab_size": 400, "tokenizer.train_rows": 200,
+            },
+        },
+        "sft": {"recipe": "recipes/chat.yaml", "flags": {**SMALL, "sft.samples": 0}},
+        "rm": {"recipe": "recipes/reward.yaml", "flags": SMALL},
+        "dpo": {"recipe": "recipes/dpo.yaml", "flags": {**SMALL, "dpo.sample_pairs": 0}},
+        "ppo": {
+            "recipe": "recipes/ppo.yaml",
+            "flags": {**SMALL, "ppo.rollout_prompts": 4, "ppo.max_new_tokens": 8, "ppo.ppo_epochs": 1},
+        },
+        "grpo": {
+            "recipe": "recipes/grpo.yaml",
+            "flags": {**SMALL, "grpo.num_generations": 2, "grpo.max_new_tokens": 8},
+        },
+    }  # fmt: skip
+    spec = {
+        "out_dir": str(tmp_path / "runs"),
+        "stages": stages,
+        "eval": {"items": 6, "kl_items": 3, "max_new_tokens": 8},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("# a miniature pipeline\n" + yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_every_stage_then_the_table_and_report_then_reuse(tmp_path, capsys):
+    path = mini_pipeline(tmp_path)
+    assert main(["pipeline", path]) == 0
+    out = capsys.readouterr().out
+    runs = tmp_path / "runs"
+    for stage in ("pretrain", "sft", "rm", "dpo", "ppo", "grpo"):
+        assert (runs / stage / "final" / "config.json").is_file(), stage
+    for stage in ("sft", "dpo", "ppo", "grpo"):
+        acc = json.loads((runs / stage / "accuracy.json").read_text())
+        assert acc["n"] == 6 and 0 <= acc["accuracy"] <= 1
+        assert f"| {stage} | {acc['accuracy']:.3f} |" in out
+    assert "reward-model score" in out and "KL to SFT" in out
+    report = (runs / "report" / "report.md").read_text()
+    assert "| stage | held-out accuracy |" in report and (runs / "report" / "loss.png").is_file()
+
+    assert main(["pipeline", path]) == 0  # everything exists: every stage reused, the eval rerun
+    again = capsys.readouterr().out
+    assert again.count("reused") == 6
+
+
+def test_redo_cascades_to_the_stages_that_start_from_it():
+    assert downstream({"sft"}) == {"sft", "rm", "dpo", "ppo", "grpo"}
+    assert downstream({"rm"}) == {"rm", "ppo"}
+    assert downstream({"grpo"}) == {"grpo"}
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ({"sft": {"recipe": "recipes/chat.yaml"}, "dpoo": {"recipe": "recipes/dpo.yaml"}}, "unknown stage 'dpoo'"),
+        ({"dpo": {"recipe": "recipes/dpo.yaml"}}, "stage 'dpo' needs stage 'sft'"),
+        ({"pretrain": {"recipe": "recipes/pretrain.yaml", "flagz": {}}}, "unknown key 'flagz'"),
+        ({"pretrain": {"recipe": "recipes/pretrain.yaml", "flags": {"train.bogus": 1}}}, "stage pretrain"),
+        ({"pretrain": {}}, "needs a 'recipe'"),
+    ],
+)
+def test_bad_pipeline_files_are_one_line_errors(tmp_path, capsys, stages, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "runs"), "stages": stages}))
+    assert main(["pipeline", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
