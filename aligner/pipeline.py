@@ -199,7 +199,8 @@ def evaluate_policies(cfg: PipelineConfig, policies: list[str]) -> list[dict]:
 def table(rows: list[dict], walls: dict) -> str:
     sft = next((r for r in rows if r["stage"] == "sft"), None)
     lines = [
-        "| stage | held-out accuracy | 95% interval | vs SFT | reward-model score | KL to SFT (nats) | wall time |",
+        "| stage | held-out accuracy | 95% interval | vs SFT (SFT's interval) | reward-model score "
+        "| KL to SFT (nats) | wall time |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -209,7 +210,8 @@ def table(rows: list[dict], walls: dict) -> str:
         else:
             half = (sft["ci95"][1] - sft["ci95"][0]) / 2
             diff = r["accuracy"] - sft["accuracy"]
-            verdict = f"{diff:+.3f} ({'beyond' if diff > half else 'within'} +-{half:.3f})"
+            where = "above" if diff > half else "below" if diff < -half else "within"
+            verdict = f"{diff:+.3f} ({where} +-{half:.3f})"
         score = f"{r['rm_score']:.2f}" if "rm_score" in r else "-"
         wall = f"{walls[r['stage']] / 60:.1f} min" if walls.get(r["stage"]) else "-"
         cells = [r["stage"], f"{r['accuracy']:.3f}", f"{lo:.3f} - {hi:.3f}", verdict, score, f"{r['kl']:.3f}", wall]
