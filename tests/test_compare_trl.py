@@ -17,7 +17,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_trl.py"
 def test_quick_mode_runs_all_trainers_with_equal_losses(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)], capture_output=True, text=True, timeout=600
+        [sys.executable, str(SCRIPT), "--quick", "--precision", "fp32", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -26,8 +29,8 @@ def test_quick_mode_runs_all_trainers_with_equal_losses(tmp_path):
         for framework in ("bare", "aligner", "trl"):
             figures = r[framework]
             assert figures["tokens_per_s"] > 0 and figures["steps_per_s"] > 0 and figures["peak_mib"] > 0
-        if r["trainer"] != "grpo":  # same batches from the same start: the same first two losses
+        if r["trainer"] != "grpo":  # same batches from the same weights, fp32: the same first two losses
             assert len(r["aligner"]["losses"]) == 2
             for a, t in zip(r["aligner"]["losses"], r["trl"]["losses"]):
-                assert a == pytest.approx(t, rel=2e-3)
+                assert a == pytest.approx(t, abs=2e-5)
     assert "ratio" in proc.stdout and "bare tok/s" in proc.stdout
