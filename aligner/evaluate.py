@@ -30,7 +30,6 @@ intervals, which stay inside [0, 1] at accuracies near 0 or 1.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections import Counter
@@ -258,40 +257,6 @@ METRICS = ("exact_match", "pass_at_k", "perplexity", "reward_accuracy", "win_rat
 NEEDS = {"win_rate": ("reference", "reward_model"), "kl": ("reference",)}
 
 
-def _typed(cls, values, where: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(known)})")
-    out = {}
-    for key, value in values.items():
-        default = known[key].default
-        if key in ("data", "sampling"):
-            out[key] = _typed(DataSpec if key == "data" else SamplingSpec, value, f"{where}.{key}")
-            continue
-        if key == "metrics":
-            if not isinstance(value, list) or not value:
-                raise ConfigError(f"{where}.metrics: expected a non-empty list of {', '.join(METRICS)}")
-            bad = [m for m in value if m not in METRICS]
-            if bad:
-                raise ConfigError(f"{where}.metrics: unknown metric '{bad[0]}' (use {', '.join(METRICS)})")
-        elif isinstance(default, bool) and not isinstance(value, bool):
-            raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
-        elif type(default) is int and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ConfigError(f"{where}.{key}: expected an integer, got {value!r}")
-        elif type(default) is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
-        elif not isinstance(default, (bool, int, float)) and value is not None and not isinstance(value, str):
-            raise ConfigError(f"{where}.{key}: expected a string, got {value!r}")
-        out[key] = float(value) if isinstance(default, float) else value
-    try:
-        return cls(**out)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
 def find_spec(name_or_path: str) -> Path:
     """A spec file: a path (cwd first, then the repository root) or a name in evals/."""
     from aligner.config import resolve_path
@@ -309,11 +274,20 @@ def load_spec(name_or_path: str) -> EvalSpec:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    from aligner.config import build_section
+
     values = values or {}
     if not isinstance(values, dict) or "metrics" not in values:
         raise ConfigError(f"{path}: an eval spec needs at least 'metrics' (and usually 'data')")
-    values.setdefault("name", path.stem)
-    return _typed(EvalSpec, values, str(path))
+    values = {"name": path.stem, **values}
+    data = build_section(DataSpec, values.pop("data", None) or {}, f"{path}: data")
+    sampling = build_section(SamplingSpec, values.pop("sampling", None) or {}, f"{path}: sampling")
+    spec = build_section(EvalSpec, values, str(path))
+    spec.data, spec.sampling = data, sampling
+    bad = [m for m in spec.metrics if m not in METRICS]
+    if not spec.metrics or bad:
+        raise ConfigError(f"{path}: metrics: unknown metric '{bad[0] if bad else ''}' (use {', '.join(METRICS)})")
+    return spec
 
 
 def spec_rows(spec: EvalSpec, kind: str) -> list[dict]:

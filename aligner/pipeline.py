@@ -16,7 +16,6 @@ score of the greedy replies, and the KL to the SFT model on the policy's own sam
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ ACCURACY_SECTION = {"sft": "sft", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo"}
 @dataclass
 class StageConfig:
     recipe: str  # the stage's recipe file
-    flags: dict = field(default_factory=dict)  # recipe overrides, as on the command line: {train.max_steps: 100}
+    flags: dict = field(default_factory=dict, metadata={"internal": True})  # recipe overrides: {train.max_steps: 100}
     enabled: bool = True  # false = leave the stage out (and the stages that need it)
 
 
@@ -52,33 +51,17 @@ class EvalConfig:
 class PipelineConfig:
     out_dir: str = "runs"  # parent of every stage's run directory
     prefix: str = ""  # run names are <prefix><stage>
-    stages: dict = field(default_factory=dict)  # stage -> StageConfig
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    path: str = "pipeline"
+    stages: dict = field(default_factory=dict, metadata={"internal": True})  # stage -> StageConfig
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"internal": True})
+    path: str = field(default="pipeline", metadata={"internal": True})
 
     def run_dir(self, stage: str) -> Path:
         return Path(self.out_dir) / f"{self.prefix}{stage}"
 
 
-def _strict(cls, values, where: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(values).__name__}")
-    known = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key '{key}' (valid keys: {', '.join(known)})")
-    for f in dataclasses.fields(cls):
-        if f.name in values and f.default is not dataclasses.MISSING and f.default is not None:
-            want = type(f.default)
-            ok = isinstance(values[f.name], (int, float) if want is float else want)
-            if not ok or (want is not bool and isinstance(values[f.name], bool)):
-                raise ConfigError(f"{where}.{f.name} must be {want.__name__}, got {values[f.name]!r}")
-    return cls(**values)
-
-
 def load_pipeline(path: str | Path) -> PipelineConfig:
     """The pipeline file, strictly: unknown stages or keys and wrong types are one-line errors."""
-    from aligner.config import resolve_path
+    from aligner.config import build_section, resolve_path
 
     p = resolve_path(path)
     if not p.is_file():
@@ -97,9 +80,14 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
             raise ConfigError(f"{p}: unknown stage '{name}' (use {', '.join(STAGES)})")
         if not isinstance(stage, dict) or "recipe" not in stage:
             raise ConfigError(f"{p}: stages.{name} needs a 'recipe' file")
-        built[name] = _strict(StageConfig, stage, f"{p}: stages.{name}")
-    evals = _strict(EvalConfig, values.pop("eval", {}) or {}, f"{p}: eval")
-    cfg = _strict(PipelineConfig, values, str(p))
+        stage = dict(stage)
+        flags = stage.pop("flags", None) or {}
+        if not isinstance(flags, dict):
+            raise ConfigError(f"{p}: stages.{name}.flags must map recipe keys to values, got {flags!r}")
+        built[name] = build_section(StageConfig, stage, f"{p}: stages.{name}")
+        built[name].flags = flags
+    evals = build_section(EvalConfig, values.pop("eval", None) or {}, f"{p}: eval")
+    cfg = build_section(PipelineConfig, values, str(p))
     cfg.stages, cfg.eval, cfg.path = built, evals, str(p)
     for name in built:
         for need in (STARTS_FROM.get(name), *NEEDS.get(name, ())):

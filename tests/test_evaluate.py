@@ -83,9 +83,9 @@ def test_reward_accuracy_counts_the_pairs_ranked_right(bases, reward_ckpt):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("metrics: [exact_match]\nbogus: 1\n", "unknown key 'bogus'"),
+        ("metrics: [exact_match]\nbogus: 1\n", "bogus' (valid keys"),
         ("metrics: [exact]\n", "unknown metric 'exact'"),
-        ("metrics: [exact_match]\ndata: {items: many}\n", "data.items: expected an integer"),
+        ("metrics: [exact_match]\ndata: {items: many}\n", "data.items must be int"),
         ("metrics: [exact_match\n", "not valid YAML"),
         ("data: {items: 5}\n", "needs at least 'metrics'"),
     ],

@@ -78,7 +78,7 @@ def test_redo_cascades_to_the_stages_that_start_from_it():
     [
         ({"sft": {"recipe": "recipes/chat.yaml"}, "dpoo": {"recipe": "recipes/dpo.yaml"}}, "unknown stage 'dpoo'"),
         ({"dpo": {"recipe": "recipes/dpo.yaml"}}, "stage 'dpo' needs stage 'sft'"),
-        ({"pretrain": {"recipe": "recipes/pretrain.yaml", "flagz": {}}}, "unknown key 'flagz'"),
+        ({"pretrain": {"recipe": "recipes/pretrain.yaml", "flagz": {}}}, "stages.pretrain.flagz'"),
         ({"pretrain": {"recipe": "recipes/pretrain.yaml", "flags": {"train.bogus": 1}}}, "stage pretrain"),
         ({"pretrain": {}}, "needs a 'recipe'"),
     ],
