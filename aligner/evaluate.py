@@ -59,6 +59,21 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def _engine(model, tokenizer):
+    from aligner.rollout.torch_engine import TorchEngine
+
+    return TorchEngine(model, pad_id=pad_token_id(tokenizer))
+
+
+def _params(tokenizer, template, max_new_tokens: int, temperature: float = 0.0, n: int = 1, top_p=1.0, seed=0):
+    from aligner.rollout.engine import SamplingParams
+
+    stop = tuple(reply_stop_ids(tokenizer, template))
+    return SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, n=n, top_p=top_p, stop_ids=stop, seed=seed
+    )
+
+
 @torch.no_grad()
 def exact_match(
     model: torch.nn.Module,
@@ -70,13 +85,7 @@ def exact_match(
     batch_size: int = 64,
 ) -> dict:
     """Greedy exact-match accuracy over rows {"prompt": messages, "answer": str}; also returns completions."""
-    from aligner.rollout.engine import SamplingParams
-    from aligner.rollout.torch_engine import TorchEngine
-
-    engine = TorchEngine(model, pad_id=pad_token_id(tokenizer))
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tuple(reply_stop_ids(tokenizer, template))
-    )
+    engine, params = _engine(model, tokenizer), _params(tokenizer, template, max_new_tokens)
     completions, correct = [], 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -97,21 +106,6 @@ def exact_match(
 
 
 # --- more metrics -----------------------------------------------------------------------------------
-
-
-def _engine(model, tokenizer):
-    from aligner.rollout.torch_engine import TorchEngine
-
-    return TorchEngine(model, pad_id=pad_token_id(tokenizer))
-
-
-def _params(tokenizer, template, max_new_tokens: int, temperature: float = 0.0, n: int = 1, top_p=1.0, seed=0):
-    from aligner.rollout.engine import SamplingParams
-
-    stop = tuple(reply_stop_ids(tokenizer, template))
-    return SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=temperature, n=n, top_p=top_p, stop_ids=stop, seed=seed
-    )
 
 
 @torch.no_grad()

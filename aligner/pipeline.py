@@ -29,7 +29,6 @@ STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")
 STARTS_FROM = {"sft": "pretrain", "rm": "sft", "dpo": "sft", "ppo": "sft", "grpo": "sft"}
 NEEDS = {"ppo": ("sft", "rm")}  # beyond the stage it starts from
 POLICIES = ("sft", "dpo", "ppo", "grpo")
-ACCURACY_SECTION = {"sft": "sft", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo"}
 
 
 @dataclass
@@ -121,8 +120,8 @@ def stage_recipe(cfg: PipelineConfig, stage: str, redo: bool):
         overrides["model.init_from"] = str(cfg.run_dir(STARTS_FROM[stage]) / "final")
     if stage == "ppo":
         overrides["ppo.reward_model"] = str(cfg.run_dir("rm") / "final")
-    if stage in ACCURACY_SECTION:
-        overrides[f"{ACCURACY_SECTION[stage]}.accuracy_items"] = 0  # the eval step scores every policy alike
+    if stage in POLICIES:  # each policy's own section: the eval step scores every policy alike
+        overrides[f"{stage}.accuracy_items"] = 0
     try:
         return load_recipe(cfg.stages[stage].recipe, overrides, command=stage)
     except ConfigError as e:
@@ -233,7 +232,8 @@ def pipeline(path: str | Path, redo: list[str] | None = None) -> dict:
             start = time.perf_counter()
             run_stage(stage, recipe)
             walls[stage] = time.perf_counter() - start
-        walls.setdefault(stage, run_summary(run_dir)["wall_s"] or 0.0)
+        if stage not in walls:  # reused: the time its run took
+            walls[stage] = run_summary(run_dir)["wall_s"] or 0.0
     policies = [s for s in POLICIES if s in active]
     print(f"pipeline: evaluating {', '.join(policies)} on {cfg.eval.items} held-out items")
     start = time.perf_counter()

@@ -8,6 +8,8 @@ lazily, so `import aligner.losses` stays light. A checkpoint that holds an adapt
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -334,12 +336,20 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def skips_head(model: torch.nn.Module) -> bool:
+    """Whether a transformers model's forward can compute the LM head on the last positions only."""
+    return _forward_takes_logits_to_keep(type(model))
+
+
 def fused_head(model: torch.nn.Module) -> torch.Tensor | None:
     """The LM head's weight when log-probs may be computed from the final hidden states with it
     (`linear_token_logprobs`): a plain bias-free Linear head with no logit soft-capping or scaling and a
     forward that can skip the head (GPT core: return_hidden; transformers: logits_to_keep). Else None."""
-    import inspect
-
     inner = _innermost(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or head.bias is not None:
@@ -349,9 +359,7 @@ def fused_head(model: torch.nn.Module) -> torch.Tensor | None:
         return head.weight
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
         return None
-    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
-        return None
-    return head.weight
+    return head.weight if skips_head(inner) else None
 
 
 def causal_lm_token_logprobs(
@@ -363,14 +371,14 @@ def causal_lm_token_logprobs(
     run together over the label positions only, in chunks (no (B, T, V) logits, forward or backward);
     otherwise from the full logits, chunked in fp32.
     """
-    from aligner.losses import linear_token_logprobs, token_logprobs
+    from aligner.losses import IGNORE_INDEX, linear_token_logprobs, token_logprobs
 
     weight = fused_head(model)
     if weight is None:
         logits = causal_lm_logits(model, input_ids, position_ids)
-        return token_logprobs(logits.float() / temperature if temperature != 1.0 else logits, labels) * (
-            labels != -100
-        )
+        if temperature != 1.0:
+            logits = logits.float() / temperature
+        return token_logprobs(logits, labels) * (labels != IGNORE_INDEX)
     if isinstance(base_config(model), GPTConfig):
         hidden = model(input_ids, position_ids=position_ids, return_hidden=True)
     else:  # the head runs on one position only; the last hidden state is the final norm's output

@@ -19,11 +19,10 @@ what RL losses recompute; the filters' renormalisation is deliberately left out 
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from aligner.model.gpt import GPT, GPTConfig, KVCache
+from aligner.model.load import skips_head
 from aligner.rollout.engine import Completion, SamplingParams, check_prompts
 
 # --- sampling -------------------------------------------------------------------------------------
@@ -106,9 +105,7 @@ class TorchEngine:
             self.core = llama_as_gpt(model) or self.core
         self.is_gpt = isinstance(self.core, GPT)
         # transformers models can skip the lm_head on all but the last position
-        self.hf_logits_to_keep = (
-            not self.is_gpt and "logits_to_keep" in inspect.signature(self.core.forward).parameters
-        )
+        self.hf_logits_to_keep = not self.is_gpt and skips_head(self.core)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, on_token=None) -> list[Completion]:
         """len(prompts) * params.n completions, grouped per prompt (the n samples of prompt 0 first).
