@@ -5,8 +5,8 @@
 
 Both generate from the same randomly initialised `LlamaForCausalLM` (transformers), the same left-padded
 prompts (lengths drawn between --prompt/2 and --prompt tokens) and the same number of new tokens (no
-stop token, so every row runs to --new), greedy and sampling at temperature 1. The runs alternate
-(--repeats each, after one warm-up) and the best time of each is reported as generated tokens/s,
+stop token, so every row runs to --new), greedy and sampling at temperature 1. The runs take turns
+(--repeats rounds, after one warm-up each) and the best time of each is reported as generated tokens/s,
 with the torch engine's ratio to `generate`. The GPT core is timed too: the same shapes in
 aligner's own model (with its KV cache), for the figure RL on the GPT core gets.
 """
@@ -43,14 +43,18 @@ def llama(args):
     return LlamaForCausalLM(cfg).eval()
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def best_times(fns, repeats: int) -> list[float]:
+    """Best wall time of each function over `repeats` rounds, the functions taking turns within a round
+    (so a slow spell of the machine hits all of them), after one warm-up call each."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
@@ -61,7 +65,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     args = p.parse_args()
     if args.threads:
@@ -97,9 +101,10 @@ def main() -> None:
             with torch.inference_mode():
                 model.generate(input_ids=ids, attention_mask=mask, **kw)
 
-        t_hf = best_time(hf, args.repeats)
-        t_ours = best_time(lambda sp=sp: engine.generate(prompts, sp), args.repeats)
-        t_gpt = best_time(lambda sp=sp: gpt_engine.generate(prompts, sp), args.repeats)
+        t_hf, t_ours, t_gpt = best_times(
+            [hf, lambda sp=sp: engine.generate(prompts, sp), lambda sp=sp: gpt_engine.generate(prompts, sp)],
+            args.repeats,
+        )
         mode = "greedy" if temperature == 0 else "sampling T=1"
         print(
             f"{mode:>13}: transformers generate {generated / t_hf:7.0f} tok/s | torch engine "

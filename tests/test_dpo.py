@@ -132,6 +132,44 @@ def test_on_policy_pairs_are_sampled_from_the_start_model_and_judged(bases, tmp_
     assert [r["train/loss"] for r in metrics(tmp_path, "again")] == [r["train/loss"] for r in metrics(tmp_path)]
 
 
+def test_sample_greedy_makes_a_wrong_greedy_reply_the_rejected_one(bases, tmp_path, capsys, monkeypatch):
+    import aligner.trainers.dpo as dpo_mod
+    from aligner.data import world
+    from aligner.data.chat import encode_prompt, reply_stop_ids
+    from aligner.model.load import load_model, load_tokenizer
+    from aligner.rollout.engine import SamplingParams
+    from aligner.rollout.torch_engine import TorchEngine
+
+    seen = []
+    real = dpo_mod.sample_pairs
+
+    def spy(model, tokenizer, rows, o, seed):
+        out, report = real(model, tokenizer, rows, o, seed)
+        seen.extend(zip(rows, out))
+        return out, report
+
+    monkeypatch.setattr(dpo_mod, "sample_pairs", spy)
+    # right when the lengths of reply and answer have the same parity: varies with the row even where
+    # the tiny model's greedy replies are all alike
+    monkeypatch.setattr(world, "is_correct", lambda text, answer: (len(text) + len(answer)) % 2 == 0)
+    recipe = dpo_recipe(tmp_path, bases / "gpt", dpo={"sample_pairs": 2, "sample_tokens": 8, "sample_greedy": True})
+    assert main(["dpo", str(recipe), "--max_steps", "1"]) == 0
+    assert "greedy reply wrong for" in capsys.readouterr().out
+    model, tok = load_model(bases / "gpt").eval(), load_tokenizer(bases / "gpt")
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, stop_ids=tuple(reply_stop_ids(tok)))
+    prompts = [encode_prompt(tok, row["prompt"]) for row, _ in seen]
+    outs = TorchEngine(model, pad_id=tok.pad_token_id).generate(prompts, params)
+    wrong = 0
+    for (row, pair), out in zip(seen, outs):
+        greedy = tok.decode(out.token_ids, skip_special_tokens=True)
+        if (len(greedy) + len(row["answer"])) % 2:
+            wrong += 1
+            assert pair["rejected"][0]["content"] == greedy
+        else:
+            assert pair["rejected"][0]["content"] != greedy
+    assert 0 < wrong < len(seen)
+
+
 @pytest.mark.slow
 def test_two_process_dpo_on_an_hf_model_with_uneven_eval_shards(bases, tmp_path):
     """accelerate launch, 2 CPU processes, a transformers Llama (it has buffers, so DDP synchronises in

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from aligner.model.gpt import GPT, GPTConfig, KVCache
+from aligner.model.gpt import GPT, GPTConfig, KVCache, fuse_layer
 
 VOCAB = 64
 
@@ -215,6 +215,30 @@ def test_kv_cache_prefill_and_decode_equal_full_forward():
         cache = KVCache(model.config, batch_size=2, max_len=10)
         steps = [model(ids[:, :4], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(4, 10)]
         torch.testing.assert_close(torch.cat(steps, 1), model(ids), atol=1e-5, rtol=0)
+
+
+def test_cache_with_fused_weights_decodes_like_the_plain_layers():
+    model = make_gpt()
+    ids = random_ids(2, 10)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def decode(cache):
+        out = [model(ids[:, :5], position_ids=pos[:, :5], attention_mask=mask[:, :5], cache=cache)]
+        for t in range(5, 10):
+            out.append(
+                model(ids[:, t : t + 1], position_ids=pos[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache)
+            )
+        return torch.cat(out, 1)
+
+    with torch.no_grad():
+        fused = KVCache(model.config, batch_size=2, max_len=10, model=model)
+        assert all(f is not None for f in fused.fused)
+        torch.testing.assert_close(decode(fused), decode(KVCache(model.config, 2, 10)), atol=1e-5, rtol=0)
+    # a layer whose projections compute more than their weight (LoRA, quantized) keeps its own forward
+    model.model.layers[0].self_attn.k_proj = torch.nn.Sequential(model.model.layers[0].self_attn.k_proj)
+    assert fuse_layer(model.model.layers[0]) is None and fuse_layer(model.model.layers[1]) is not None
 
 
 def test_return_hidden_feeds_lm_head():

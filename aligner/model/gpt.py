@@ -144,8 +144,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x32 * rsqrt(mean(x32^2) + eps), one kernel
         return self.weight * x32.to(x.dtype)
 
 
@@ -163,9 +162,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, heads, T, hd) queries or keys; cos/sin are (B, T, hd)."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_dim: int = 1) -> torch.Tensor:
+    """Rotate (B, heads, T, hd) queries or keys (or (B, T, heads, hd) with heads_dim=2); cos/sin are (B, T, hd)."""
+    cos, sin = cos.unsqueeze(heads_dim), sin.unsqueeze(heads_dim)  # (B, 1, T, hd) or (B, T, 1, hd)
     return x * cos + rotate_half(x) * sin
 
 
@@ -223,10 +222,18 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        fused = cache.fused[self.layer_idx] if cache is not None and cache.fused else None
+        if fused is not None:  # decoding: one matmul for q, k and v, and one RoPE call for q and k
+            qkv = F.linear(x, fused.qkv).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+            qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], cos, sin, heads_dim=2)
+            q = qk[:, :, : self.n_heads].transpose(1, 2)  # (B, H, T, hd)
+            k = qk[:, :, self.n_heads :].transpose(1, 2)  # (B, KV, T, hd)
+            v = qkv[:, :, self.n_heads + self.n_kv :].transpose(1, 2)  # (B, KV, T, hd)
+        else:
+            q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+            k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+            v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd)
         gqa = self.n_heads != self.n_kv  # SDPA shares each key/value head among its query heads, no copy
@@ -248,7 +255,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(D, F_, bias=False)
         self.down_proj = nn.Linear(F_, D, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, fused: FusedWeights | None = None):
+        if fused is not None:  # gate and up in one matmul
+            gate, up = F.linear(x, fused.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -264,25 +274,53 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        fused = cache.fused[self.self_attn.layer_idx] if cache is not None and cache.fused else None
+        return x + self.mlp(self.post_attention_layernorm(x), fused)
 
 
 # --- KV cache -------------------------------------------------------------------------------------
+
+
+@dataclass
+class FusedWeights:
+    """One layer's q/k/v and gate/up projection weights, concatenated so that decoding runs two
+    matmuls where the layer has five (a copy: valid while the model's weights do not change)."""
+
+    qkv: torch.Tensor  # (H * hd + 2 * KV * hd, D)
+    qkv_sizes: tuple[int, int, int]
+    gate_up: torch.Tensor  # (2 * F, D)
+
+
+def fuse_layer(block: Block) -> FusedWeights | None:
+    """The fused weights of a block whose projections are plain nn.Linear layers, else None (a LoRA or
+    quantized layer computes more than its weight, so it keeps its own forward)."""
+    attn, mlp = block.self_attn, block.mlp
+    if any(type(m) is not nn.Linear for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)):
+        return None
+    w = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    return FusedWeights(
+        qkv=torch.cat(w).detach(),
+        qkv_sizes=tuple(t.shape[0] for t in w),
+        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+    )
 
 
 class KVCache:
     """Preallocated keys and values, (B, KV, max_len, hd) per layer, filled left to right.
 
     One forward writes its T new positions into every layer, then `GPT.forward` advances `length`.
-    Works for a prefill of many tokens and for decoding one token at a time.
+    Works for a prefill of many tokens and for decoding one token at a time. Given `model`, the cache
+    also holds each layer's fused projection weights (`FusedWeights`), so a cache must not outlive
+    an optimizer step of that model: make a new one per generation, as the torch engine does.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32, model=None):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
         self.length = 0  # positions filled so far
+        self.fused = [fuse_layer(block) for block in model.model.layers] if model is not None else None
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         """Store new (B, KV, T, hd) keys/values after the cached ones; return all (B, KV, S, hd)."""
@@ -387,6 +425,11 @@ class GPT(nn.Module):
             docs = packed_document_ids(position_ids)  # padding-free packed rows: attend within a document
         mask = build_attn_mask(T, past, attention_mask, input_ids.device, docs)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        if mask is not None and cache is not None:
+            # decoding: SDPA on the CPU takes an additive float mask about twice as fast as a boolean one
+            device_type = input_ids.device.type
+            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)  # (B, T, hd)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.model.layers:

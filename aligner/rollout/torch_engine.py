@@ -179,7 +179,7 @@ class TorchEngine:
     def _new_cache(self, batch_size: int, max_len: int, device):
         if self.is_gpt:
             dtype = next(self.core.parameters()).dtype
-            return KVCache(self.core.config, batch_size, max_len, device=device, dtype=dtype)
+            return KVCache(self.core.config, batch_size, max_len, device=device, dtype=dtype, model=self.core)
         return None  # transformers models create their own cache on the first call
 
     def _last_logits(self, input_ids, attention_mask, position_ids, state):

@@ -17,7 +17,9 @@ runs; no reference model is held during training then.
 With `dpo.sample_pairs: n` the training pairs are on-policy: n replies per prompt are sampled from
 the starting model and judged by the task world's answer checker; chosen is a correct sample (else
 the row's chosen reply) and rejected a wrong one (else the row's rejected reply). The model then
-learns against its own mistakes rather than the dataset's synthetic ones.
+learns against its own mistakes rather than the dataset's synthetic ones. With `dpo.sample_greedy`
+the greedy reply is judged too and, when wrong, is the rejected one: the pair then targets the
+answer the model actually gives (its mode), which random samples at T = 1 rarely are.
 
 KTO trains on unpaired rows (prompt, completion, label; preference pairs are split into a desirable
 and an undesirable row). Its reference point z is an estimate of KL(policy || reference) from
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -210,28 +213,38 @@ def sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tuple[list
         stop_ids=tuple(reply_stop_ids(tokenizer)),
         seed=seed,
     )
+    greedy_params = dataclasses.replace(params, temperature=0.0, n=1)
     rng = random.Random(seed)
-    out, both, correct = [], 0, 0
+    out, both, correct, greedy_wrong = [], 0, 0, 0
     batch = max(1, 256 // n)
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
         prompts = [encode_prompt(tokenizer, r["prompt"]) for r in chunk]
         completions = engine.generate(prompts, params)
+        greedy = engine.generate(prompts, greedy_params) if o.sample_greedy else []
         for i, row in enumerate(chunk):
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions[i * n : (i + 1) * n]]
             good = [t for t in texts if is_correct(t, row["answer"])]
             bad = [t for t in texts if not is_correct(t, row["answer"])]
             correct += len(good)
-            both += bool(good and bad)
+            rejected = rng.choice(bad) if bad else None
+            if greedy:
+                text = tokenizer.decode(greedy[i].token_ids, skip_special_tokens=True)
+                if is_correct(text, row["answer"]):
+                    good.append(text)
+                else:
+                    rejected, greedy_wrong = text, greedy_wrong + 1
+            both += bool(good and rejected is not None)
             pair = dict(row)
             if good:
                 pair["chosen"] = [{"role": "assistant", "content": rng.choice(good)}]
-            if bad:
-                pair["rejected"] = [{"role": "assistant", "content": rng.choice(bad)}]
+            if rejected is not None:
+                pair["rejected"] = [{"role": "assistant", "content": rejected}]
             out.append(pair)
     report = (
-        f"{len(rows)} prompts x {n} samples: {correct / (len(rows) * n):.3f} correct, {both} prompts with a sampled "
-        "pair, the rest completed from the data"
+        f"{len(rows)} prompts x {n} samples: {correct / (len(rows) * n):.3f} correct, "
+        + (f"greedy reply wrong for {greedy_wrong} (their rejected reply), " if o.sample_greedy else "")
+        + f"{both} prompts with a sampled pair, the rest completed from the data"
     )
     return out, report
 
@@ -243,6 +256,8 @@ def cached_sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tup
 
     h = _weights_hash(model)
     settings = [o.sample_pairs, o.sample_temperature, o.sample_tokens, seed, tokenizer.chat_template]
+    if o.sample_greedy:  # (old cache keys stay valid)
+        settings.append("greedy")
     h.update(json.dumps([settings, rows], sort_keys=True, default=str).encode())
     path = Path(o.ref_cache_dir) / f"pairs_{h.hexdigest()[:24]}.json"
     if path.is_file():
