@@ -100,12 +100,11 @@ def test_kto_on_unpaired_rows_and_unpaired_rows_need_kto(bases, tmp_path, capsys
     assert math.isfinite(metrics(tmp_path)[-1]["train/loss"])
 
 
-def test_on_policy_pairs_are_sampled_from_the_start_model_and_judged(bases, tmp_path, capsys, monkeypatch):
+def record_sampled_pairs(monkeypatch) -> list:
+    """(row, sampled pair) for every row that dpo.sample_pairs judges from here on."""
     import aligner.trainers.dpo as dpo_mod
-    from aligner.data import world
 
-    seen = []
-    real = dpo_mod.sample_pairs
+    seen, real = [], dpo_mod.sample_pairs
 
     def spy(model, tokenizer, rows, o, seed):
         out, report = real(model, tokenizer, rows, o, seed)
@@ -113,6 +112,13 @@ def test_on_policy_pairs_are_sampled_from_the_start_model_and_judged(bases, tmp_
         return out, report
 
     monkeypatch.setattr(dpo_mod, "sample_pairs", spy)
+    return seen
+
+
+def test_on_policy_pairs_are_sampled_from_the_start_model_and_judged(bases, tmp_path, capsys, monkeypatch):
+    from aligner.data import world
+
+    seen = record_sampled_pairs(monkeypatch)
     # a checker that accepts replies of even length: both kinds occur among a tiny model's samples
     monkeypatch.setattr(world, "is_correct", lambda text, answer: len(text) % 2 == 0)
     recipe = dpo_recipe(tmp_path, bases / "gpt", dpo={"sample_pairs": 4, "sample_tokens": 8})
@@ -133,22 +139,13 @@ def test_on_policy_pairs_are_sampled_from_the_start_model_and_judged(bases, tmp_
 
 
 def test_sample_greedy_makes_a_wrong_greedy_reply_the_rejected_one(bases, tmp_path, capsys, monkeypatch):
-    import aligner.trainers.dpo as dpo_mod
     from aligner.data import world
     from aligner.data.chat import encode_prompt, reply_stop_ids
     from aligner.model.load import load_model, load_tokenizer
     from aligner.rollout.engine import SamplingParams
     from aligner.rollout.torch_engine import TorchEngine
 
-    seen = []
-    real = dpo_mod.sample_pairs
-
-    def spy(model, tokenizer, rows, o, seed):
-        out, report = real(model, tokenizer, rows, o, seed)
-        seen.extend(zip(rows, out))
-        return out, report
-
-    monkeypatch.setattr(dpo_mod, "sample_pairs", spy)
+    seen = record_sampled_pairs(monkeypatch)
     # right when the lengths of reply and answer have the same parity: varies with the row even where
     # the tiny model's greedy replies are all alike
     monkeypatch.setattr(world, "is_correct", lambda text, answer: (len(text) + len(answer)) % 2 == 0)

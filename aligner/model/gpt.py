@@ -28,6 +28,8 @@ import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from aligner.model.kv_cache import FusedWeights, KVCache, fuse_layer  # noqa: F401  (re-exported)
+
 ROPE_TYPES = ("default",)  # RoPE variants implemented here (no linear/dynamic/yarn/llama3 scaling)
 
 # --- config ---------------------------------------------------------------------------------------
@@ -220,9 +222,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, fused: FusedWeights | None = None):
         B, T, _ = x.shape
-        fused = cache.fused[self.layer_idx] if cache is not None and cache.fused else None
         if fused is not None:  # decoding: one matmul for q, k and v, and one RoPE call for q and k
             qkv = F.linear(x, fused.qkv).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
             qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], cos, sin, heads_dim=2)
@@ -273,69 +274,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        fused = cache.fused[self.self_attn.layer_idx] if cache is not None and cache.fused else None
+        fused = cache.fused_weights(self.self_attn.layer_idx) if cache is not None else None
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, fused)
         return x + self.mlp(self.post_attention_layernorm(x), fused)
-
-
-# --- KV cache -------------------------------------------------------------------------------------
-
-
-@dataclass
-class FusedWeights:
-    """One layer's q/k/v and gate/up projection weights, concatenated so that decoding runs two
-    matmuls where the layer has five (a copy: valid while the model's weights do not change)."""
-
-    qkv: torch.Tensor  # (H * hd + 2 * KV * hd, D)
-    qkv_sizes: tuple[int, int, int]
-    gate_up: torch.Tensor  # (2 * F, D)
-
-
-def fuse_layer(block: Block) -> FusedWeights | None:
-    """The fused weights of a block whose projections are plain nn.Linear layers, else None (a LoRA or
-    quantized layer computes more than its weight, so it keeps its own forward)."""
-    attn, mlp = block.self_attn, block.mlp
-    if any(type(m) is not nn.Linear for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)):
-        return None
-    w = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
-    return FusedWeights(
-        qkv=torch.cat(w).detach(),
-        qkv_sizes=tuple(t.shape[0] for t in w),
-        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-    )
-
-
-class KVCache:
-    """Preallocated keys and values, (B, KV, max_len, hd) per layer, filled left to right.
-
-    One forward writes its T new positions into every layer, then `GPT.forward` advances `length`.
-    Works for a prefill of many tokens and for decoding one token at a time. Given `model`, the cache
-    also holds each layer's fused projection weights (`FusedWeights`), so a cache must not outlive
-    an optimizer step of that model: make a new one per generation, as the torch engine does.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32, model=None):
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.max_len = max_len
-        self.length = 0  # positions filled so far
-        self.fused = [fuse_layer(block) for block in model.model.layers] if model is not None else None
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
-        """Store new (B, KV, T, hd) keys/values after the cached ones; return all (B, KV, S, hd)."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KVCache overflow: {end} positions needed, max_len is {self.max_len}")
-        self.keys[layer_idx][:, :, self.length : end] = k
-        self.values[layer_idx][:, :, self.length : end] = v
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def reset(self) -> None:
-        self.length = 0
 
 
 def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
