@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from aligner.model.gpt import GPT, GPTConfig, KVCache, fuse_layer
+from aligner.model.gpt import GPT, GPTConfig, KVCache
+from aligner.model.kv_cache import fuse_layer
 
 VOCAB = 64
 
@@ -193,6 +194,17 @@ def test_future_tokens_do_not_change_earlier_logits():
     torch.testing.assert_close(c, b, atol=1e-5, rtol=0)
 
 
+def decode_in_steps(model, ids, mask, cache, prefill: int) -> torch.Tensor:
+    """Logits of left-padded rows (B, T, V): the first `prefill` tokens in one call, then one token per call."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    steps = [model(ids[:, :prefill], position_ids=pos[:, :prefill], attention_mask=mask[:, :prefill], cache=cache)]
+    for t in range(prefill, ids.shape[1]):
+        steps.append(
+            model(ids[:, t : t + 1], position_ids=pos[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache)
+        )
+    return torch.cat(steps, 1)
+
+
 def test_kv_cache_prefill_and_decode_equal_full_forward():
     model = make_gpt()
     ids = random_ids(2, 10)
@@ -202,13 +214,9 @@ def test_kv_cache_prefill_and_decode_equal_full_forward():
     cache = KVCache(model.config, batch_size=2, max_len=10)
     with torch.no_grad():
         full = model(ids, position_ids=pos, attention_mask=mask)
-        steps = [model(ids[:, :6], position_ids=pos[:, :6], attention_mask=mask[:, :6], cache=cache)]
-        for t in range(6, 10):
-            steps.append(
-                model(ids[:, t : t + 1], position_ids=pos[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache)
-            )
+        steps = decode_in_steps(model, ids, mask, cache, prefill=6)
         assert cache.length == 10
-        torch.testing.assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], atol=1e-5, rtol=0)
+        torch.testing.assert_close(steps[mask.bool()], full[mask.bool()], atol=1e-5, rtol=0)
         with pytest.raises(ValueError, match="overflow"):
             model(ids[:, :1], cache=cache)
         # no padding: cache with default positions equals the is_causal fast path
@@ -222,20 +230,15 @@ def test_cache_with_fused_weights_decodes_like_the_plain_layers():
     ids = random_ids(2, 10)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-
-    def decode(cache):
-        out = [model(ids[:, :5], position_ids=pos[:, :5], attention_mask=mask[:, :5], cache=cache)]
-        for t in range(5, 10):
-            out.append(
-                model(ids[:, t : t + 1], position_ids=pos[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache)
-            )
-        return torch.cat(out, 1)
-
     with torch.no_grad():
         fused = KVCache(model.config, batch_size=2, max_len=10, model=model)
         assert all(f is not None for f in fused.fused)
-        torch.testing.assert_close(decode(fused), decode(KVCache(model.config, 2, 10)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            decode_in_steps(model, ids, mask, fused, prefill=5),
+            decode_in_steps(model, ids, mask, KVCache(model.config, 2, 10), prefill=5),
+            atol=1e-5,
+            rtol=0,
+        )
     # a layer whose projections compute more than their weight (LoRA, quantized) keeps its own forward
     model.model.layers[0].self_attn.k_proj = torch.nn.Sequential(model.model.layers[0].self_attn.k_proj)
     assert fuse_layer(model.model.layers[0]) is None and fuse_layer(model.model.layers[1]) is not None

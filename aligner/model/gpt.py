@@ -28,7 +28,7 @@ import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from aligner.model.kv_cache import FusedWeights, KVCache, fuse_layer  # noqa: F401  (re-exported)
+from aligner.model.kv_cache import FusedWeights, KVCache
 
 ROPE_TYPES = ("default",)  # RoPE variants implemented here (no linear/dynamic/yarn/llama3 scaling)
 
