@@ -65,7 +65,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     r = rewards.float().view(-1, group_size)  # (N, G)
-    centred = r - r.mean(-1, keepdim=True)
+    equal = (r == r[:, :1]).all(-1, keepdim=True)  # (N, 1); exactly 0 there, not the mean's rounding error
+    centred = (r - r.mean(-1, keepdim=True)).masked_fill(equal, 0.0)
     if scale == "group":
         centred = centred / (r.std(-1, keepdim=True) + eps)
     elif scale == "batch":

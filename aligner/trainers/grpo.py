@@ -94,17 +94,19 @@ class GRPOTrainer(OnlineTrainer):
             labels = [IGNORE_INDEX] * (len(o.prompt_ids) - 1) + completion
             examples.append({"input_ids": ids[:-1], "labels": labels, "advantage": adv, "kept": keep})
         mb = self.cfg.micro_batch_size
-        batches = [self.collate(examples[i : i + mb]) for i in range(0, len(examples), mb)]
+        batches = [self.collate_live(examples[i : i + mb]) for i in range(0, len(examples), mb)]
         for batch in batches:
             self.add_reference_logps(batch)
         finished = [o.finished for o in outs]
         grouped = rewards.view(-1, G)
+        trained = sum(int(b["input_ids"].shape[0]) for b in batches)
         metrics = {
             "rollout/reward_mean": float(rewards.mean()),
             "rollout/reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "rollout/completion_len": sum(len(o.token_ids) for o in outs) / len(outs),
             "rollout/truncated": 1 - sum(finished) / len(finished),
             "rollout/zero_std_groups": float((grouped.std(-1) == 0).float().mean()),
+            "rollout/skipped": 1 - trained / len(examples),  # completions left out of the forward (advantage 0)
             **{f"rollout/{name}": sum(v) / len(v) for name, v in parts.items()},
         }
         return batches, metrics
@@ -115,6 +117,23 @@ class GRPOTrainer(OnlineTrainer):
         mask = batch["labels"] != IGNORE_INDEX
         kept = sum(e["kept"] and bool(m.any()) for e, m in zip(examples, mask))
         batch["n_loss"] = int(mask.sum()) if self.g.loss_type == "dapo" else kept
+        return batch
+
+    def collate_live(self, examples: list) -> dict:
+        """The micro-batch of `examples`, less the completions whose advantage is 0 when that is exact
+        (`skip_zero_advantage`, beta 0, any aggregation but bnpo's per-micro-batch mean): they add exactly 0
+        to the loss and its gradient, so only the loss's units (n_loss) still count them. One example
+        stays when every advantage is 0, so each process still runs a backward per micro-batch."""
+        batch = self.collate(examples)
+        g = self.g
+        if not g.skip_zero_advantage or g.beta > 0 or g.loss_type == "bnpo":
+            return batch
+        live = [e for e in examples if e["advantage"] != 0.0] or [min(examples, key=lambda e: len(e["input_ids"]))]
+        if len(live) == len(examples):
+            return batch
+        units = batch["n_loss"]
+        batch = self.collate(live)
+        batch["n_loss"] = units
         return batch
 
     def add_reference_logps(self, batch: dict) -> None:
