@@ -243,9 +243,8 @@ class Attention(nn.Module):
             # attention that CPU SDPA runs ~1.5x faster than enable_gqa (same numbers: each query
             # head still sees only its own key/value head, under the same (B, 1, 1, S) mask)
             grouped = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # (B, KV, H / KV, hd)
-            y = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
-            return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
-        if mask is None:
+            y = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).view(B, self.n_heads, T, self.head_dim)
+        elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

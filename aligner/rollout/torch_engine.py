@@ -64,12 +64,11 @@ def argmax_rows(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
         return logits.argmax(-1)
     blocks = logits[:, : n * block].reshape(B, n, block)  # a view: (B, n, block)
     best = blocks.amax(-1).argmax(-1)  # (B,): the first block holding the row's maximum
-    rows = torch.arange(B, device=logits.device)
-    tokens = blocks[rows, best].argmax(-1) + best * block  # (B,)
+    chosen = blocks[torch.arange(B, device=logits.device), best]  # (B, block)
+    tokens = chosen.argmax(-1) + best * block  # (B,)
     if n * block < V:  # a tail shorter than a block wins only with a strictly larger value
-        tail = logits[:, n * block :]
-        tail_max, tail_arg = tail.max(-1)
-        tokens = torch.where(tail_max > blocks[rows, best].amax(-1), tail_arg + n * block, tokens)
+        tail_max, tail_arg = logits[:, n * block :].max(-1)
+        tokens = torch.where(tail_max > chosen.amax(-1), tail_arg + n * block, tokens)
     return tokens
 
 

@@ -114,26 +114,28 @@ class GRPOTrainer(OnlineTrainer):
     def collate(self, examples: list) -> dict:
         batch = pad_examples(examples, self.pad_id)
         batch["advantages"] = torch.tensor([e["advantage"] for e in examples], dtype=torch.float32)
-        mask = batch["labels"] != IGNORE_INDEX
-        kept = sum(e["kept"] and bool(m.any()) for e, m in zip(examples, mask))
-        batch["n_loss"] = int(mask.sum()) if self.g.loss_type == "dapo" else kept
+        batch["n_loss"] = self.loss_units(examples)
         return batch
+
+    def loss_units(self, examples: list) -> int:
+        """What the loss is divided by, summed over the accumulated batch: completion tokens (dapo) or
+        completions with any token in the loss (the other aggregations)."""
+        in_loss = [sum(x != IGNORE_INDEX for x in e["labels"]) for e in examples]
+        if self.g.loss_type == "dapo":
+            return sum(in_loss)
+        return sum(bool(e["kept"] and n) for e, n in zip(examples, in_loss))
 
     def collate_live(self, examples: list) -> dict:
         """The micro-batch of `examples`, less the completions whose advantage is 0 when that is exact
         (`skip_zero_advantage`, beta 0, any aggregation but bnpo's per-micro-batch mean): they add exactly 0
         to the loss and its gradient, so only the loss's units (n_loss) still count them. One example
         stays when every advantage is 0, so each process still runs a backward per micro-batch."""
-        batch = self.collate(examples)
         g = self.g
         if not g.skip_zero_advantage or g.beta > 0 or g.loss_type == "bnpo":
-            return batch
+            return self.collate(examples)
         live = [e for e in examples if e["advantage"] != 0.0] or [min(examples, key=lambda e: len(e["input_ids"]))]
-        if len(live) == len(examples):
-            return batch
-        units = batch["n_loss"]
         batch = self.collate(live)
-        batch["n_loss"] = units
+        batch["n_loss"] = self.loss_units(examples)
         return batch
 
     def add_reference_logps(self, batch: dict) -> None:
