@@ -74,13 +74,12 @@ def argmax_rows(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
     """Next tokens (B,) and their log-probs (B,) from last-position logits (B, V) in fp32."""
-    if params.temperature == 0:
+    if params.temperature == 0:  # the raw log-softmax of the argmax, without the (B, V) log-softmax
         tokens = argmax_rows(logits)
         return tokens, logits.gather(-1, tokens[:, None])[:, 0] - logits.logsumexp(-1)
-    else:
-        logprobs = (logits / params.temperature).log_softmax(-1)  # (B, V): reported log-probs
-        kept = filter_logits(logprobs, params.top_k, params.top_p, params.min_p)
-        tokens = sample_categorical(kept.softmax(-1), generator)
+    logprobs = (logits / params.temperature).log_softmax(-1)  # (B, V): reported log-probs
+    kept = filter_logits(logprobs, params.top_k, params.top_p, params.min_p)
+    tokens = sample_categorical(kept.softmax(-1), generator)
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
 
 
