@@ -174,6 +174,7 @@ class GRPOConfig:
     importance: str = choice("token", "token", "sequence")  # sequence = GSPO's sequence-level ratio
     mask_truncated: bool = True  # completions that hit max_new_tokens get no loss
     skip_zero_advantage: bool = True  # no forward/backward for advantage-0 completions (exact at beta 0, not bnpo)
+    oversample: int = 1  # DAPO's dynamic sampling: sample k x the prompts, train on groups whose rewards differ
     engine: str = choice("torch", "torch", "vllm")  # rollout engine: built-in KV cache, or vLLM in this process
     vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on its CPU backend: the share of CPU memory)
     vllm_sleep: bool = False  # free vLLM's GPU memory while training (CUDA sleep mode)

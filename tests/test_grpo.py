@@ -10,6 +10,7 @@ from conftest import tiny_run_recipe
 from safetensors.torch import load_file
 
 from aligner.cli import main
+from aligner.trainers.grpo import informative_first
 
 
 def grpo_recipe(tmp_path, base, **sections):
@@ -93,6 +94,30 @@ def test_skipping_zero_advantage_completions_leaves_the_steps_unchanged(bases, t
     assert [r["train/loss"] for r in a] == pytest.approx([r["train/loss"] for r in b], abs=1e-7)
     wa, wb = (load_file(tmp_path / f"runs/{n}/final/model.safetensors") for n in ("skip", "all"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)  # batch shapes differ: rounding, via Adam
+
+
+def test_informative_first_by_hand():
+    grouped = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.5, 0.5], [2.0, 0.0], [0.0, 0.0]])
+    assert informative_first(grouped, 2) == [1, 3]  # the two whose rewards differ
+    assert informative_first(grouped, 3) == [0, 1, 3]  # too few differ: the first equal-reward group fills in
+    assert informative_first(grouped, 5) == [0, 1, 2, 3, 4]
+
+
+def test_oversampling_trains_on_groups_whose_rewards_differ(bases, tmp_path, capsys, id_reward):
+    """grpo.oversample 3: each rollout samples 6 prompts and trains on 2 of them, those whose rewards
+    differ, so no trained completion has advantage 0 whenever two such groups were sampled."""
+    grpo = {"rewards": ["id_reward:some_flat"], "mask_truncated": False, "oversample": 3}
+    recipe = grpo_recipe(tmp_path, bases / "gpt", grpo=grpo)
+    assert main(["grpo", str(recipe), "--max_steps", "6"]) == 0
+    assert "2 prompts (the most informative of 6) x 4 per rollout" in capsys.readouterr().out
+    rows = metrics(tmp_path)
+    informative = [round((1 - r["rollout/zero_std_groups"]) * 6) for r in rows]
+    assert 0 < max(informative) < 6  # some sampled groups have equal rewards, some do not
+    for n, r in zip(informative, rows):  # equal-reward groups fill in only when fewer than 2 differ
+        assert r["rollout/skipped"] == {0: 7 / 8, 1: 4 / 8}.get(n, 0.0)  # (with none, 1 of the 8 stays)
+    bad = grpo_recipe(tmp_path, bases / "gpt", grpo={**grpo, "oversample": 0}, train={"name": "bad"})
+    assert main(["grpo", str(bad)]) == 2
+    assert "grpo.oversample must be 1 or more" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -7,7 +7,9 @@
 Each rollout takes the next prompts of a seeded order (train.micro_batch_size x grad_accum x processes
 completions, `grpo.num_generations` per prompt), samples G completions per prompt with the rollout
 engine, scores them with the recipe's reward functions (aligner.rewards) and turns the rewards into
-one advantage per completion, relative to its group (aligner.advantages.group_advantages). The loss
+one advantage per completion, relative to its group (aligner.advantages.group_advantages). With
+`grpo.oversample: k` (DAPO's dynamic sampling) a rollout samples k times as many prompts and trains on
+the groups whose rewards differ, so fewer of each step's completions have advantage 0. The loss
 is `aligner.losses.grpo_loss`: the clipped surrogate with separate low/high epsilons, an optional k3
 KL to a frozen reference (or, with LoRA, the adapter-disabled model), aggregated as grpo, bnpo,
 dr_grpo or dapo; `importance: sequence` is GSPO's sequence-level ratio.
@@ -41,6 +43,15 @@ from aligner.trainers.base import prepare_run_dir
 from aligner.trainers.online import OnlineTrainer, setup
 
 
+def informative_first(grouped: torch.Tensor, n: int) -> list[int]:
+    """Indices of `n` of the groups (rows of `grouped`, (groups, G) rewards), in order: those whose rewards
+    differ first, then equal-reward ones only as far as too few differ (DAPO's dynamic sampling, from
+    one oversampled generation rather than repeated ones)."""
+    differ = (grouped != grouped[:, :1]).any(-1).tolist()
+    order = [i for i, d in enumerate(differ) if d] + [i for i, d in enumerate(differ) if not d]
+    return sorted(order[:n])
+
+
 class GRPOTrainer(OnlineTrainer):
     """Training data are prompt records {"prompt": messages, "prompt_ids": [...], **columns}; every
     optimizer step's micro-batches come from a rollout of the policy on them."""
@@ -59,7 +70,7 @@ class GRPOTrainer(OnlineTrainer):
     def compute_total_steps(self) -> int:
         if self.cfg.max_steps is not None:
             return self.cfg.max_steps
-        per_rollout = self.global_batch // self.recipe.grpo.num_generations
+        per_rollout = self.global_batch // self.recipe.grpo.num_generations * self.recipe.grpo.oversample
         rollouts = math.ceil(self.cfg.epochs * len(self.train_data) / max(per_rollout, 1))
         return max(1, rollouts * self.recipe.grpo.num_iterations)
 
@@ -81,13 +92,16 @@ class GRPOTrainer(OnlineTrainer):
     @torch.no_grad()
     def make_rollout(self, rollout: int) -> tuple[list[dict], dict]:
         """Sample, score and batch one rollout: this process's micro-batches and the rollout's metrics."""
-        G = self.g.num_generations
-        rows = self.rollout_rows(rollout, self.prompts_per_rollout)
+        G, k = self.g.num_generations, self.g.oversample
+        rows = self.rollout_rows(rollout, self.prompts_per_rollout * k)
         outs, _, totals, parts = self.complete_and_score(rows, self.sampling(rollout))
-        rewards = torch.tensor(totals)  # (N*G,)
+        sampled = torch.tensor(totals)  # (N*G,), every completion sampled
+        groups = informative_first(sampled.view(-1, G), len(rows) // k)
+        trained_outs = [outs[i * G + j] for i in groups for j in range(G)]
+        rewards = sampled.view(-1, G)[groups].reshape(-1)  # the groups trained on
         advantages = group_advantages(rewards, G, self.g.scale_rewards)
         examples = []
-        for o, adv in zip(outs, advantages.tolist()):
+        for o, adv in zip(trained_outs, advantages.tolist()):
             ids = o.prompt_ids + o.token_ids
             keep = o.finished or not self.g.mask_truncated
             completion = o.token_ids if keep else [IGNORE_INDEX] * len(o.token_ids)
@@ -98,14 +112,13 @@ class GRPOTrainer(OnlineTrainer):
         for batch in batches:
             self.add_reference_logps(batch)
         finished = [o.finished for o in outs]
-        grouped = rewards.view(-1, G)
         trained = sum(int(b["input_ids"].shape[0]) for b in batches)
-        metrics = {
-            "rollout/reward_mean": float(rewards.mean()),
-            "rollout/reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        metrics = {  # over every completion sampled, but rollout/skipped (of those trained on)
+            "rollout/reward_mean": float(sampled.mean()),
+            "rollout/reward_std": float(sampled.std()) if sampled.numel() > 1 else 0.0,
             "rollout/completion_len": sum(len(o.token_ids) for o in outs) / len(outs),
             "rollout/truncated": 1 - sum(finished) / len(finished),
-            "rollout/zero_std_groups": float((grouped.std(-1) == 0).float().mean()),
+            "rollout/zero_std_groups": float((sampled.view(-1, G).std(-1) == 0).float().mean()),
             "rollout/skipped": 1 - trained / len(examples),  # completions left out of the forward (advantage 0)
             **{f"rollout/{name}": sum(v) / len(v) for name, v in parts.items()},
         }
@@ -196,6 +209,8 @@ def grpo(recipe: Recipe) -> dict:
             f"{recipe.path or 'recipe'}: train.micro_batch_size x grad_accum (completions per process and step) "
             f"must be a multiple of grpo.num_generations ({g.num_generations})"
         )
+    if g.oversample < 1:
+        raise ConfigError(f"{recipe.path or 'recipe'}: grpo.oversample must be 1 or more (got {g.oversample})")
     tokenizer, reward_set, prompts, evals, note = setup(recipe, g)
     model = prepare_model(recipe, tokenizer)
     ref_model = None
@@ -207,8 +222,9 @@ def grpo(recipe: Recipe) -> dict:
     if trainer.is_main:
         ref = "none" if g.beta == 0 else "adapter disabled" if recipe.lora.enabled else "frozen copy"
         print(f"grpo: {note}")
+        chosen = f" (the most informative of {trainer.prompts_per_rollout * g.oversample})" if g.oversample > 1 else ""
         print(
-            f"grpo: {training_kind(recipe)}, {trainer.prompts_per_rollout} prompts x {g.num_generations} per rollout, "
-            f"loss {g.loss_type}, beta {g.beta} (reference {ref}), {trainer.total_steps} steps -> {run_dir}"
+            f"grpo: {training_kind(recipe)}, {trainer.prompts_per_rollout} prompts{chosen} x {g.num_generations} per "
+            f"rollout, loss {g.loss_type}, beta {g.beta} (reference {ref}), {trainer.total_steps} steps -> {run_dir}"
         )
     return train_and_score(trainer, trainer.unwrapped, tokenizer, g.accuracy_items, g.accuracy_tokens)
