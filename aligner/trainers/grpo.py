@@ -96,9 +96,10 @@ class GRPOTrainer(OnlineTrainer):
         rows = self.rollout_rows(rollout, self.prompts_per_rollout * k)
         outs, _, totals, parts = self.complete_and_score(rows, self.sampling(rollout))
         sampled = torch.tensor(totals)  # (N*G,), every completion sampled
-        groups = informative_first(sampled.view(-1, G), len(rows) // k)
+        grouped = sampled.view(-1, G)  # (N, G)
+        groups = informative_first(grouped, len(rows) // k)
         trained_outs = [outs[i * G + j] for i in groups for j in range(G)]
-        rewards = sampled.view(-1, G)[groups].reshape(-1)  # the groups trained on
+        rewards = grouped[groups].reshape(-1)  # the groups trained on
         advantages = group_advantages(rewards, G, self.g.scale_rewards)
         examples = []
         for o, adv in zip(trained_outs, advantages.tolist()):
@@ -118,7 +119,7 @@ class GRPOTrainer(OnlineTrainer):
             "rollout/reward_std": float(sampled.std()) if sampled.numel() > 1 else 0.0,
             "rollout/completion_len": sum(len(o.token_ids) for o in outs) / len(outs),
             "rollout/truncated": 1 - sum(finished) / len(finished),
-            "rollout/zero_std_groups": float((sampled.view(-1, G).std(-1) == 0).float().mean()),
+            "rollout/zero_std_groups": float((grouped.std(-1) == 0).float().mean()),
             "rollout/skipped": 1 - trained / len(examples),  # completions left out of the forward (advantage 0)
             **{f"rollout/{name}": sum(v) / len(v) for name, v in parts.items()},
         }
