@@ -77,11 +77,11 @@ def test_full_rm_trains_saves_and_loads_for_scoring_and_in_transformers(bases, t
             assert float(hf(ids).logits[0, 0]) == pytest.approx(score, abs=1e-4)
 
 
-@pytest.mark.parametrize("arch,quantize", [("gpt", "none"), ("hf", "none"), ("hf", "nf4")])
-def test_lora_and_qlora_rm_train_the_head_and_load_back(bases, tmp_path, capsys, arch, quantize):
+@pytest.mark.parametrize("arch,quantize,lm_coef", [("gpt", "none", 0), ("hf", "none", 0.5), ("hf", "nf4", 0)])
+def test_lora_and_qlora_rm_train_the_head_and_load_back(bases, tmp_path, capsys, arch, quantize, lm_coef):
     base = bases / ("gpt" if arch == "gpt" else "llama")
     lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "quantize": quantize, "compute_dtype": "fp32"}
-    recipe = rm_recipe(tmp_path, base, arch=arch, lora=lora)
+    recipe = rm_recipe(tmp_path, base, arch=arch, lora=lora, rm={"lm_coef": lm_coef})
     assert main(["rm", str(recipe)]) == 0
     assert ("rm: QLoRA" if quantize == "nf4" else "rm: LoRA") in capsys.readouterr().out
     final = tmp_path / "runs/r/final"
@@ -129,14 +129,15 @@ def test_rm_rejects_unpaired_rows_and_a_non_reward_checkpoint(bases, tmp_path, c
         load_reward_model(bases / "gpt")
 
 
-@pytest.mark.parametrize("arch", ["gpt", "hf"])
-def test_packed_pairs_give_the_padded_loss_and_gradients(bases, arch, monkeypatch):
+@pytest.mark.parametrize("arch,lm_coef", [("gpt", 0.0), ("hf", 0.0), ("gpt", 0.5), ("hf", 0.5)])
+def test_packed_pairs_give_the_padded_loss_and_gradients(bases, arch, lm_coef, monkeypatch):
     import aligner.trainers.rm as rm_mod
     from aligner.config import Recipe, TrainConfig
+    from aligner.sections import RMConfig
     from aligner.trainers.rm import RewardTrainer
 
     lm = GPT.from_pretrained(bases / "gpt") if arch == "gpt" else load_hf_model(str(bases / "llama"))
-    model = ScalarHeadModel.from_causal_lm(lm)
+    model = ScalarHeadModel.from_causal_lm(lm, keep_lm_head=lm_coef > 0)
     g = torch.Generator().manual_seed(0)
 
     def seq(n):
@@ -144,7 +145,8 @@ def test_packed_pairs_give_the_padded_loss_and_gradients(bases, arch, monkeypatc
         return {"input_ids": ids, "labels": ids}
 
     pairs = [{"chosen": seq(a), "rejected": seq(b), "margin": 0.5} for a, b in [(9, 4), (13, 13), (6, 11)]]
-    trainer = RewardTrainer(Recipe(train=TrainConfig(out_dir="/nonexistent", precision="fp32")), model, None, [])
+    recipe = Recipe(train=TrainConfig(out_dir="/nonexistent", precision="fp32"), rm=RMConfig(lm_coef=lm_coef))
+    trainer = RewardTrainer(recipe, model, None, [])
     monkeypatch.setattr(rm_mod, "pad_token_id", lambda tok: 0)
     results = []
     for packing in (False, True):  # 3 pairs of 4-13 tokens: packed into rows of 24, margins kept
@@ -159,3 +161,62 @@ def test_packed_pairs_give_the_padded_loss_and_gradients(bases, arch, monkeypatc
     assert "ends" in trainer.collate(pairs) and results[0][0] == pytest.approx(results[1][0], abs=1e-5)
     for name, grad in results[0][1].items():
         assert torch.allclose(results[1][1][name], grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("arch", ["gpt", "hf"])
+def test_lm_term_is_the_chosen_replies_mean_token_nll(bases, arch, monkeypatch):
+    """rm.lm_coef adds lm_coef x B x the mean NLL of the chosen replies' label tokens (rejected ones
+    ignored) under the starting LM, computed here from the LM itself; the head's loss is unchanged."""
+    import torch.nn.functional as F
+
+    import aligner.trainers.rm as rm_mod
+    from aligner.config import Recipe, TrainConfig
+    from aligner.sections import RMConfig
+    from aligner.trainers.rm import RewardTrainer
+
+    def load():
+        torch.manual_seed(0)  # the same scalar head every time
+        lm = GPT.from_pretrained(bases / "gpt") if arch == "gpt" else load_hf_model(str(bases / "llama"))
+        return lm.eval()
+
+    reference = load()
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 10, 5, 9)]
+    # labels: shifted ids on the last 4 positions (the reply), IGNORE elsewhere and on the final token
+    examples = [{"input_ids": s, "labels": [-100] * (len(s) - 5) + s[len(s) - 4 :] + [-100]} for s in seqs]
+    pairs = [{"chosen": examples[0], "rejected": examples[1]}, {"chosen": examples[2], "rejected": examples[3]}]
+    monkeypatch.setattr(rm_mod, "pad_token_id", lambda tok: 0)
+    losses = {}
+    for coef in (0.0, 0.7):
+        model = ScalarHeadModel.from_causal_lm(load(), keep_lm_head=coef > 0).eval()
+        recipe = Recipe(train=TrainConfig(out_dir="/nonexistent", precision="fp32"), rm=RMConfig(lm_coef=coef))
+        trainer = RewardTrainer(recipe, model, None, [])
+        trainer.packing, trainer.row_len = arch == "gpt", 32  # packed on the GPT core, padded on HF
+        with torch.no_grad():
+            losses[coef] = trainer.compute_loss(model, trainer.collate(pairs))
+    nll_sum, count = 0.0, 0
+    with torch.no_grad():
+        for ex in (examples[0], examples[2]):  # the chosen replies
+            ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"])
+            logits = reference(ids) if arch == "gpt" else reference(input_ids=ids).logits
+            keep = labels != -100
+            nll_sum += float(F.cross_entropy(logits[0][keep], labels[keep], reduction="sum"))
+            count += int(keep.sum())
+    (plain, plain_stats), (with_lm, stats) = losses[0.0], losses[0.7]
+    assert stats["nll"] == pytest.approx(nll_sum / count, abs=1e-5) and "nll" not in plain_stats
+    assert float(with_lm) == pytest.approx(float(plain) + 0.7 * 2 * nll_sum / count, abs=1e-5)
+    assert stats["accuracy"] == plain_stats["accuracy"]
+
+
+def test_rm_with_lm_term_trains_and_saves_no_lm_head(bases, tmp_path, capsys):
+    recipe = rm_recipe(tmp_path, bases / "gpt", rm={"lm_coef": 0.5})
+    assert main(["rm", str(recipe)]) == 0
+    assert "lm_coef 0.5" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (tmp_path / "runs/r/metrics.jsonl").read_text().splitlines()]
+    assert "rm/nll" in rows[0] and rows[0]["rm/nll"] > 0
+    model = load_reward_model(tmp_path / "runs/r/final")  # the usual checkpoint: decoder and score only
+    assert list(model.state_dict())[-1] == "score.weight" and model._lm_head is None
+    # continuing a reward model has no LM head to keep
+    again = rm_recipe(tmp_path, tmp_path / "runs/r/final", rm={"lm_coef": 0.5}, train={"name": "again"})
+    assert main(["rm", str(again)]) == 2
+    assert "rm.lm_coef needs a causal LM" in capsys.readouterr().err

@@ -2,12 +2,15 @@
 
     rm = ScalarHeadModel.from_causal_lm(lm)       # GPT core or HF causal LM; its LM head is dropped
     values = rm(input_ids)                        # (B, T): the head read at every position
+    rm = ScalarHeadModel.from_causal_lm(lm, keep_lm_head=True)
+    values, logps = rm(input_ids, lm_labels=labels)   # + each label's log-prob under the LM head
     scores = last_token_values(values, lengths)   # (B,): each row's value at its last non-pad token
 
 Rows are right-padded, so with causal attention a real token never sees padding and no attention
 mask is needed. Checkpoints use the layout of transformers' `<Family>ForSequenceClassification` with
 one label (the decoder under `model.*`, the head as `score.weight`, no bias), so a reward model
-trained here also loads in transformers as AutoModelForSequenceClassification.
+trained here also loads in transformers as AutoModelForSequenceClassification. A kept LM head is
+not part of the checkpoint: it only serves a language-modelling term in training (`rm.lm_coef`).
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ class ScalarHeadModel(nn.Module):
 
     head_names = ("score",)  # trained in full (never given LoRA adapters), saved with any adapter
 
-    def __init__(self, body: nn.Module, config, gpt: GPT | None = None):
+    def __init__(self, body: nn.Module, config, gpt: GPT | None = None, lm_head: nn.Linear | None = None):
         super().__init__()
         self.config = config
         self.model = body  # the GPT core's ModuleDict, or the HF model's base (e.g. LlamaModel)
         self.__dict__["_gpt"] = gpt  # not a submodule: its `model` is ours, its LM head is unused
+        # not a submodule either (not saved): the causal LM's head, tied to the embedding or frozen
+        self.__dict__["_lm_head"] = lm_head
         hidden = config.hidden_size
         self.score = nn.Linear(hidden, 1, bias=False)
         std = getattr(config, "initializer_range", 0.02)
@@ -38,13 +43,18 @@ class ScalarHeadModel(nn.Module):
         self.score.to(next(body.parameters()).device)
 
     @classmethod
-    def from_causal_lm(cls, lm: nn.Module) -> ScalarHeadModel:
-        """Reuse the decoder of a causal LM (its weights, not a copy); the LM head is dropped."""
+    def from_causal_lm(cls, lm: nn.Module, keep_lm_head: bool = False) -> ScalarHeadModel:
+        """Reuse the decoder of a causal LM (its weights, not a copy). The LM head is dropped, or with
+        `keep_lm_head` kept for `forward(..., lm_labels=)`: a head tied to the input embedding trains
+        with it, an untied one is frozen (it then anchors the hidden states to what it reads)."""
+        head = lm.get_output_embeddings() if keep_lm_head else None
+        if head is not None and head.weight is not lm.get_input_embeddings().weight:
+            head.requires_grad_(False)
         if isinstance(lm, GPT):
-            lm.lm_head = nn.Identity()  # frees an untied head; the forward below asks for hidden states
-            model = cls(lm.model, lm.config, gpt=lm)
+            lm.lm_head = nn.Identity()  # the GPT core's forward below asks for hidden states
+            model = cls(lm.model, lm.config, gpt=lm, lm_head=head)
         else:
-            model = cls(lm.base_model, lm.config)
+            model = cls(lm.base_model, lm.config, lm_head=head)
         if getattr(lm, "is_loaded_in_4bit", False):
             model.is_loaded_in_4bit = True  # peft wraps 4-bit layers with its bnb LoRA layers only then
         return model
@@ -58,10 +68,20 @@ class ScalarHeadModel(nn.Module):
             return self._gpt(input_ids, position_ids=position_ids, return_hidden=True)
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The head at every position, (B, T), in fp32."""
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, lm_labels=None):
+        """The head at every position, (B, T), in fp32. Given `lm_labels` (B, T) (shifted token ids,
+        IGNORE_INDEX where not wanted), also each label's fp32 log-prob under the kept LM head, (B, T)."""
+        from aligner.losses import linear_token_logprobs
+
         h = self.hidden_states(input_ids, position_ids)
-        return self.score(h.to(self.score.weight.dtype)).squeeze(-1).float()
+        values = self.score(h.to(self.score.weight.dtype)).squeeze(-1).float()
+        if lm_labels is None:
+            return values
+        if self._lm_head is None:
+            raise ValueError("this reward model has no LM head; build it with from_causal_lm(lm, keep_lm_head=True)")
+        if self._lm_head.weight.device != h.device:  # an untied head is not a submodule: .to() skips it
+            self._lm_head.to(h.device)
+        return values, linear_token_logprobs(h, self._lm_head.weight, lm_labels)
 
     # --- checkpoints ---------------------------------------------------------------------------------
 

@@ -3,12 +3,17 @@
     aligner rm                                    # recipes/reward.yaml: from runs/sft/final on the task world
     aligner rm --center_coef 0.01                 # with reward centring
     aligner rm recipes/reward.yaml --lora.enabled true
+    aligner rm --lm_coef 1.0                      # + the chosen replies' LM loss (GRM)
 
 The model is the starting causal LM's decoder with a scalar head in place of the LM head
 (aligner.model.heads), read at the last token of prompt + reply. Chosen and rejected replies go
 through one forward pass (2B rows, chosen first) and the per-pair loss is
 -log sigmoid(r_chosen - r_rejected - margin) (+ centring), from `aligner.losses.bradley_terry_loss`.
-A pair's optional `margin` column comes from the data. Checkpoints load for scoring through
+A pair's optional `margin` column comes from the data. `rm.lm_coef` adds the chosen replies' mean
+token NLL under the starting model's LM head (kept beside the scalar head, not saved): GRM's
+hidden-state regularisation (Yang et al. 2024, arXiv 2406.10216), which keeps the decoder a language
+model while it learns to score (on the task world it left held-out accuracy where it was; see the
+README). Checkpoints load for scoring through
 `aligner.model.heads.load_reward_model` (full models also load in transformers as
 AutoModelForSequenceClassification); `score_conversations` scores rendered conversations with it.
 """
@@ -24,7 +29,7 @@ from aligner.data.chat import encode_preferences, pad_token_id
 from aligner.data.collate import pack_pairs, pad_examples, pad_pairs
 from aligner.data.formats import to_preference_records
 from aligner.errors import DataError
-from aligner.losses import bradley_terry_loss
+from aligner.losses import IGNORE_INDEX, bradley_terry_loss, rpo_nll, summed_logps, summed_logps_by_doc
 from aligner.model.heads import last_token_values
 from aligner.trainers.base import Trainer, prepare_run_dir
 
@@ -43,12 +48,32 @@ class RewardTrainer(Trainer):
         return pad_pairs(pairs, pad_token_id(self.tokenizer))
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        if "ends" in batch:  # packed: each sequence's last token, wherever its row put it
-            rewards = model(batch["input_ids"], batch["position_ids"]).reshape(-1)[batch["ends"]]  # (2B,)
+        r = self.recipe.rm
+        packed = "ends" in batch  # packed: each sequence's last token, wherever its row put it
+        pairs = len(batch["lengths"]) // 2
+        ids, positions = batch["input_ids"], batch.get("position_ids")
+        if r.lm_coef:
+            # the LM term reads the chosen replies only: the first B sequences
+            if packed:
+                chosen_tokens = batch["doc_ids"] < pairs  # (rows, T)
+            else:
+                chosen_tokens = torch.arange(len(ids), device=ids.device)[:, None] < pairs  # (2B, 1)
+            lm_labels = batch["labels"].masked_fill(~chosen_tokens, IGNORE_INDEX)
+            values, token_logps = model(ids, positions, lm_labels=lm_labels)
         else:
-            rewards = last_token_values(model(batch["input_ids"]), batch["lengths"])  # (2B,)
-        chosen, rejected = rewards.chunk(2)
-        return bradley_terry_loss(chosen, rejected, batch.get("margin"), self.recipe.rm.center_coef)
+            values = model(ids, positions)
+        rewards = values.reshape(-1)[batch["ends"]] if packed else last_token_values(values, batch["lengths"])
+        chosen, rejected = rewards.chunk(2)  # (B,), (B,)
+        loss, stats = bradley_terry_loss(chosen, rejected, batch.get("margin"), r.center_coef)
+        if r.lm_coef:
+            if packed:
+                sums, counts = summed_logps_by_doc(token_logps, lm_labels, batch["doc_ids"], 2 * pairs)
+            else:
+                sums, counts = summed_logps(token_logps, lm_labels)
+            nll, nll_stats = rpo_nll(sums[:pairs], counts[:pairs])
+            loss = loss + r.lm_coef * nll
+            stats.update(nll_stats)
+        return loss, stats
 
 
 @torch.no_grad()
@@ -92,7 +117,7 @@ def rm(recipe: Recipe) -> dict:
     eval_data = None
     if eval_rows:
         eval_data = encode_reward_pairs(eval_rows, tokenizer, d.seq_len, d.format, r.overlong, "the eval split")[0]
-    model = prepare_model(recipe, tokenizer, scalar_head=True)
+    model = prepare_model(recipe, tokenizer, scalar_head=True, keep_lm_head=r.lm_coef > 0)
     run_dir = Path(recipe.train.out_dir) / recipe.train.name
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
     trainer = RewardTrainer(recipe, model, tokenizer, train_data, eval_data)
@@ -101,6 +126,7 @@ def rm(recipe: Recipe) -> dict:
         kind = training_kind(recipe)
         dropped = f", {counts['identical']} with identical chosen and rejected dropped" if counts["identical"] else ""
         print(f"rm: {report.summary().replace('conversations', 'pairs')}{dropped}")
-        print(f"rm: {kind}, center_coef {r.center_coef}, {trainer.total_steps} steps -> {run_dir}")
+        lm = f", lm_coef {r.lm_coef}" if r.lm_coef else ""
+        print(f"rm: {kind}, center_coef {r.center_coef}{lm}, {trainer.total_steps} steps -> {run_dir}")
     metrics = trainer.train()
     return {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}

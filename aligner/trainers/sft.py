@@ -194,20 +194,23 @@ def sft_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def prepare_model(recipe: Recipe, tokenizer, scalar_head: bool = False) -> torch.nn.Module:
+def prepare_model(recipe: Recipe, tokenizer, scalar_head: bool = False, keep_lm_head: bool = False) -> torch.nn.Module:
     """The model to train: GPT core or HF model, with a scalar head instead of the LM head when asked
-    (reward models), and LoRA / QLoRA adapters when the recipe asks for them."""
+    (reward models; `keep_lm_head` keeps the LM head beside it), and LoRA / QLoRA adapters when the
+    recipe asks for them."""
     torch.manual_seed(recipe.train.seed)  # same initial weights (and adapters) on every process and run
     lora = recipe.lora
     init = resolve_path(recipe.model.init_from) if recipe.model.init_from else None
     if scalar_head and init is not None and is_reward_checkpoint(init) and lora.quantize != "nf4":
+        if keep_lm_head:
+            raise ConfigError(f"rm.lm_coef needs a causal LM to start from; '{init}' is a reward model")
         model = load_reward_model(init).train()  # continue a reward model: its head too
     elif lora.enabled and lora.quantize == "nf4":
         model = build_quantized_model(recipe.model, lora, tokenizer)
     else:
         model = build_model(recipe.model, tokenizer)
     if scalar_head and not isinstance(model, ScalarHeadModel):
-        model = ScalarHeadModel.from_causal_lm(model)
+        model = ScalarHeadModel.from_causal_lm(model, keep_lm_head=keep_lm_head)
     if lora.enabled:
         base = str(resolve_path(recipe.model.init_from).resolve()) if recipe.model.init_from else None
         model = apply_lora(model, lora, base_path=base)
