@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from aligner.losses import linear_token_logprobs
 from aligner.model.gpt import GPT, GPTConfig
 
 
@@ -71,8 +72,6 @@ class ScalarHeadModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, lm_labels=None):
         """The head at every position, (B, T), in fp32. Given `lm_labels` (B, T) (shifted token ids,
         IGNORE_INDEX where not wanted), also each label's fp32 log-prob under the kept LM head, (B, T)."""
-        from aligner.losses import linear_token_logprobs
-
         h = self.hidden_states(input_ids, position_ids)
         values = self.score(h.to(self.score.weight.dtype)).squeeze(-1).float()
         if lm_labels is None:
