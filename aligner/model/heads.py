@@ -60,6 +60,13 @@ class ScalarHeadModel(nn.Module):
             model.is_loaded_in_4bit = True  # peft wraps 4-bit layers with its bnb LoRA layers only then
         return model
 
+    def _apply(self, fn, *args, **kwargs):
+        """.to() / .float() / .cuda() also reach a kept LM head, which is not a submodule."""
+        super()._apply(fn, *args, **kwargs)
+        if self._lm_head is not None:
+            self._lm_head._apply(fn, *args, **kwargs)
+        return self
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens if self._gpt is not None else self.model.get_input_embeddings()
 
@@ -78,8 +85,6 @@ class ScalarHeadModel(nn.Module):
             return values
         if self._lm_head is None:
             raise ValueError("this reward model has no LM head; build it with from_causal_lm(lm, keep_lm_head=True)")
-        if self._lm_head.weight.device != h.device:  # an untied head is not a submodule: .to() skips it
-            self._lm_head.to(h.device)
         return values, linear_token_logprobs(h, self._lm_head.weight, lm_labels)
 
     # --- checkpoints ---------------------------------------------------------------------------------
