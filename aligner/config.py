@@ -291,6 +291,14 @@ def validate(recipe: Recipe) -> None:
             "dpo.kto_*_weight must be positive",
         ),
         (recipe.rm.center_coef >= 0, "rm.center_coef must be 0 or more"),
+        (
+            min(recipe.rm.lm_coef, recipe.rm.likelihood_coef) >= 0,
+            "rm.lm_coef and rm.likelihood_coef must be 0 or more",
+        ),
+        (
+            not (recipe.rm.likelihood_coef and recipe.lora.enabled),
+            "rm.likelihood_coef needs full fine-tuning (lora.enabled: false): an adapter checkpoint does not keep it",
+        ),
         (recipe.dpo.sft_weight >= 0, "dpo.sft_weight must be 0 or more"),
         (recipe.dpo.sample_pairs >= 0 and recipe.dpo.sample_temperature > 0, "dpo.sample_* must be positive"),
         (recipe.grpo.num_generations >= 2, "grpo.num_generations must be at least 2 (advantages compare a group)"),

@@ -150,6 +150,9 @@ class DPOConfig:
 class RMConfig:
     center_coef: float = 0.0  # + center_coef * (r_chosen + r_rejected)^2 keeps rewards near 0 (~0.01)
     lm_coef: float = 0.0  # + lm_coef * the chosen replies' token NLL under the LM head (GRM); 0 = off
+    # reward = head + likelihood_coef * the reply's summed token log-prob under the model's own LM head
+    # (trained so, saved with the checkpoint, used in every score); 0 = the head alone
+    likelihood_coef: float = 0.0
     packing: bool = True  # padding-free packing of each micro-batch's 2B sequences (same loss, less padding)
     chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
     overlong: str = choice("truncate", "truncate", "drop", "error")  # pairs over data.seq_len tokens

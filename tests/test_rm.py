@@ -220,3 +220,104 @@ def test_rm_with_lm_term_trains_and_saves_no_lm_head(bases, tmp_path, capsys):
     again = rm_recipe(tmp_path, tmp_path / "runs/r/final", rm={"lm_coef": 0.5}, train={"name": "again"})
     assert main(["rm", str(again)]) == 2
     assert "rm.lm_coef needs a causal LM" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["gpt", "hf"])
+def test_likelihood_term_adds_the_replies_summed_logprob_to_the_reward(bases, arch, monkeypatch):
+    """rm.likelihood_coef c: reward = head at the last token + c x the reply tokens' summed log-probs
+    under the model's own LM head, computed here from the LM itself; the loss is Bradley-Terry on
+    those rewards, packed (GPT core) as padded (HF), and scoring gives the same rewards."""
+    import torch.nn.functional as F
+
+    import aligner.trainers.rm as rm_mod
+    from aligner.config import Recipe, TrainConfig
+    from aligner.data.collate import pad_pairs
+    from aligner.sections import RMConfig
+    from aligner.trainers.rm import RewardTrainer
+
+    def load():
+        torch.manual_seed(0)  # the same scalar head every time
+        lm = GPT.from_pretrained(bases / "gpt") if arch == "gpt" else load_hf_model(str(bases / "llama"))
+        return lm.eval()
+
+    reference = load()
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 10, 5, 9)]
+    examples = [{"input_ids": s, "labels": [-100] * (len(s) - 5) + s[len(s) - 4 :] + [-100]} for s in seqs]
+    pairs = [{"chosen": examples[0], "rejected": examples[1]}, {"chosen": examples[2], "rejected": examples[3]}]
+    monkeypatch.setattr(rm_mod, "pad_token_id", lambda tok: 0)
+    head_only = ScalarHeadModel.from_causal_lm(load()).eval()
+    model = ScalarHeadModel.from_causal_lm(load(), likelihood_coef=0.3).eval()
+    expected = []
+    with torch.no_grad():
+        for ex in (examples[0], examples[2], examples[1], examples[3]):  # chosen first, as batches hold them
+            ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"])
+            logits = reference(ids) if arch == "gpt" else reference(input_ids=ids).logits
+            keep = labels != -100
+            logp = -float(F.cross_entropy(logits[0][keep], labels[keep], reduction="sum"))
+            expected.append(float(head_only(ids)[0, -1]) + 0.3 * logp)
+        batch = pad_pairs(pairs, 0)
+        got = model.sequence_scores(batch["input_ids"], batch["labels"], batch["lengths"])
+    assert got.tolist() == pytest.approx(expected, abs=1e-4)
+
+    recipe = Recipe(train=TrainConfig(out_dir="/nonexistent", precision="fp32"), rm=RMConfig(likelihood_coef=0.3))
+    trainer = RewardTrainer(recipe, model, None, [])
+    trainer.packing, trainer.row_len = arch == "gpt", 32
+    with torch.no_grad():
+        loss, stats = trainer.compute_loss(model, trainer.collate(pairs))
+    rewards = torch.tensor(expected)
+    by_hand = -F.logsigmoid(rewards[:2] - rewards[2:]).sum()  # summed over pairs: the loop divides by their number
+    assert float(loss) == pytest.approx(float(by_hand), abs=1e-4)
+    assert stats["accuracy"] == pytest.approx(float((rewards[:2] > rewards[2:]).float().mean()))
+
+
+def test_likelihood_term_survives_saving_for_tied_and_untied_heads(bases, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(5, 300, (3, 12), generator=g)
+    labels = torch.where(torch.arange(12) >= 6, torch.roll(ids, -1, 1), -100)
+    labels[:, -1] = -100
+    lengths = torch.tensor([12, 12, 12])
+    for name, lm in [("gpt", GPT.from_pretrained(bases / "gpt")), ("hf", load_hf_model(str(bases / "llama")))]:
+        model = ScalarHeadModel.from_causal_lm(lm, likelihood_coef=0.25).eval()
+        with torch.no_grad():
+            model.score.weight.normal_()
+            before = model.sequence_scores(ids, labels, lengths)
+        model.save_pretrained(tmp_path / name)
+        saved = json.loads((tmp_path / name / "config.json").read_text())
+        assert saved["reward_likelihood_coef"] == 0.25
+        loaded = load_reward_model(tmp_path / name)
+        assert loaded.likelihood_coef == 0.25
+        assert loaded._tied_lm_head() == (name == "gpt")  # the untied head was saved and read back
+        with torch.no_grad():
+            assert loaded.sequence_scores(ids, labels, lengths).tolist() == pytest.approx(before.tolist(), abs=1e-5)
+            # transformers still loads the head alone
+            hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / name)).eval()
+            head = last_token_values(loaded(ids), lengths)
+            assert hf(ids).logits[:, 0].tolist() == pytest.approx(head.tolist(), abs=1e-4)
+            assert not torch.allclose(head, before)
+
+
+def test_rm_with_likelihood_term_trains_scores_and_rejects_lora(bases, tmp_path, capsys):
+    recipe = rm_recipe(tmp_path, bases / "gpt", rm={"likelihood_coef": 0.2, "lm_coef": 0.5})
+    assert main(["rm", str(recipe)]) == 0
+    assert "likelihood_coef 0.2" in capsys.readouterr().out
+    final = tmp_path / "runs/r/final"
+    model, tok = load_reward_model(final), load_tokenizer(final)
+    assert model.likelihood_coef == 0.2
+    from aligner.data.collate import pad_pairs
+    from aligner.trainers.rm import encode_reward_pairs
+
+    convs = conversations(4)
+    ours = score_conversations(model, tok, convs)
+    pairs = encode_reward_pairs(world_rows("preference", "val", n=4), tok, 256)[0]  # what rm() trains on
+    batch = pad_pairs(pairs, tok.pad_token_id)
+    with torch.no_grad():
+        trained = model.sequence_scores(batch["input_ids"], batch["labels"], batch["lengths"])
+    assert trained.tolist() == pytest.approx(ours, abs=1e-4)
+
+    lora = rm_recipe(tmp_path, bases / "gpt", rm={"likelihood_coef": 0.2}, lora={"enabled": True}, train={"name": "l"})
+    assert main(["rm", str(lora)]) == 2
+    assert "rm.likelihood_coef needs full fine-tuning" in capsys.readouterr().err
+    assert not (tmp_path / "runs/l").exists()

@@ -110,7 +110,7 @@ def reply_stop_ids(tokenizer, template: str | None = None) -> list[int]:
     return out
 
 
-def _shifted(ids: list[int], mask: list[int], keep_last: bool = False) -> dict:
+def shifted_example(ids: list[int], mask: list[int], keep_last: bool = False) -> dict:
     """{"input_ids": ids[:-1], "labels": ids[1:] where the mask is 1, else IGNORE_INDEX} as int64 tensors.
     keep_last: input_ids are all of ids (a reward model reads the final token) and labels end with one
     more IGNORE_INDEX."""
@@ -194,7 +194,7 @@ def encode_dataset(
         if sum(mask[1:]) == 0:
             report.dropped_no_loss += 1
             continue
-        examples.append(_shifted(ids, mask))
+        examples.append(shifted_example(ids, mask))
         report.kept += 1
         report.tokens += len(ids) - 1
         report.loss_tokens += sum(mask[1:])
@@ -255,7 +255,7 @@ def encode_preferences(
         if any(sum(mask[1:]) == 0 for _, mask in sides):
             report.dropped_no_loss += 1
             continue
-        pair = {name: _shifted(*side, keep_last=keep_last) for name, side in zip(names, sides)}
+        pair = {name: shifted_example(*side, keep_last=keep_last) for name, side in zip(names, sides)}
         pair.update({k: rec[k] for k in ("margin", "label") if k in rec})
         out.append(pair)
         report.kept += 1

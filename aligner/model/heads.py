@@ -5,12 +5,19 @@
     rm = ScalarHeadModel.from_causal_lm(lm, keep_lm_head=True)
     values, logps = rm(input_ids, lm_labels=labels)   # + each label's log-prob under the LM head
     scores = last_token_values(values, lengths)   # (B,): each row's value at its last non-pad token
+    scores = rm.sequence_scores(input_ids, labels, lengths)   # the reward itself, as scoring uses it
 
 Rows are right-padded, so with causal attention a real token never sees padding and no attention
 mask is needed. Checkpoints use the layout of transformers' `<Family>ForSequenceClassification` with
 one label (the decoder under `model.*`, the head as `score.weight`, no bias), so a reward model
 trained here also loads in transformers as AutoModelForSequenceClassification. A kept LM head is
-not part of the checkpoint: it only serves a language-modelling term in training (`rm.lm_coef`).
+not part of the checkpoint when it only serves a language-modelling term in training (`rm.lm_coef`).
+
+A reward model may also count its own likelihood of the reply (`rm.likelihood_coef` = c): its reward
+is then head(last token) + c * sum of log p(reply token) under the kept LM head, in training and in
+every score (`sequence_scores`). config.json then records `reward_likelihood_coef`, and an untied LM
+head is saved as `lm_head.weight` (a tied one is the embedding, already there); transformers loads
+such a checkpoint's head but not the likelihood term.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aligner.losses import linear_token_logprobs
+from aligner.losses import linear_token_logprobs, summed_logps
 from aligner.model.gpt import GPT, GPTConfig
 
 
@@ -30,9 +37,19 @@ class ScalarHeadModel(nn.Module):
 
     head_names = ("score",)  # trained in full (never given LoRA adapters), saved with any adapter
 
-    def __init__(self, body: nn.Module, config, gpt: GPT | None = None, lm_head: nn.Linear | None = None):
+    def __init__(
+        self,
+        body: nn.Module,
+        config,
+        gpt: GPT | None = None,
+        lm_head: nn.Linear | None = None,
+        likelihood_coef: float = 0.0,
+    ):
         super().__init__()
+        if likelihood_coef and lm_head is None:
+            raise ValueError("likelihood_coef needs the LM head: build with from_causal_lm(lm, likelihood_coef=...)")
         self.config = config
+        self.likelihood_coef = float(likelihood_coef)  # reward = head + this x the reply's summed log-probs
         self.model = body  # the GPT core's ModuleDict, or the HF model's base (e.g. LlamaModel)
         self.__dict__["_gpt"] = gpt  # not a submodule: its `model` is ours, its LM head is unused
         # not a submodule either (not saved): the causal LM's head, tied to the embedding or frozen
@@ -44,18 +61,21 @@ class ScalarHeadModel(nn.Module):
         self.score.to(next(body.parameters()).device)
 
     @classmethod
-    def from_causal_lm(cls, lm: nn.Module, keep_lm_head: bool = False) -> ScalarHeadModel:
+    def from_causal_lm(
+        cls, lm: nn.Module, keep_lm_head: bool = False, likelihood_coef: float = 0.0
+    ) -> ScalarHeadModel:
         """Reuse the decoder of a causal LM (its weights, not a copy). The LM head is dropped, or with
-        `keep_lm_head` kept for `forward(..., lm_labels=)`: a head tied to the input embedding trains
-        with it, an untied one is frozen (it then anchors the hidden states to what it reads)."""
-        head = lm.get_output_embeddings() if keep_lm_head else None
+        `keep_lm_head` (or a `likelihood_coef`, which needs it) kept for `forward(..., lm_labels=)`: a
+        head tied to the input embedding trains with it, an untied one is frozen (it then anchors the
+        hidden states to what it reads)."""
+        head = lm.get_output_embeddings() if keep_lm_head or likelihood_coef else None
         if head is not None and head.weight is not lm.get_input_embeddings().weight:
             head.requires_grad_(False)
         if isinstance(lm, GPT):
             lm.lm_head = nn.Identity()  # the GPT core's forward below asks for hidden states
-            model = cls(lm.model, lm.config, gpt=lm, lm_head=head)
+            model = cls(lm.model, lm.config, gpt=lm, lm_head=head, likelihood_coef=likelihood_coef)
         else:
-            model = cls(lm.base_model, lm.config, lm_head=head)
+            model = cls(lm.base_model, lm.config, lm_head=head, likelihood_coef=likelihood_coef)
         if getattr(lm, "is_loaded_in_4bit", False):
             model.is_loaded_in_4bit = True  # peft wraps 4-bit layers with its bnb LoRA layers only then
         return model
@@ -87,6 +107,18 @@ class ScalarHeadModel(nn.Module):
             raise ValueError("this reward model has no LM head; build it with from_causal_lm(lm, keep_lm_head=True)")
         return values, linear_token_logprobs(h, self._lm_head.weight, lm_labels)
 
+    def sequence_scores(self, input_ids: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The reward of each right-padded row, (B,): the head at its last real token (lengths (B,)),
+        plus `likelihood_coef` x the summed log-probs of its labelled (reply) tokens when that is on.
+        labels (B, T): shifted reply token ids, IGNORE_INDEX elsewhere, as the trainer encodes them."""
+        if not self.likelihood_coef:
+            return last_token_values(self(input_ids), lengths)
+        values, token_logps = self(input_ids, lm_labels=labels)
+        return last_token_values(values, lengths) + self.likelihood_coef * summed_logps(token_logps, labels)[0]
+
+    def _tied_lm_head(self) -> bool:
+        return self._lm_head is not None and self._lm_head.weight is self.get_input_embeddings().weight
+
     # --- checkpoints ---------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None, **_) -> None:
@@ -97,6 +129,8 @@ class ScalarHeadModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         dtype = dtype or self.score.weight.dtype
         state = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in self.state_dict().items()}
+        if self.likelihood_coef and not self._tied_lm_head():
+            state["lm_head.weight"] = self._lm_head.weight.detach().to(device="cpu", dtype=dtype).contiguous()
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
         if isinstance(self.config, GPTConfig):
             d = self.config.to_hf_dict(str(dtype).removeprefix("torch."))
@@ -105,6 +139,9 @@ class ScalarHeadModel(nn.Module):
         arch = (d.get("architectures") or ["LlamaForCausalLM"])[0]
         d["architectures"] = [arch.replace("ForCausalLM", "") + "ForSequenceClassification"]
         d["id2label"], d["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+        d.pop("reward_likelihood_coef", None)
+        if self.likelihood_coef:
+            d["reward_likelihood_coef"] = self.likelihood_coef
         (directory / "config.json").write_text(json.dumps(d, indent=2) + "\n")
 
 
@@ -144,20 +181,32 @@ def load_reward_model(path: str | Path) -> ScalarHeadModel:
             f"'{path}' is not a reward model checkpoint (config.json architectures: not *ForSequenceClassification)"
         )
     state = read_safetensors(path)
+    config_dict = json.loads((path / "config.json").read_text())
+    coef = float(config_dict.get("reward_likelihood_coef", 0.0))
+    # saved only for a likelihood term's untied head; without it the LM head is the embedding
+    head_weight = state.pop("lm_head.weight", None)
     if is_gpt_checkpoint(path):
-        config = GPTConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
         with torch.device("meta"):
-            model = ScalarHeadModel.from_causal_lm(GPT(config))
+            model = ScalarHeadModel.from_causal_lm(GPT(GPTConfig.from_hf_dict(config_dict)), likelihood_coef=coef)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     else:
         from transformers import AutoModel
 
         body = AutoModel.from_pretrained(str(path), dtype=torch.float32)  # reads model.* from the file
-        model = ScalarHeadModel(body, body.config)
+        head = None
+        if coef:  # the LM head, over the embedding or from the file (replaced below)
+            emb = body.get_input_embeddings().weight
+            head = nn.Linear(emb.shape[1], emb.shape[0], bias=False, device="meta")
+        model = ScalarHeadModel(body, body.config, lm_head=head, likelihood_coef=coef)
         missing = [] if "score.weight" in state else ["score.weight"]
         unexpected = []
         if not missing:
             model.score.weight.data.copy_(state["score.weight"])
+    if coef:  # point the kept LM head at the loaded weights
+        if head_weight is None:
+            model._lm_head.weight = model.get_input_embeddings().weight
+        else:
+            model._lm_head.weight = nn.Parameter(head_weight, requires_grad=False)
     if missing or unexpected:
         raise ConfigError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
     return model.float().eval()

@@ -4,6 +4,7 @@
     aligner rm --center_coef 0.01                 # with reward centring
     aligner rm recipes/reward.yaml --lora.enabled true
     aligner rm --lm_coef 1.0                      # + the chosen replies' LM loss (GRM)
+    aligner rm --likelihood_coef 0.2 --lm_coef 1.0    # reward = head + 0.2 x log p(reply)
 
 The model is the starting causal LM's decoder with a scalar head in place of the LM head
 (aligner.model.heads), read at the last token of prompt + reply. Chosen and rejected replies go
@@ -13,7 +14,9 @@ A pair's optional `margin` column comes from the data. `rm.lm_coef` adds the cho
 token NLL under the starting model's LM head (kept beside the scalar head, not saved): GRM's
 hidden-state regularisation (Yang et al. 2024, arXiv 2406.10216), which keeps the decoder a language
 model while it learns to score (on the task world it left held-out accuracy where it was; see the
-README). Checkpoints load for scoring through
+README). `rm.likelihood_coef` = c makes the reward itself head + c x the reply's summed token
+log-prob under the model's own LM head (`ScalarHeadModel.sequence_scores`), trained so through the
+same Bradley-Terry loss and kept in the checkpoint, so every score uses it. Checkpoints load for scoring through
 `aligner.model.heads.load_reward_model` (full models also load in transformers as
 AutoModelForSequenceClassification); `score_conversations` scores rendered conversations with it.
 """
@@ -29,7 +32,7 @@ from aligner.data.chat import encode_preferences, pad_token_id
 from aligner.data.collate import pack_pairs, pad_examples, pad_pairs
 from aligner.data.formats import to_preference_records
 from aligner.errors import DataError
-from aligner.losses import IGNORE_INDEX, bradley_terry_loss, rpo_nll, summed_logps, summed_logps_by_doc
+from aligner.losses import bradley_terry_loss, rpo_nll, summed_logps, summed_logps_by_doc
 from aligner.model.heads import last_token_values
 from aligner.trainers.base import Trainer, prepare_run_dir
 
@@ -51,25 +54,21 @@ class RewardTrainer(Trainer):
         r = self.recipe.rm
         packed = "ends" in batch  # packed: each sequence's last token, wherever its row put it
         pairs = len(batch["lengths"]) // 2
-        ids, positions = batch["input_ids"], batch.get("position_ids")
-        if r.lm_coef:
-            # the LM term reads the chosen replies only: the first B sequences
+        ids, positions, labels = batch["input_ids"], batch.get("position_ids"), batch["labels"]
+        if r.lm_coef or r.likelihood_coef:  # every reply's token log-probs (the LM term uses the chosen only)
+            values, token_logps = model(ids, positions, lm_labels=labels)
             if packed:
-                chosen_tokens = batch["doc_ids"] < pairs  # (rows, T)
+                sums, counts = summed_logps_by_doc(token_logps, labels, batch["doc_ids"], 2 * pairs)
             else:
-                chosen_tokens = torch.arange(len(ids), device=ids.device)[:, None] < pairs  # (2B, 1)
-            lm_labels = batch["labels"].masked_fill(~chosen_tokens, IGNORE_INDEX)
-            values, token_logps = model(ids, positions, lm_labels=lm_labels)
+                sums, counts = summed_logps(token_logps, labels)  # (2B,), (2B,)
         else:
             values = model(ids, positions)
         rewards = values.reshape(-1)[batch["ends"]] if packed else last_token_values(values, batch["lengths"])
+        if r.likelihood_coef:  # as ScalarHeadModel.sequence_scores
+            rewards = rewards + r.likelihood_coef * sums
         chosen, rejected = rewards.chunk(2)  # (B,), (B,)
         loss, stats = bradley_terry_loss(chosen, rejected, batch.get("margin"), r.center_coef)
         if r.lm_coef:
-            if packed:
-                sums, counts = summed_logps_by_doc(token_logps, lm_labels, batch["doc_ids"], 2 * pairs)
-            else:
-                sums, counts = summed_logps(token_logps, lm_labels)
             nll, nll_stats = rpo_nll(sums[:pairs], counts[:pairs])
             loss = loss + r.lm_coef * nll
             stats.update(nll_stats)
@@ -80,15 +79,20 @@ class RewardTrainer(Trainer):
 def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 16) -> list[float]:
     """Reward of each conversation (a message list ending with the assistant reply), rendered with the
     tokenizer's chat template exactly as in training."""
-    from aligner.data.chat import encode_conversation
+    from aligner.data.chat import encode_conversation, shifted_example
 
     device = next(model.parameters()).device
     scores = []
     for start in range(0, len(conversations), batch_size):
-        ids = [encode_conversation(tokenizer, m)[0] for m in conversations[start : start + batch_size]]
-        batch = pad_examples([{"input_ids": x, "labels": x} for x in ids], pad_token_id(tokenizer))
-        values = model(batch["input_ids"].to(device))
-        scores.extend(last_token_values(values, torch.tensor([len(x) for x in ids])).tolist())
+        rows = [
+            shifted_example(*encode_conversation(tokenizer, m), keep_last=True)
+            for m in conversations[start : start + batch_size]
+        ]
+        batch = pad_examples(rows, pad_token_id(tokenizer))
+        lengths = torch.tensor([len(x["input_ids"]) for x in rows])
+        scores.extend(
+            model.sequence_scores(batch["input_ids"].to(device), batch["labels"].to(device), lengths).tolist()
+        )
     return scores
 
 
@@ -117,7 +121,8 @@ def rm(recipe: Recipe) -> dict:
     eval_data = None
     if eval_rows:
         eval_data = encode_reward_pairs(eval_rows, tokenizer, d.seq_len, d.format, r.overlong, "the eval split")[0]
-    model = prepare_model(recipe, tokenizer, scalar_head=True, keep_lm_head=r.lm_coef > 0)
+    model = prepare_model(recipe, tokenizer, scalar_head=True, keep_lm_head=r.lm_coef > 0 or r.likelihood_coef > 0)
+    model.likelihood_coef = r.likelihood_coef  # saved with the checkpoint: every score then counts it
     run_dir = Path(recipe.train.out_dir) / recipe.train.name
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
     trainer = RewardTrainer(recipe, model, tokenizer, train_data, eval_data)
@@ -127,6 +132,7 @@ def rm(recipe: Recipe) -> dict:
         dropped = f", {counts['identical']} with identical chosen and rejected dropped" if counts["identical"] else ""
         print(f"rm: {report.summary().replace('conversations', 'pairs')}{dropped}")
         lm = f", lm_coef {r.lm_coef}" if r.lm_coef else ""
+        lm += f", likelihood_coef {r.likelihood_coef}" if r.likelihood_coef else ""
         print(f"rm: {kind}, center_coef {r.center_coef}{lm}, {trainer.total_steps} steps -> {run_dir}")
     metrics = trainer.train()
     return {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}
