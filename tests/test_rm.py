@@ -297,6 +297,8 @@ def test_likelihood_term_survives_saving_for_tied_and_untied_heads(bases, tmp_pa
             head = last_token_values(loaded(ids), lengths)
             assert hf(ids).logits[:, 0].tolist() == pytest.approx(head.tolist(), abs=1e-4)
             assert not torch.allclose(head, before)
+            # a PPO critic starting from it keeps the head alone
+            assert loaded.head_only().sequence_scores(ids, labels, lengths).tolist() == pytest.approx(head.tolist())
 
 
 def test_rm_with_likelihood_term_trains_scores_and_rejects_lora(bases, tmp_path, capsys):

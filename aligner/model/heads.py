@@ -116,6 +116,13 @@ class ScalarHeadModel(nn.Module):
         values, token_logps = self(input_ids, lm_labels=labels)
         return last_token_values(values, lengths) + self.likelihood_coef * summed_logps(token_logps, labels)[0]
 
+    def head_only(self) -> ScalarHeadModel:
+        """This model without a likelihood term or kept LM head (in place): the head alone, e.g. for a
+        PPO critic that starts from a reward model and predicts values, not rewards."""
+        self.likelihood_coef = 0.0
+        self.__dict__["_lm_head"] = None
+        return self
+
     def _tied_lm_head(self) -> bool:
         return self._lm_head is not None and self._lm_head.weight is self.get_input_embeddings().weight
 

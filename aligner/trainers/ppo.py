@@ -271,7 +271,7 @@ def make_critic(recipe: Recipe, policy: nn.Module) -> ScalarHeadModel:
 
     init = recipe.ppo.value_init or recipe.ppo.reward_model
     if init and is_reward_checkpoint(resolve_path(init)):
-        return load_reward_model(init).train().requires_grad_(True)
+        return load_reward_model(init).head_only().train().requires_grad_(True)
     if init:
         return ScalarHeadModel.from_causal_lm(load_model(init))
     base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy

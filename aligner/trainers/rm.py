@@ -2,9 +2,8 @@
 
     aligner rm                                    # recipes/reward.yaml: from runs/sft/final on the task world
     aligner rm --center_coef 0.01                 # with reward centring
-    aligner rm recipes/reward.yaml --lora.enabled true
-    aligner rm --lm_coef 1.0                      # + the chosen replies' LM loss (GRM)
-    aligner rm --likelihood_coef 0.2 --lm_coef 1.0    # reward = head + 0.2 x log p(reply)
+    aligner rm --likelihood_coef 0 --lm_coef 0    # the scalar head alone
+    aligner rm --likelihood_coef 0 --lora.enabled true   # LoRA (the likelihood term needs full fine-tuning)
 
 The model is the starting causal LM's decoder with a scalar head in place of the LM head
 (aligner.model.heads), read at the last token of prompt + reply. Chosen and rejected replies go
