@@ -219,7 +219,7 @@ def test_rm_with_lm_term_trains_and_saves_no_lm_head(bases, tmp_path, capsys):
     # continuing a reward model has no LM head to keep
     again = rm_recipe(tmp_path, tmp_path / "runs/r/final", rm={"lm_coef": 0.5}, train={"name": "again"})
     assert main(["rm", str(again)]) == 2
-    assert "rm.lm_coef needs a causal LM" in capsys.readouterr().err
+    assert "rm.lm_coef and rm.likelihood_coef need a causal LM" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ["gpt", "hf"])

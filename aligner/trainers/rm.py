@@ -15,9 +15,11 @@ hidden-state regularisation (Yang et al. 2024, arXiv 2406.10216), which keeps th
 model while it learns to score (on the task world it left held-out accuracy where it was; see the
 README). `rm.likelihood_coef` = c makes the reward itself head + c x the reply's summed token
 log-prob under the model's own LM head (`ScalarHeadModel.sequence_scores`), trained so through the
-same Bradley-Terry loss and kept in the checkpoint, so every score uses it. Checkpoints load for scoring through
+same Bradley-Terry loss and kept in the checkpoint, so every score uses it (held-out accuracy
+0.85 -> 0.90-0.94 on the task world). Checkpoints load for scoring through
 `aligner.model.heads.load_reward_model` (full models also load in transformers as
-AutoModelForSequenceClassification); `score_conversations` scores rendered conversations with it.
+AutoModelForSequenceClassification, the head without the likelihood term); `score_conversations`
+scores rendered conversations with it.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ def rm(recipe: Recipe) -> dict:
     if eval_rows:
         eval_data = encode_reward_pairs(eval_rows, tokenizer, d.seq_len, d.format, r.overlong, "the eval split")[0]
     model = prepare_model(recipe, tokenizer, scalar_head=True, keep_lm_head=r.lm_coef > 0 or r.likelihood_coef > 0)
-    model.likelihood_coef = r.likelihood_coef  # saved with the checkpoint: every score then counts it
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.likelihood_coef = r.likelihood_coef  # saved with the checkpoint: every score then counts it
     run_dir = Path(recipe.train.out_dir) / recipe.train.name
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
     trainer = RewardTrainer(recipe, model, tokenizer, train_data, eval_data)

@@ -203,7 +203,9 @@ def prepare_model(recipe: Recipe, tokenizer, scalar_head: bool = False, keep_lm_
     init = resolve_path(recipe.model.init_from) if recipe.model.init_from else None
     if scalar_head and init is not None and is_reward_checkpoint(init) and lora.quantize != "nf4":
         if keep_lm_head:
-            raise ConfigError(f"rm.lm_coef needs a causal LM to start from; '{init}' is a reward model")
+            raise ConfigError(
+                f"rm.lm_coef and rm.likelihood_coef need a causal LM to start from; '{init}' is a reward model"
+            )
         model = load_reward_model(init).train()  # continue a reward model: its head too
     elif lora.enabled and lora.quantize == "nf4":
         model = build_quantized_model(recipe.model, lora, tokenizer)
