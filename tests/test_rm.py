@@ -163,28 +163,45 @@ def test_packed_pairs_give_the_padded_loss_and_gradients(bases, arch, lm_coef, m
         assert torch.allclose(results[1][1][name], grad, atol=1e-5), name
 
 
+def lm_loader_and_pairs(bases, arch):
+    """A loader of the base LM (wrapped, it gets the same scalar head every time), and two pairs of
+    random sequences whose labels are their shifted ids on the last 4 positions (the reply)."""
+
+    def load():
+        torch.manual_seed(0)
+        lm = GPT.from_pretrained(bases / "gpt") if arch == "gpt" else load_hf_model(str(bases / "llama"))
+        return lm.eval()
+
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 10, 5, 9)]
+    # IGNORE on the prompt and on the final token (which a reward model reads, no label after it)
+    examples = [{"input_ids": s, "labels": [-100] * (len(s) - 5) + s[len(s) - 4 :] + [-100]} for s in seqs]
+    pairs = [{"chosen": examples[0], "rejected": examples[1]}, {"chosen": examples[2], "rejected": examples[3]}]
+    return load, examples, pairs
+
+
+@torch.no_grad()
+def label_nll(lm, example) -> tuple[float, int]:
+    """The summed NLL of an example's labelled tokens under a causal LM (GPT core or HF), and their number."""
+    import torch.nn.functional as F
+
+    ids, labels = torch.tensor([example["input_ids"]]), torch.tensor(example["labels"])
+    logits = lm(ids) if isinstance(lm, GPT) else lm(input_ids=ids).logits
+    keep = labels != -100
+    return float(F.cross_entropy(logits[0][keep], labels[keep], reduction="sum")), int(keep.sum())
+
+
 @pytest.mark.parametrize("arch", ["gpt", "hf"])
 def test_lm_term_is_the_chosen_replies_mean_token_nll(bases, arch, monkeypatch):
     """rm.lm_coef adds lm_coef x B x the mean NLL of the chosen replies' label tokens (rejected ones
     ignored) under the starting LM, computed here from the LM itself; the head's loss is unchanged."""
-    import torch.nn.functional as F
-
     import aligner.trainers.rm as rm_mod
     from aligner.config import Recipe, TrainConfig
     from aligner.sections import RMConfig
     from aligner.trainers.rm import RewardTrainer
 
-    def load():
-        torch.manual_seed(0)  # the same scalar head every time
-        lm = GPT.from_pretrained(bases / "gpt") if arch == "gpt" else load_hf_model(str(bases / "llama"))
-        return lm.eval()
-
+    load, examples, pairs = lm_loader_and_pairs(bases, arch)
     reference = load()
-    g = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 10, 5, 9)]
-    # labels: shifted ids on the last 4 positions (the reply), IGNORE elsewhere and on the final token
-    examples = [{"input_ids": s, "labels": [-100] * (len(s) - 5) + s[len(s) - 4 :] + [-100]} for s in seqs]
-    pairs = [{"chosen": examples[0], "rejected": examples[1]}, {"chosen": examples[2], "rejected": examples[3]}]
     monkeypatch.setattr(rm_mod, "pad_token_id", lambda tok: 0)
     losses = {}
     for coef in (0.0, 0.7):
@@ -194,14 +211,8 @@ def test_lm_term_is_the_chosen_replies_mean_token_nll(bases, arch, monkeypatch):
         trainer.packing, trainer.row_len = arch == "gpt", 32  # packed on the GPT core, padded on HF
         with torch.no_grad():
             losses[coef] = trainer.compute_loss(model, trainer.collate(pairs))
-    nll_sum, count = 0.0, 0
-    with torch.no_grad():
-        for ex in (examples[0], examples[2]):  # the chosen replies
-            ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"])
-            logits = reference(ids) if arch == "gpt" else reference(input_ids=ids).logits
-            keep = labels != -100
-            nll_sum += float(F.cross_entropy(logits[0][keep], labels[keep], reduction="sum"))
-            count += int(keep.sum())
+    (nll_0, count_0), (nll_2, count_2) = label_nll(reference, examples[0]), label_nll(reference, examples[2])
+    nll_sum, count = nll_0 + nll_2, count_0 + count_2  # the chosen replies
     (plain, plain_stats), (with_lm, stats) = losses[0.0], losses[0.7]
     assert stats["nll"] == pytest.approx(nll_sum / count, abs=1e-5) and "nll" not in plain_stats
     assert float(with_lm) == pytest.approx(float(plain) + 0.7 * 2 * nll_sum / count, abs=1e-5)
@@ -235,27 +246,16 @@ def test_likelihood_term_adds_the_replies_summed_logprob_to_the_reward(bases, ar
     from aligner.sections import RMConfig
     from aligner.trainers.rm import RewardTrainer
 
-    def load():
-        torch.manual_seed(0)  # the same scalar head every time
-        lm = GPT.from_pretrained(bases / "gpt") if arch == "gpt" else load_hf_model(str(bases / "llama"))
-        return lm.eval()
-
+    load, examples, pairs = lm_loader_and_pairs(bases, arch)
     reference = load()
-    g = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (7, 10, 5, 9)]
-    examples = [{"input_ids": s, "labels": [-100] * (len(s) - 5) + s[len(s) - 4 :] + [-100]} for s in seqs]
-    pairs = [{"chosen": examples[0], "rejected": examples[1]}, {"chosen": examples[2], "rejected": examples[3]}]
     monkeypatch.setattr(rm_mod, "pad_token_id", lambda tok: 0)
     head_only = ScalarHeadModel.from_causal_lm(load()).eval()
     model = ScalarHeadModel.from_causal_lm(load(), likelihood_coef=0.3).eval()
     expected = []
     with torch.no_grad():
         for ex in (examples[0], examples[2], examples[1], examples[3]):  # chosen first, as batches hold them
-            ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"])
-            logits = reference(ids) if arch == "gpt" else reference(input_ids=ids).logits
-            keep = labels != -100
-            logp = -float(F.cross_entropy(logits[0][keep], labels[keep], reduction="sum"))
-            expected.append(float(head_only(ids)[0, -1]) + 0.3 * logp)
+            head = float(head_only(torch.tensor([ex["input_ids"]]))[0, -1])
+            expected.append(head - 0.3 * label_nll(reference, ex)[0])
         batch = pad_pairs(pairs, 0)
         got = model.sequence_scores(batch["input_ids"], batch["labels"], batch["lengths"])
     assert got.tolist() == pytest.approx(expected, abs=1e-4)
