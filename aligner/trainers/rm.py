@@ -33,7 +33,7 @@ from aligner.data.chat import encode_preferences, pad_token_id
 from aligner.data.collate import pack_pairs, pad_examples, pad_pairs
 from aligner.data.formats import to_preference_records
 from aligner.errors import DataError
-from aligner.losses import bradley_terry_loss, rpo_nll, summed_logps, summed_logps_by_doc
+from aligner.losses import IGNORE_INDEX, bradley_terry_loss, rpo_nll, summed_logps, summed_logps_by_doc
 from aligner.model.heads import last_token_values
 from aligner.trainers.base import Trainer, prepare_run_dir
 
@@ -56,7 +56,13 @@ class RewardTrainer(Trainer):
         packed = "ends" in batch  # packed: each sequence's last token, wherever its row put it
         pairs = len(batch["lengths"]) // 2
         ids, positions, labels = batch["input_ids"], batch.get("position_ids"), batch["labels"]
-        if r.lm_coef or r.likelihood_coef:  # every reply's token log-probs (the LM term uses the chosen only)
+        if r.lm_coef or r.likelihood_coef:  # reply token log-probs under the kept LM head
+            if not r.likelihood_coef:  # the LM term alone reads the chosen replies only: the first B sequences
+                if packed:
+                    chosen_tokens = batch["doc_ids"] < pairs  # (rows, T)
+                else:
+                    chosen_tokens = torch.arange(len(ids), device=ids.device)[:, None] < pairs  # (2B, 1)
+                labels = labels.masked_fill(~chosen_tokens, IGNORE_INDEX)
             values, token_logps = model(ids, positions, lm_labels=labels)
             if packed:
                 sums, counts = summed_logps_by_doc(token_logps, labels, batch["doc_ids"], 2 * pairs)
