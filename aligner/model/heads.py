@@ -135,9 +135,10 @@ class ScalarHeadModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         dtype = dtype or self.score.weight.dtype
-        state = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in self.state_dict().items()}
-        if self.likelihood_coef and not self._tied_lm_head():
-            state["lm_head.weight"] = self._lm_head.weight.detach().to(device="cpu", dtype=dtype).contiguous()
+        tensors = dict(self.state_dict())
+        if self.likelihood_coef and not self._tied_lm_head():  # scoring needs an untied LM head back
+            tensors["lm_head.weight"] = self._lm_head.weight
+        state = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in tensors.items()}
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
         if isinstance(self.config, GPTConfig):
             d = self.config.to_hf_dict(str(dtype).removeprefix("torch."))
