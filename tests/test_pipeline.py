@@ -89,3 +89,30 @@ def test_bad_pipeline_files_are_one_line_errors(tmp_path, capsys, stages, messag
     assert main(["pipeline", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_parallel_jobs_run_in_processes_of_their_own(tmp_path, capsys):
+    """`parallel: 2`: stages and evals in child processes (output in logs/), then a stage that fails in its
+    process is a one-line error naming it and its log."""
+    path = mini_pipeline(tmp_path)
+    spec = yaml.safe_load(open(path))
+    spec["parallel"] = 2
+    for stage in ("rm", "ppo", "grpo"):
+        del spec["stages"][stage]
+    open(path, "w").write(yaml.safe_dump(spec))
+    assert main(["pipeline", path]) == 0
+    out = capsys.readouterr().out
+    runs = tmp_path / "runs"
+    assert "2 jobs at a time" in out and "pipeline: dpo: done in" in out and "pipeline: eval dpo: done in" in out
+    for stage in ("sft", "dpo"):
+        row = json.loads((runs / stage / "pipeline_eval.json").read_text())
+        assert f"| {stage} | {row['accuracy']:.3f} |" in out
+        assert (runs / "logs" / f"eval_{stage}.log").is_file()
+    assert "dpo: loss sigmoid" in (runs / "logs" / "dpo.log").read_text()
+
+    spec["stages"]["dpo"]["flags"]["data.source"] = str(tmp_path / "missing.jsonl")
+    open(path, "w").write(yaml.safe_dump(spec))
+    assert main(["pipeline", path, "--redo", "dpo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pipeline: dpo failed: error:" in err[0] and "missing.jsonl" in err[0], err
+    assert str(runs / "logs" / "dpo.log") in err[0]
