@@ -14,8 +14,9 @@ items: exact match with its 95% interval (written to the run's accuracy.json), t
 score of the greedy replies, and the KL to the SFT model on the policy's own samples.
 
 Every stage, and each policy's eval, is a job that waits for the jobs it needs. With `parallel: N`
-up to N jobs run side by side, each in a process of its own with an equal share of the CPU threads
-and its output in <out_dir>/<prefix>logs/<job>.log; DPO, PPO and GRPO (and the evals) are
+up to N jobs run side by side, each in a process of its own with its output in
+<out_dir>/<prefix>logs/<job>.log and an equal share of the CPU threads (all of them for a job that
+starts alone, as pretraining and SFT do); DPO, PPO and GRPO (and the evals) are
 independent of one another once SFT and the reward model are done. On a CPU, small models use a
 second core poorly (a decode step of the task world's model runs ~1.3x faster on two cores than on
 one, a training step ~1.7x), so two one-core processes get more done than one two-core process.
@@ -243,7 +244,7 @@ def run_jobs(cfg: PipelineConfig, jobs: list[Job]) -> dict[str, float]:
         return walls
     import torch
 
-    threads = max(1, torch.get_num_threads() // cfg.parallel)
+    cores = torch.get_num_threads()
     logs = Path(cfg.out_dir) / f"{cfg.prefix}logs"
     logs.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
@@ -251,10 +252,13 @@ def run_jobs(cfg: PipelineConfig, jobs: list[Job]) -> dict[str, float]:
     try:
         while pending or running:
             while failed is None and len(running) < cfg.parallel:
-                job = next((j for j in pending if all(n in done for n in j.needs)), None)
-                if job is None:
+                ready = [j for j in pending if all(n in done for n in j.needs)]
+                if not ready:
                     break
+                job = ready[0]
                 pending.remove(job)
+                # a job that runs alone (pretraining, SFT) gets every core; side by side, an equal share
+                threads = max(1, cores // min(cfg.parallel, len(running) + len(ready)))
                 log = logs / f"{job.name.replace(' ', '_')}.log"
                 proc = ctx.Process(target=_job_process, args=(cfg, job, threads, str(log)), name=job.name)
                 proc.start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from aligner.cli import main
@@ -104,6 +105,9 @@ def test_parallel_jobs_run_in_processes_of_their_own(tmp_path, capsys):
     out = capsys.readouterr().out
     runs = tmp_path / "runs"
     assert "2 jobs at a time" in out and "pipeline: dpo: done in" in out and "pipeline: eval dpo: done in" in out
+    cores = torch.get_num_threads()  # a job that starts alone gets every core, side by side an equal share
+    assert f"pipeline: pretrain: started ({cores} thread" in out and f"pipeline: sft: started ({cores} thread" in out
+    assert f"pipeline: dpo: started ({max(1, cores // 2)} thread" in out
     for stage in ("sft", "dpo"):
         row = json.loads((runs / stage / "pipeline_eval.json").read_text())
         assert f"| {stage} | {row['accuracy']:.3f} |" in out
