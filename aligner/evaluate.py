@@ -349,8 +349,8 @@ def run_spec(spec: EvalSpec, checkpoint: str, *, template: str | None = None, ca
                     model_of(checkpoint), tokenizer, rows, template=template, max_new_tokens=s.max_new_tokens
                 )
                 replies = result
-            if metric == "exact_match":
-                out[metric] = {k: v for k, v in replies.items() if k != "completions"}
+            if metric == "exact_match":  # every reply kept, for paired comparisons of two checkpoints
+                out[metric] = replies
             elif metric == "samples":
                 out[metric] = [
                     {"question": r["prompt"][-1]["content"], **c}

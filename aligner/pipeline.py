@@ -63,7 +63,7 @@ class EvalConfig:
 class PipelineConfig:
     out_dir: str = "runs"  # parent of every stage's run directory
     prefix: str = ""  # run names are <prefix><stage>
-    parallel: int = 1  # jobs run side by side, each in its own process with threads / parallel threads
+    parallel: int = 1  # jobs side by side, each in its own process (an equal share of the threads; alone, all)
     stages: dict = field(default_factory=dict, metadata={"internal": True})  # stage -> StageConfig
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"internal": True})
     path: str = field(default="pipeline", metadata={"internal": True})

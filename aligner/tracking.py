@@ -89,16 +89,16 @@ class Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            # In a log file (no terminal) print a line every 30 s instead of redrawing continuously.
-            interval = 0.1 if sys.stderr.isatty() else 30.0
+            # In a log file (no terminal) a line of its own every 30 s instead of redrawing one line.
+            tty = sys.stderr.isatty()
             self.bar = tqdm(
                 total=total,
                 initial=initial,
                 desc=desc,
                 unit="step",
-                file=sys.stderr,
+                file=sys.stderr if tty else _Lines(sys.stderr),
                 dynamic_ncols=True,
-                mininterval=interval,
+                mininterval=0.1 if tty else 30.0,
             )
 
     def update(self, **postfix) -> None:
@@ -115,6 +115,21 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class _Lines:
+    """A stream for tqdm that ends each redraw of the bar with a newline (for log files)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()
+        if text:  # not the blanks tqdm writes to clear the line
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def _fmt(v) -> str:

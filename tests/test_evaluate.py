@@ -53,6 +53,8 @@ def test_every_metric_through_the_command(bases, reward_ckpt, tmp_path, capsys):
     results = json.loads(out.read_text())["results"]
     r = results["all"]
     assert r["exact_match"]["n"] == 6 and len(r["samples"]) == 3
+    replies = r["exact_match"]["completions"]  # every reply, judged, for paired comparisons
+    assert len(replies) == 6 and sum(c["correct"] for c in replies) == r["exact_match"]["correct"]
     assert r["kl"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the reference is the checkpoint itself
     assert r["win_rate"]["win_rate"] == 0.5  # identical replies: every prompt a tie
     assert results["ppl"]["perplexity"]["perplexity"] > 1.0 and results["ppl"]["perplexity"]["tokens"] > 0

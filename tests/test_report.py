@@ -71,3 +71,21 @@ def test_command_writes_the_markdown_summary(runs, tmp_path, capsys):
 def test_a_directory_without_metrics_is_a_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "has no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_progress_in_a_log_file_writes_whole_lines(capsys):
+    """Without a terminal the bar is a line of its own per redraw (no carriage returns) and eval lines
+    interleave cleanly, so `tail logs/<job>.log` reads."""
+    from aligner.tracking import Progress
+
+    bar = Progress(3, 0, enabled=True, desc="sft")
+    for _ in range(3):
+        bar.update(loss=0.5, tok_s=100)
+    bar.write("step 3: eval/loss 0.4")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.endswith("\n")
+    lines = err.splitlines()
+    assert all(line.strip() for line in lines)
+    assert lines[0].startswith("sft:   0%") and "step 3: eval/loss 0.4" in lines
+    assert lines[-1].startswith("sft: 100%") and "loss=0.5" in lines[-1]
