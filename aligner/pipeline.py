@@ -222,11 +222,13 @@ def _job_process(cfg: PipelineConfig, job: Job, threads: int, log: str) -> None:
     os.dup2(fd, 2)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
+    from aligner.trainers.base import TrainingError
+
     try:
         run_job(cfg, job)
-    except AlignerError as e:
+    except AlignerError as e:  # the exit codes of `aligner <command>`: 1 for a run that cannot go on, else 2
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(e, TrainingError) else 2)
 
 
 def run_jobs(cfg: PipelineConfig, jobs: list[Job]) -> dict[str, float]:
