@@ -137,6 +137,8 @@ class DPOConfig:
     sample_temperature: float = 1.0  # sampling temperature for those pairs
     sample_tokens: int = 160  # max new tokens per sample
     sample_greedy: bool = False  # the greedy reply joins the samples; when wrong it is the rejected reply
+    pairs_per_prompt: int = 1  # up to this many distinct (correct, wrong) sampled pairs per prompt
+    sample_fill: bool = True  # prompts lacking a correct or a wrong sample: completed from the data (false: left out)
     packing: bool = True  # padding-free packing of each micro-batch's 2B sequences (same loss, less padding)
     precompute_ref: bool = False  # reference log-probs computed once before training and cached on disk
     ref_cache_dir: str = "runs/.ref_cache"  # where precomputed reference log-probs are kept (keyed by model + data)

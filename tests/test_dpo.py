@@ -8,6 +8,7 @@ import pytest
 from conftest import launch_two_processes, tiny_run_recipe
 
 from aligner.cli import main
+from aligner.errors import DataError
 
 
 def dpo_recipe(tmp_path, base, **sections):
@@ -100,25 +101,31 @@ def test_kto_on_unpaired_rows_and_unpaired_rows_need_kto(bases, tmp_path, capsys
     assert math.isfinite(metrics(tmp_path)[-1]["train/loss"])
 
 
-def record_sampled_pairs(monkeypatch) -> list:
-    """(row, sampled pair) for every row that dpo.sample_pairs judges from here on."""
+def record_sampled_pairs(monkeypatch) -> tuple[list, list]:
+    """(row, sampled pair) for every row that dpo.sample_pairs judges from here on (with the default
+    one pair per prompt), and one entry per call that samples replies from a model (not the cache)."""
     import aligner.trainers.dpo as dpo_mod
 
-    seen, real = [], dpo_mod.sample_pairs
+    seen, sampled, build, sample = [], [], dpo_mod.build_pairs, dpo_mod.sample_replies
 
-    def spy(model, tokenizer, rows, o, seed):
-        out, report = real(model, tokenizer, rows, o, seed)
-        seen.extend(zip(rows, out))
+    def spy(rows, replies, o, seed):
+        out, report = build(rows, replies, o, seed)
+        seen.extend(zip(rows, out, strict=True))
         return out, report
 
-    monkeypatch.setattr(dpo_mod, "sample_pairs", spy)
-    return seen
+    def count(*args):
+        sampled.append(1)
+        return sample(*args)
+
+    monkeypatch.setattr(dpo_mod, "build_pairs", spy)
+    monkeypatch.setattr(dpo_mod, "sample_replies", count)
+    return seen, sampled
 
 
 def test_on_policy_pairs_are_sampled_from_the_start_model_and_judged(bases, tmp_path, capsys, monkeypatch):
     from aligner.data import world
 
-    seen = record_sampled_pairs(monkeypatch)
+    seen, sampled = record_sampled_pairs(monkeypatch)
     # a checker that accepts replies of even length: both kinds occur among a tiny model's samples
     monkeypatch.setattr(world, "is_correct", lambda text, answer: len(text) % 2 == 0)
     recipe = dpo_recipe(tmp_path, bases / "gpt", dpo={"sample_pairs": 4, "sample_tokens": 8})
@@ -134,7 +141,8 @@ def test_on_policy_pairs_are_sampled_from_the_start_model_and_judged(bases, tmp_
     assert any(pair["chosen"] != row["chosen"] for row, pair in seen)
     assert any(pair["rejected"] != row["rejected"] for row, pair in seen)
     assert main(["dpo", str(recipe), "--train.name", "again"]) == 0  # same model, prompts, settings: cached
-    assert "(read from" in capsys.readouterr().out and len(seen) == 32
+    assert "(samples read from" in capsys.readouterr().out and len(seen) == 64 and len(sampled) == 1
+    assert seen[32:] == seen[:32]
     assert [r["train/loss"] for r in metrics(tmp_path, "again")] == [r["train/loss"] for r in metrics(tmp_path)]
 
 
@@ -145,7 +153,7 @@ def test_sample_greedy_makes_a_wrong_greedy_reply_the_rejected_one(bases, tmp_pa
     from aligner.rollout.engine import SamplingParams
     from aligner.rollout.torch_engine import TorchEngine
 
-    seen = record_sampled_pairs(monkeypatch)
+    seen, _ = record_sampled_pairs(monkeypatch)
     # right when the lengths of reply and answer have the same parity: varies with the row even where
     # the tiny model's greedy replies are all alike
     monkeypatch.setattr(world, "is_correct", lambda text, answer: (len(text) + len(answer)) % 2 == 0)
@@ -165,6 +173,44 @@ def test_sample_greedy_makes_a_wrong_greedy_reply_the_rejected_one(bases, tmp_pa
         else:
             assert pair["rejected"][0]["content"] != greedy
     assert 0 < wrong < len(seen)
+
+
+def test_several_pairs_per_prompt_and_prompts_without_a_sampled_pair_dropped():
+    from types import SimpleNamespace
+
+    from aligner.trainers.dpo import build_pairs
+
+    def reply(text, answer):
+        return f"{text}\nFinal answer: {answer}"
+
+    rows = [
+        {"prompt": "p0", "answer": "1", "chosen": "c0", "rejected": "r0"},  # 2 right, 2 wrong: 4 pairings, 3 kept
+        {"prompt": "p1", "answer": "2", "chosen": "c1", "rejected": "r1"},  # all right: data's rejected
+        {"prompt": "p2", "answer": "3", "chosen": "c2", "rejected": "r2"},  # 1 right, 1 wrong (twice)
+    ]
+    replies = [
+        {"samples": [reply("a", 1), reply("b", 5), reply("c", 1), reply("d", 6)], "greedy": None},
+        {"samples": [reply("a", 2)] * 4, "greedy": None},
+        {"samples": [reply("a", 3), reply("b", 4), reply("b", 4), reply("a", 3)], "greedy": None},
+    ]
+    o = SimpleNamespace(sample_pairs=4, sample_greedy=False, pairs_per_prompt=3, sample_fill=True)
+    out, report = build_pairs(rows, replies, o, seed=0)
+
+    def text(side):
+        return side if isinstance(side, str) else side[0]["content"]
+
+    pairs = [(r["prompt"], text(r["chosen"]), text(r["rejected"])) for r in out]
+    assert [p for p, _, _ in pairs] == ["p0", "p0", "p0", "p1", "p2"]
+    assert len(set(pairs[:3])) == 3  # distinct combinations of the same prompt's samples
+    for _, chosen, rejected in pairs[:3]:
+        assert chosen.endswith(": 1") and rejected.split(": ")[1] in ("5", "6")
+    assert pairs[3] == ("p1", reply("a", 2), "r1") and pairs[4] == ("p2", reply("a", 3), reply("b", 4))
+    assert "3 prompts with a sampled pair" not in report and "2 prompts with a sampled pair (+2 more" in report
+    o.sample_fill, o.pairs_per_prompt = False, 1
+    out, report = build_pairs(rows, replies, o, seed=0)
+    assert [r["prompt"] for r in out] == ["p0", "p2"] and "1 prompts without one dropped" in report
+    with pytest.raises(DataError, match="none of 1 prompts gave both"):
+        build_pairs(rows[1:2], replies[1:2], o, seed=0)
 
 
 @pytest.mark.slow

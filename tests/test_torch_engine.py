@@ -166,6 +166,38 @@ def test_stop_ids_stop_each_row_and_keep_the_stop_id():
             assert len(o.token_ids) == 16 and o.token_ids[-1] not in stop
 
 
+def test_finished_rows_leave_the_batch_without_changing_any_completion(monkeypatch):
+    """Rows that stop early are dropped from the batch and its KV cache (the GPT core): greedy output and
+    log-probs equal the uncached engine's, which keeps every row, and sampled log-probs equal teacher
+    forcing; the streamed tokens still cover every row."""
+    from aligner.model.kv_cache import KVCache
+
+    drops, real = [], KVCache.select_rows
+    monkeypatch.setattr(KVCache, "select_rows", lambda self, index: (drops.append(len(index)), real(self, index)))
+    model = make_gpt()
+    prompts = [[(7 * i + j) % (VOCAB - 1) + 1 for j in range(2 + i % 5)] for i in range(16)]
+    stop = tuple(range(0, VOCAB, 5))
+    cached = TorchEngine(model, PAD).generate(prompts, greedy(20, stop_ids=stop))
+    assert drops and min(drops) < 16  # some rows left the batch
+    uncached = TorchEngine(model, PAD, use_cache=False).generate(prompts, greedy(20, stop_ids=stop))
+    assert [c.token_ids for c in cached] == [c.token_ids for c in uncached]
+    assert len({len(c.token_ids) for c in cached}) > 2 and any(not c.finished for c in cached)
+    for a, b in zip(cached, uncached):
+        assert a.finished == b.finished
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+    streamed = []
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, n=2, stop_ids=stop, seed=0)
+    drops.clear()
+    outs = TorchEngine(model, PAD).generate(prompts, params, on_token=lambda tok, alive: streamed.append((tok, alive)))
+    assert drops
+    for c in outs:
+        torch.testing.assert_close(torch.tensor(c.logprobs), teacher_forced_logprobs(model, c), atol=1e-4, rtol=0)
+    for i, c in enumerate(outs):  # each row's alive tokens, in order, are its completion
+        assert [int(tok[i]) for tok, alive in streamed if alive[i]] == c.token_ids
+        assert all(len(tok) == len(alive) == 32 for tok, alive in streamed)
+
+
 @pytest.mark.parametrize("vocab", [64, 300, 2048, 2050])
 def test_argmax_rows_is_argmax_with_first_index_on_ties(vocab):
     g = torch.Generator().manual_seed(vocab)

@@ -93,6 +93,11 @@ class KVCache:
         self.values[layer_idx][:, :, self.length : end] = v
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows `index` (a 1-D tensor of row numbers), in that order."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
     def advance(self, n: int) -> None:
         self.length += n
 

@@ -6,8 +6,10 @@
 Prompts are left-padded into one batch (each repeated n times), prefilled once, then decoded one
 token per step from the cache: the GPT core's `KVCache`, or the model's own `past_key_values` for
 transformers models, with `attention_mask` and `position_ids = cumsum(mask) - 1` so that a padded
-row computes what it would alone. A row that emits a stop id is finished: it keeps being fed
-padding (which no other row attends to) until every row is done or `max_new_tokens` is reached.
+row computes what it would alone. A row that emits a stop id is finished: it is fed padding (which no
+other row attends to) until every row is done or `max_new_tokens` is reached; with the GPT core's
+cache, finished rows leave the batch (their cache rows dropped) once a quarter of it has finished, so
+a batch of short and long completions costs little more than its long ones.
 
 Sampling order (as in transformers): temperature, then top-k, top-p and min-p, each filter applied
 to the distribution left by the previous one. The log-prob reported for a token is taken from the
@@ -109,12 +111,13 @@ def llama_as_gpt(model: torch.nn.Module) -> GPT | None:
 class TorchEngine:
     """Generates with `model` in this process. `pad_id` fills left padding and finished rows (any id
     works since padding is masked; None -> 0). `use_cache=False` recomputes the whole sequence every
-    step (slow; a reference for tests)."""
+    step (slow; a reference for tests). `compact=False` keeps finished rows in the batch to the end."""
 
-    def __init__(self, model: torch.nn.Module, pad_id: int | None, use_cache: bool = True):
+    def __init__(self, model: torch.nn.Module, pad_id: int | None, use_cache: bool = True, compact: bool = True):
         self.model = model
         self.pad_id = 0 if pad_id is None else int(pad_id)
         self.use_cache = use_cache
+        self.compact = compact
         # a peft wrapper around the GPT core: call the wrapped GPT directly (its LoRA layers stay active)
         self.core = model.get_base_model() if hasattr(model, "get_base_model") else model
         if not isinstance(self.core, GPT):  # a plain transformers Llama decodes through the GPT core, weights shared
@@ -167,30 +170,47 @@ class TorchEngine:
         if params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
 
+        out = torch.full((B, N), self.pad_id, dtype=torch.long, device=device)
         logps = torch.zeros((B, N), dtype=torch.float32, device=device)
         lengths = torch.zeros(B, dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         state = self._new_cache(B, total, device) if self.use_cache else None
+        # rows still generating; with the GPT core's cache, finished rows leave the batch (`compact`)
+        active = torch.arange(B, device=device)
+        compact = self.compact and isinstance(state, KVCache)
 
         logits, state = self._last_logits(ids[:, :P], mask[:, :P] if padded else None, positions[:, :P], state)
         for t in range(N):
-            tok, logp = sample_next(logits, params, generator)  # (B,), (B,)
-            alive = ~finished
-            ids[:, P + t] = tok.masked_fill(finished, self.pad_id)
-            logps[:, t] = logp.masked_fill(finished, 0.0)
-            lengths += alive
+            tok, logp = sample_next(logits, params, generator)  # (A,), (A,) for the A rows in the batch
+            alive = ~finished[active]
+            out[active, t] = tok.masked_fill(~alive, self.pad_id)
+            logps[active, t] = logp.masked_fill(~alive, 0.0)
+            lengths[active] += alive
             if on_token is not None:
-                on_token(tok, alive)
+                if len(active) == B:
+                    on_token(tok, alive)
+                else:  # every row's token (padding for the rows that left the batch) and which were alive
+                    alive_rows = torch.zeros(B, dtype=torch.bool, device=device)
+                    alive_rows[active] = alive
+                    on_token(out[:, t], alive_rows)
             if stop.numel():
-                finished |= alive & torch.isin(tok, stop)
+                finished[active] |= alive & torch.isin(tok, stop)
             if t == N - 1 or bool(finished.all()):
                 break
+            ids[:, P + t] = out[active, t]  # ids, mask, positions and the cache hold the active rows only
             end = P + t + 1
+            if compact:
+                keep = ~finished[active]
+                # finished rows stay in the batch (fed padding) until a quarter of it has finished: dropping
+                # them copies the cache, which then costs less than decoding them
+                if int(keep.sum()) <= len(active) * 3 // 4:
+                    active, ids, mask, positions = active[keep], ids[keep], mask[keep], positions[keep]
+                    state.select_rows(keep.nonzero()[:, 0])
             start = end - 1 if self.use_cache else 0  # with a cache, feed only the newest token
             logits, state = self._last_logits(
                 ids[:, start:end], mask[:, :end] if padded else None, positions[:, start:end], state
             )
-        return ids[:, P:], logps, lengths, finished
+        return out, logps, lengths, finished
 
     def _new_cache(self, batch_size: int, max_len: int, device):
         if self.is_gpt:

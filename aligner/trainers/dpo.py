@@ -19,7 +19,10 @@ the starting model and judged by the task world's answer checker; chosen is a co
 the row's chosen reply) and rejected a wrong one (else the row's rejected reply). The model then
 learns against its own mistakes rather than the dataset's synthetic ones. With `dpo.sample_greedy`
 the greedy reply is judged too and, when wrong, is the rejected one: the pair then targets the
-answer the model actually gives (its mode), which random samples at T = 1 rarely are.
+answer the model actually gives (its mode), which random samples at T = 1 rarely are. With
+`dpo.pairs_per_prompt: k` a prompt gives up to k distinct (correct, wrong) pairs of its samples, and with
+`dpo.sample_fill: false` prompts without both kinds are left out (Pang et al.'s iterative RPO setup).
+The sampled replies are cached under `dpo.ref_cache_dir`, so other pairings of them cost no sampling.
 
 KTO trains on unpaired rows (prompt, completion, label; preference pairs are split into a desirable
 and an undesirable row). Its reference point z is an estimate of KL(policy || reference) from
@@ -193,17 +196,13 @@ def _cache_key(model: torch.nn.Module, datasets: list[list[dict]]) -> str:
 
 
 @torch.no_grad()
-def sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tuple[list[dict], str]:
-    """On-policy preference rows from `o.sample_pairs` samples per prompt (see the module docstring)."""
-    import random
-
+def sample_replies(model, tokenizer, rows: list[dict], o, seed: int) -> list[dict]:
+    """`o.sample_pairs` sampled replies per prompt of `rows` (and the greedy reply with `o.sample_greedy`),
+    as {"samples": [text, ...], "greedy": text or None} per row."""
     from aligner.data.chat import encode_prompt, reply_stop_ids
-    from aligner.data.world import is_correct
     from aligner.rollout.engine import SamplingParams
     from aligner.rollout.torch_engine import TorchEngine
 
-    if "answer" not in rows[0]:
-        raise DataError("dpo.sample_pairs needs rows with an 'answer' column to judge samples (the task world's)")
     n = o.sample_pairs
     engine = TorchEngine(model, pad_id=pad_token_id(tokenizer))
     params = SamplingParams(
@@ -214,61 +213,95 @@ def sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tuple[list
         seed=seed,
     )
     greedy_params = dataclasses.replace(params, temperature=0.0, n=1)
-    rng = random.Random(seed)
-    out, both, correct, greedy_wrong = [], 0, 0, 0
+    out = []
     batch = max(1, 256 // n)
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
         prompts = [encode_prompt(tokenizer, r["prompt"]) for r in chunk]
         completions = engine.generate(prompts, params)
         greedy = engine.generate(prompts, greedy_params) if o.sample_greedy else []
-        for i, row in enumerate(chunk):
+        for i in range(len(chunk)):
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions[i * n : (i + 1) * n]]
-            good = [t for t in texts if is_correct(t, row["answer"])]
-            bad = [t for t in texts if not is_correct(t, row["answer"])]
-            correct += len(good)
-            rejected = rng.choice(bad) if bad else None
-            if greedy:
-                text = tokenizer.decode(greedy[i].token_ids, skip_special_tokens=True)
-                if is_correct(text, row["answer"]):
-                    good.append(text)
-                else:
-                    rejected, greedy_wrong = text, greedy_wrong + 1
-            both += bool(good and rejected is not None)
-            pair = dict(row)
-            if good:
-                pair["chosen"] = [{"role": "assistant", "content": rng.choice(good)}]
-            if rejected is not None:
-                pair["rejected"] = [{"role": "assistant", "content": rejected}]
-            out.append(pair)
+            g = tokenizer.decode(greedy[i].token_ids, skip_special_tokens=True) if greedy else None
+            out.append({"samples": texts, "greedy": g})
+    return out
+
+
+def build_pairs(rows: list[dict], replies: list[dict], o, seed: int) -> tuple[list[dict], str]:
+    """On-policy preference rows from each prompt's sampled replies, judged by the answer checker (see the
+    module docstring); with `o.pairs_per_prompt` > 1 up to that many distinct (correct, wrong) pairs of a
+    prompt's samples, and with `o.sample_fill` false only prompts with such a pair."""
+    import random
+
+    from aligner.data.world import is_correct
+
+    rng = random.Random(seed)
+    out, both, correct, greedy_wrong, extra, dropped = [], 0, 0, 0, 0, 0
+    for row, r in zip(rows, replies, strict=True):
+        good = [t for t in r["samples"] if is_correct(t, row["answer"])]
+        bad = [t for t in r["samples"] if not is_correct(t, row["answer"])]
+        correct += len(good)
+        rejected = rng.choice(bad) if bad else None
+        if r["greedy"] is not None:
+            if is_correct(r["greedy"], row["answer"]):
+                good.append(r["greedy"])
+            else:
+                rejected, greedy_wrong = r["greedy"], greedy_wrong + 1
+        sampled = bool(good and rejected is not None)
+        both += sampled
+        if not sampled and not o.sample_fill:
+            dropped += 1
+            continue
+        pair = dict(row)
+        if good:
+            pair["chosen"] = [{"role": "assistant", "content": rng.choice(good)}]
+        if rejected is not None:
+            pair["rejected"] = [{"role": "assistant", "content": rejected}]
+        out.append(pair)
+        if sampled and o.pairs_per_prompt > 1:  # more distinct (correct, wrong) pairs of the same samples
+            first = (pair["chosen"][0]["content"], rejected)
+            combos = [(g, b) for g in sorted(set(good)) for b in sorted(set(bad) | {rejected}) if (g, b) != first]
+            for g, b in rng.sample(combos, min(len(combos), o.pairs_per_prompt - 1)):
+                out.append({**row, "chosen": [{"role": "assistant", "content": g}],
+                            "rejected": [{"role": "assistant", "content": b}]})  # fmt: skip
+                extra += 1
+    if not out:
+        raise DataError(
+            f"dpo.sample_pairs: none of {len(rows)} prompts gave both a correct and a wrong sample; "
+            "set dpo.sample_fill: true or sample more replies per prompt (dpo.sample_pairs)"
+        )
     report = (
-        f"{len(rows)} prompts x {n} samples: {correct / (len(rows) * n):.3f} correct, "
+        f"{len(rows)} prompts x {o.sample_pairs} samples: {correct / (len(rows) * o.sample_pairs):.3f} correct, "
         + (f"greedy reply wrong for {greedy_wrong} (their rejected reply), " if o.sample_greedy else "")
-        + f"{both} prompts with a sampled pair, the rest completed from the data"
+        + f"{both} prompts with a sampled pair"
+        + (f" (+{extra} more pairs of their samples)" if extra else "")
+        + (f", {dropped} prompts without one dropped" if not o.sample_fill else ", the rest completed from the data")
     )
     return out, report
 
 
-def cached_sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tuple[list[dict], str]:
-    """`sample_pairs`, read from `dpo.ref_cache_dir` when the same model, prompts and settings were sampled
-    before (keyed by the weights, the rows, the chat template and the sampling settings)."""
+def sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tuple[list[dict], str]:
+    """On-policy preference rows from `o.sample_pairs` samples per prompt of the model, with the sampled
+    replies read from `dpo.ref_cache_dir` when the same model, prompts and settings were sampled before
+    (keyed by the weights, the rows, the chat template and the sampling settings)."""
     import json
 
+    if "answer" not in rows[0]:
+        raise DataError("dpo.sample_pairs needs rows with an 'answer' column to judge samples (the task world's)")
     h = _weights_hash(model)
-    settings = [o.sample_pairs, o.sample_temperature, o.sample_tokens, seed, tokenizer.chat_template]
-    if o.sample_greedy:  # (old cache keys stay valid)
-        settings.append("greedy")
+    settings = [o.sample_pairs, o.sample_temperature, o.sample_tokens, seed, tokenizer.chat_template, o.sample_greedy]
     h.update(json.dumps([settings, rows], sort_keys=True, default=str).encode())
-    path = Path(o.ref_cache_dir) / f"pairs_{h.hexdigest()[:24]}.json"
+    path = Path(o.ref_cache_dir) / f"samples_{h.hexdigest()[:24]}.json"
     if path.is_file():
-        cached = json.loads(path.read_text())
-        return cached["rows"], cached["report"] + f" (read from {path})"
-    out, report = sample_pairs(model, tokenizer, rows, o, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may write the same entry
-    tmp.write_text(json.dumps({"rows": out, "report": report}))
-    tmp.replace(path)
-    return out, report
+        replies, where = json.loads(path.read_text()), f" (samples read from {path})"
+    else:
+        replies, where = sample_replies(model, tokenizer, rows, o, seed), ""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may write the same entry
+        tmp.write_text(json.dumps(replies))
+        tmp.replace(path)
+    out, report = build_pairs(rows, replies, o, seed)
+    return out, report + where
 
 
 def encode_pairs(recipe: Recipe, tokenizer, model=None) -> tuple[list[dict], list[dict] | None, str]:
@@ -280,7 +313,7 @@ def encode_pairs(recipe: Recipe, tokenizer, model=None) -> tuple[list[dict], lis
     train_rows, eval_rows = load_splits(recipe, "preference")
     sampled = ""
     if o.sample_pairs and model is not None:
-        train_rows, sampled = cached_sample_pairs(model, tokenizer, train_rows, o, recipe.train.seed)
+        train_rows, sampled = sample_pairs(model, tokenizer, train_rows, o, recipe.train.seed)
     where = f"data.source '{d.source}'"
     records, counts = to_preference_records(train_rows, d.format, where)
     unpaired = "completion" in records[0]
