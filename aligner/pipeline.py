@@ -11,7 +11,9 @@ command on its recipe, with the recipe's flags from the pipeline file applied an
 the stage's run directory (<out_dir>/<prefix><stage>), `model.init_from` (SFT from pretrain, the others
 from SFT) and PPO's reward model. The eval step scores every policy the same way on the same held-out
 items: exact match with its 95% interval (written to the run's accuracy.json), the reward model's mean
-score of the greedy replies, and the KL to the SFT model on the policy's own samples.
+score of the greedy replies, and the KL to the SFT model on the policy's own samples; the table sets
+each policy's difference from SFT against SFT's interval and against the paired interval of the
+difference (per-item results in <run dir>/pipeline_eval.json).
 
 Every stage, and each policy's eval, is a job that waits for the jobs it needs. With `parallel: N`
 up to N jobs run side by side, each in a process of its own with its output in
@@ -177,6 +179,7 @@ def evaluate_policy(cfg: PipelineConfig, stage: str) -> dict:
     summary = {k: v for k, v in acc.items() if k != "completions"} | {"split": "test"}
     (cfg.run_dir(stage) / "accuracy.json").write_text(json.dumps(summary, indent=1))
     row = {"stage": stage, "accuracy": acc["accuracy"], "ci95": acc["ci95"], "n": acc["n"]}
+    row["correct"] = [bool(c["correct"]) for c in acc["completions"]]  # per item, for paired comparisons
     if "rm" in cfg.stages and is_done(cfg.run_dir("rm")):
         reward_model = load_reward_model(cfg.run_dir("rm") / "final")
         convs = [
@@ -293,24 +296,32 @@ def run_jobs(cfg: PipelineConfig, jobs: list[Job]) -> dict[str, float]:
 
 
 def table(rows: list[dict], walls: dict) -> str:
+    """The comparison table (markdown). Against SFT each policy's accuracy difference is set against
+    SFT's own 95% interval, and against the paired 95% interval of the difference (the same items)."""
+    from aligner.evaluate import paired_difference
+
     sft = next((r for r in rows if r["stage"] == "sft"), None)
     lines = [
-        "| stage | held-out accuracy | 95% interval | vs SFT (SFT's interval) | reward-model score "
-        "| KL to SFT (nats) | wall time |",
-        "|---|---|---|---|---|---|---|",
+        "| stage | held-out accuracy | 95% interval | vs SFT (SFT's interval) | vs SFT (paired interval) "
+        "| reward-model score | KL to SFT (nats) | wall time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def verdict(diff: float, half: float) -> str:
+        where = "above" if diff > half else "below" if diff < -half else "within"
+        return f"{diff:+.3f} ({where} +-{half:.3f})"
+
     for r in rows:
         lo, hi = r["ci95"]
-        if sft is None or r["stage"] == "sft":
-            verdict = "-"
-        else:
-            half = (sft["ci95"][1] - sft["ci95"][0]) / 2
-            diff = r["accuracy"] - sft["accuracy"]
-            where = "above" if diff > half else "below" if diff < -half else "within"
-            verdict = f"{diff:+.3f} ({where} +-{half:.3f})"
+        vs_sft = paired = "-"
+        if sft is not None and r["stage"] != "sft":
+            vs_sft = verdict(r["accuracy"] - sft["accuracy"], (sft["ci95"][1] - sft["ci95"][0]) / 2)
+            if "correct" in r and "correct" in sft and len(r["correct"]) == len(sft["correct"]):
+                paired = verdict(*paired_difference(sft["correct"], r["correct"]))
         score = f"{r['rm_score']:.2f}" if "rm_score" in r else "-"
         wall = f"{walls[r['stage']] / 60:.1f} min" if walls.get(r["stage"]) else "-"
-        cells = [r["stage"], f"{r['accuracy']:.3f}", f"{lo:.3f} - {hi:.3f}", verdict, score, f"{r['kl']:.3f}", wall]
+        cells = [r["stage"], f"{r['accuracy']:.3f}", f"{lo:.3f} - {hi:.3f}", vs_sft, paired, score, f"{r['kl']:.3f}"]
+        cells.append(wall)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

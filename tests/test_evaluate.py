@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from aligner.cli import main
-from aligner.evaluate import METRICS, exact_match, load_spec, pass_at_k, reward_accuracy
+from aligner.evaluate import (
+    METRICS,
+    exact_match,
+    load_spec,
+    paired_difference,
+    pass_at_k,
+    reward_accuracy,
+    wilson_interval,
+)
 from aligner.model.heads import ScalarHeadModel, load_reward_model
 from aligner.model.load import load_model, load_tokenizer
 
@@ -105,3 +113,19 @@ def test_a_metric_without_its_reference_is_an_error(tmp_path, capsys, bases):
     spec.write_text("metrics: [kl]\ndata: {items: 2}\n")
     assert main(["eval", str(bases / "gpt"), str(spec)]) == 2
     assert "needs 'reference'" in capsys.readouterr().err
+
+
+def test_intervals_by_hand():
+    import doctest
+
+    import aligner.evaluate as ev
+
+    assert doctest.testmod(ev).failed == 0
+    lo, hi = wilson_interval(50, 100)
+    assert abs(lo - 0.40383) < 1e-4 and abs(hi - 0.59617) < 1e-4
+    # 6 items: gained 2 (items 2, 3), lost 1 (item 1), agreed on 3: diff 1/6, se sqrt(3 - 1/6) / 6
+    diff, half = paired_difference([1, 1, 0, 0, 1, 0], [1, 0, 1, 1, 1, 0])
+    assert diff == pytest.approx(1 / 6) and half == pytest.approx(1.96 * (3 - 1 / 6) ** 0.5 / 6)
+    assert paired_difference([1, 0, 1], [1, 0, 1]) == (0.0, 0.0)  # the same replies: no uncertainty
+    with pytest.raises(ValueError, match="3 items against 2"):
+        paired_difference([1, 0, 1], [1, 0])

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from aligner.cli import main
-from aligner.pipeline import downstream
+from aligner.pipeline import downstream, table
 
 QUIET = {"train.precision": "fp32", "train.progress": False, "train.eval_every": 0, "train.save_every": 0}
 SMALL = {**QUIET, "data.num_rows": 32, "data.num_eval_rows": 4, "train.micro_batch_size": 4, "train.max_steps": 2}
@@ -120,3 +120,14 @@ def test_parallel_jobs_run_in_processes_of_their_own(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pipeline: dpo failed: error:" in err[0] and "missing.jsonl" in err[0], err
     assert str(runs / "logs" / "dpo.log") in err[0]
+
+
+def test_table_sets_each_policy_against_sft_and_the_paired_interval():
+    sft = {"stage": "sft", "accuracy": 0.5, "ci95": [0.4, 0.6], "kl": 0.0, "correct": [1, 0] * 50}
+    better = [1, 1] * 40 + [1, 0] * 10  # 40 items gained, none lost: +0.4, paired +-1.96 * sqrt(40 - 16) / 100
+    rows = [sft, {"stage": "grpo", "accuracy": 0.9, "ci95": [0.8, 0.95], "kl": 0.5, "correct": better},
+            {"stage": "dpo", "accuracy": 0.52, "ci95": [0.42, 0.62], "kl": 0.1}]  # fmt: skip
+    text = table(rows, {"sft": 60.0})
+    assert "| sft | 0.500 | 0.400 - 0.600 | - | - | - | 0.000 | 1.0 min |" in text
+    assert "| grpo | 0.900 | 0.800 - 0.950 | +0.400 (above +-0.100) | +0.400 (above +-0.096) |" in text
+    assert "| dpo | 0.520 | 0.420 - 0.620 | +0.020 (within +-0.100) | - |" in text  # no per-item results
