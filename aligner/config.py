@@ -302,6 +302,11 @@ def validate(recipe: Recipe) -> None:
         (recipe.dpo.sft_weight >= 0, "dpo.sft_weight must be 0 or more"),
         (recipe.dpo.sample_pairs >= 0 and recipe.dpo.sample_temperature > 0, "dpo.sample_* must be positive"),
         (recipe.dpo.pairs_per_prompt >= 1, "dpo.pairs_per_prompt must be at least 1"),
+        (recipe.dpo.rounds >= 1, "dpo.rounds must be at least 1"),
+        (
+            recipe.dpo.rounds == 1 or (recipe.dpo.sample_pairs > 0 and not recipe.lora.enabled),
+            "dpo.rounds > 1 needs on-policy pairs (dpo.sample_pairs > 0) and full fine-tuning (lora.enabled: false)",
+        ),
         (recipe.grpo.num_generations >= 2, "grpo.num_generations must be at least 2 (advantages compare a group)"),
         (
             recipe.grpo.max_new_tokens > 0 and recipe.grpo.num_iterations > 0,

@@ -139,6 +139,7 @@ class DPOConfig:
     sample_greedy: bool = False  # the greedy reply joins the samples; when wrong it is the rejected reply
     pairs_per_prompt: int = 1  # up to this many distinct (correct, wrong) sampled pairs per prompt
     sample_fill: bool = True  # prompts lacking a correct or a wrong sample: completed from the data (false: left out)
+    rounds: int = 1  # > 1: iterative DPO, each round on pairs sampled from the last round's model (its reference)
     packing: bool = True  # padding-free packing of each micro-batch's 2B sequences (same loss, less padding)
     precompute_ref: bool = False  # reference log-probs computed once before training and cached on disk
     ref_cache_dir: str = "runs/.ref_cache"  # where precomputed reference log-probs are kept (keyed by model + data)

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import launch_two_processes, tiny_run_recipe
 
 from aligner.cli import main
@@ -211,6 +212,34 @@ def test_several_pairs_per_prompt_and_prompts_without_a_sampled_pair_dropped():
     assert [r["prompt"] for r in out] == ["p0", "p2"] and "1 prompts without one dropped" in report
     with pytest.raises(DataError, match="none of 1 prompts gave both"):
         build_pairs(rows[1:2], replies[1:2], o, seed=0)
+
+
+def test_iterative_rounds_each_sample_from_and_refer_to_the_last_round(bases, tmp_path, capsys, monkeypatch):
+    from aligner.data import world
+    from aligner.model.load import load_model
+
+    seen, _ = record_sampled_pairs(monkeypatch)
+    monkeypatch.setattr(world, "is_correct", lambda text, answer: len(text) % 2 == 0)
+    recipe = dpo_recipe(tmp_path, bases / "gpt", dpo={"sample_pairs": 4, "sample_tokens": 8, "rounds": 2})
+    assert main(["dpo", str(recipe), "--max_steps", "3"]) == 0
+    out = capsys.readouterr().out
+    runs = tmp_path / "runs" / "d"
+    assert f"round 2 of 2 from {runs / 'round_1' / 'final'}" in out
+    # each round judged its own half of the 32 prompts
+    assert len(seen) == 32 and len({row["prompt"][-1]["content"] for row, _ in seen}) == 32
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and [r["dpo/round"] for r in rows] == [1, 1, 1, 2, 2, 2]
+    # round 2's reference is round 1's model: its first step sees h = 0 again
+    assert rows[3]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    final = load_model(runs / "final").state_dict()
+    for name, value in load_model(runs / "round_2" / "final").state_dict().items():
+        assert torch.equal(final[name], value)
+    assert (runs / "metrics.png").is_file()
+    # --resume keeps the finished rounds
+    assert main(["dpo", str(recipe), "--max_steps", "3", "--resume"]) == 0
+    assert "round 2 of 2: " in capsys.readouterr().out and len(seen) == 32
+    assert main(["dpo", str(recipe), "--rounds", "2", "--sample_pairs", "0"]) == 2
+    assert "dpo.rounds > 1 needs on-policy pairs" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -23,6 +23,8 @@ answer the model actually gives (its mode), which random samples at T = 1 rarely
 `dpo.pairs_per_prompt: k` a prompt gives up to k distinct (correct, wrong) pairs of its samples, and with
 `dpo.sample_fill: false` prompts without both kinds are left out (Pang et al.'s iterative RPO setup).
 The sampled replies are cached under `dpo.ref_cache_dir`, so other pairings of them cost no sampling.
+`dpo.rounds: R` repeats this R times on fresh prompts, each round sampling from and referring to the
+model the round before trained (`iterative_dpo`).
 
 KTO trains on unpaired rows (prompt, completion, label; preference pairs are split into a desirable
 and an undesirable row). Its reference point z is an estimate of KL(policy || reference) from
@@ -36,7 +38,9 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -284,8 +288,6 @@ def sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tuple[list
     """On-policy preference rows from `o.sample_pairs` samples per prompt of the model, with the sampled
     replies read from `dpo.ref_cache_dir` when the same model, prompts and settings were sampled before
     (keyed by the weights, the rows, the chat template and the sampling settings)."""
-    import json
-
     if "answer" not in rows[0]:
         raise DataError("dpo.sample_pairs needs rows with an 'answer' column to judge samples (the task world's)")
     h = _weights_hash(model)
@@ -304,13 +306,18 @@ def sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tuple[list
     return out, report + where
 
 
-def encode_pairs(recipe: Recipe, tokenizer, model=None) -> tuple[list[dict], list[dict] | None, str]:
+def encode_pairs(
+    recipe: Recipe, tokenizer, model=None, share: tuple[int, int] = (1, 1)
+) -> tuple[list[dict], list[dict] | None, str]:
     """Train and eval pairs (KTO: unpaired rows with their KL partners), tokenized with the chat template,
-    and a one-line report. With dpo.sample_pairs the training pairs are sampled from `model`."""
+    and a one-line report. With dpo.sample_pairs the training pairs are sampled from `model`. `share`
+    (k, n): only the k-th of n equal parts of the training rows (a round of iterative DPO)."""
     from aligner.trainers.sft import load_splits
 
     d, o = recipe.data, recipe.dpo
     train_rows, eval_rows = load_splits(recipe, "preference")
+    k, n = share
+    train_rows = train_rows[(k - 1) * len(train_rows) // n : k * len(train_rows) // n]
     sampled = ""
     if o.sample_pairs and model is not None:
         train_rows, sampled = sample_pairs(model, tokenizer, train_rows, o, recipe.train.seed)
@@ -341,15 +348,18 @@ def encode_pairs(recipe: Recipe, tokenizer, model=None) -> tuple[list[dict], lis
     return train, evals, f"{sampled}; {summary}" if sampled else summary
 
 
-def dpo(recipe: Recipe) -> dict:
-    """Preference optimisation from the recipe's model (default: the SFT run); returns eval metrics."""
+def dpo(recipe: Recipe, share: tuple[int, int] = (1, 1)) -> dict:
+    """Preference optimisation from the recipe's model (default: the SFT run); returns eval metrics.
+    `share`: train on the k-th of n parts of the training prompts (see `iterative_dpo`)."""
     from aligner.trainers.sft import prepare_model, sft_tokenizer, train_and_score
 
     o = recipe.dpo
+    if o.rounds > 1:
+        return iterative_dpo(recipe)
     recipe.sft.chat_template = o.chat_template or recipe.sft.chat_template
     tokenizer = sft_tokenizer(recipe)
     model = prepare_model(recipe, tokenizer)
-    train_data, eval_data, report = encode_pairs(recipe, tokenizer, model)
+    train_data, eval_data, report = encode_pairs(recipe, tokenizer, model, share)
     needs_ref = o.loss not in REFERENCE_FREE
     # full fine-tuning keeps a frozen copy as the reference; LoRA disables its adapter instead
     ref_model = copy.deepcopy(model).requires_grad_(False) if needs_ref and not recipe.lora.enabled else None
@@ -372,3 +382,47 @@ def dpo(recipe: Recipe) -> dict:
         print(f"dpo: {report}")
         print(f"dpo: loss {o.loss}, beta {o.beta}, reference {ref}, {trainer.total_steps} steps -> {run_dir}")
     return train_and_score(trainer, trainer.unwrapped, tokenizer, o.accuracy_items, o.accuracy_tokens)
+
+
+def iterative_dpo(recipe: Recipe) -> dict:
+    """`dpo.rounds` rounds of on-policy DPO (iterative DPO: Xiong et al. 2024, Pang et al. 2024). Round k
+    starts from round k-1's model (the first from `model.init_from`), which is also its reference,
+    samples its pairs from that model on the k-th of `rounds` equal parts of the training prompts, and
+    trains `train.max_steps` steps into <run dir>/round_k. The last round's model is the run's final;
+    <run dir>/metrics.jsonl holds every round's metrics, steps counted across rounds. With --resume the
+    rounds already finished are kept and an interrupted one continues from its last checkpoint."""
+    from aligner.checkpoint import link_copy
+    from aligner.tracking import plot_metrics
+
+    t, rounds = recipe.train, recipe.dpo.rounds
+    run_dir = Path(t.out_dir) / t.name
+    prepare_run_dir(run_dir, t.resume, t.overwrite)
+    start, result, offset, merged = recipe.model.init_from, None, 0, []
+    for k in range(1, rounds + 1):
+        r = copy.deepcopy(recipe)
+        r.dpo.rounds, r.model.init_from = 1, start
+        r.train.out_dir, r.train.name = str(run_dir), f"round_{k}"
+        r.train.resume, r.train.overwrite = t.resume and (run_dir / r.train.name).is_dir(), not t.resume
+        if k < rounds:
+            r.dpo.accuracy_items = 0  # only the last round's model is scored
+        round_dir = run_dir / r.train.name
+        if (round_dir / "final").is_dir() and t.resume:
+            print(f"dpo: round {k} of {rounds}: {round_dir}/final exists, kept")
+        else:
+            print(f"dpo: round {k} of {rounds} from {start}")
+            result = dpo(r, share=(k, rounds))
+        start = str(round_dir / "final")
+        rows = [json.loads(line) for line in (round_dir / "metrics.jsonl").read_text().splitlines() if line]
+        merged += [{**row, "step": row["step"] + offset, "dpo/round": k} for row in rows]
+        offset += rows[-1]["step"] if rows else 0
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in merged))
+    final = run_dir / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    link_copy(Path(start), final)
+    if (Path(start).parent / "accuracy.json").is_file():
+        shutil.copy2(Path(start).parent / "accuracy.json", run_dir / "accuracy.json")
+    plot_metrics(run_dir)
+    if result is None:  # every round was already done
+        result = {"metrics": {}, "samples": [], "is_main": True}
+    return {**result, "run_dir": str(run_dir)}
