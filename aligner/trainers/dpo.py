@@ -392,7 +392,7 @@ def iterative_dpo(recipe: Recipe) -> dict:
     <run dir>/metrics.jsonl holds every round's metrics, steps counted across rounds. With --resume the
     rounds already finished are kept and an interrupted one continues from its last checkpoint."""
     from aligner.checkpoint import link_copy
-    from aligner.tracking import plot_metrics
+    from aligner.tracking import plot_metrics, read_metrics
 
     t, rounds = recipe.train, recipe.dpo.rounds
     run_dir = Path(t.out_dir) / t.name
@@ -412,7 +412,7 @@ def iterative_dpo(recipe: Recipe) -> dict:
             print(f"dpo: round {k} of {rounds} from {start}")
             result = dpo(r, share=(k, rounds))
         start = str(round_dir / "final")
-        rows = [json.loads(line) for line in (round_dir / "metrics.jsonl").read_text().splitlines() if line]
+        rows = read_metrics(round_dir)
         merged += [{**row, "step": row["step"] + offset, "dpo/round": k} for row in rows]
         offset += rows[-1]["step"] if rows else 0
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in merged))
@@ -420,8 +420,8 @@ def iterative_dpo(recipe: Recipe) -> dict:
     if final.exists():
         shutil.rmtree(final)
     link_copy(Path(start), final)
-    if (Path(start).parent / "accuracy.json").is_file():
-        shutil.copy2(Path(start).parent / "accuracy.json", run_dir / "accuracy.json")
+    if (round_dir / "accuracy.json").is_file():  # the last round's
+        shutil.copy2(round_dir / "accuracy.json", run_dir / "accuracy.json")
     plot_metrics(run_dir)
     if result is None:  # every round was already done
         result = {"metrics": {}, "samples": [], "is_main": True}
