@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from aligner.model.gpt import GPT, GPTConfig, KVCache
+from aligner.model.gpt import GPT, GPTConfig, KVCache, decode_attention
 from aligner.model.kv_cache import fuse_layer
 
 VOCAB = 64
@@ -248,6 +248,22 @@ def test_cache_with_fused_weights_decodes_like_the_plain_layers():
     cache = KVCache(model.config, batch_size=2, max_len=10, model=model)
     assert cache.head is None
     torch.testing.assert_close(cache.logits(model, hidden), model.lm_head(hidden), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("heads,kv", [(4, 4), (4, 2), (6, 1)])
+def test_decode_attention_equals_sdpa(heads, kv):
+    """The decoding step's batched-matmul attention: SDPA's numbers (grouped query heads included) for one
+    query over cache slices read in place, with masked key positions."""
+    torch.manual_seed(0)
+    B, S, hd = 5, 11, 16
+    q = torch.randn(B, heads, 1, hd)
+    cache_k, cache_v = torch.randn(B, kv, 20, hd), torch.randn(B, kv, 20, hd)
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]  # the views the KV cache hands out
+    bias = torch.zeros(B, 1, 1, S)
+    bias[0, ..., :4] = float("-inf")  # left padding of row 0
+    bias[3, ..., 2:5] = float("-inf")
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=heads != kv)
+    torch.testing.assert_close(decode_attention(q, k, v, bias), ref, atol=1e-6, rtol=1e-5)
 
 
 def test_return_hidden_feeds_lm_head():

@@ -198,6 +198,29 @@ def test_finished_rows_leave_the_batch_without_changing_any_completion(monkeypat
         assert all(len(tok) == len(alive) == 32 for tok, alive in streamed)
 
 
+def test_compiled_decoding_equals_eager_and_serves_every_shape(llama):
+    """compile=True: the same greedy tokens and log-probs as eager decoding, for the GPT core and a
+    transformers Llama (decoded through the core), with padding, rows leaving the batch and several batch
+    sizes, from one graph (dynamic shapes: no recompilation per batch size or cache length)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    prompts = [[(7 * i + j) % (VOCAB - 1) + 1 for j in range(2 + i % 5)] for i in range(12)]
+    stop = tuple(range(0, VOCAB, 5))
+    for model in (make_gpt(), llama):
+        for batch in (prompts, prompts[:5], [[3, 4]]):
+            params = greedy(16, stop_ids=stop)
+            eager = TorchEngine(model, PAD).generate(batch, params)
+            compiled = TorchEngine(model, PAD, compile=True).generate(batch, params)
+            assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+            for a, b in zip(compiled, eager):
+                assert a.finished == b.finished
+                torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 2  # one per architecture (the tiny GPT's, the tiny Llama's)
+    assert TorchEngine(make_gpt(), PAD, use_cache=False, compile=True).compile is False  # nothing to compile
+
+
 @pytest.mark.parametrize("vocab", [64, 300, 2048, 2050])
 def test_argmax_rows_is_argmax_with_first_index_on_ties(vocab):
     g = torch.Generator().manual_seed(vocab)

@@ -209,6 +209,21 @@ def build_attn_mask(
     return mask
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per row: q (B, H, 1, hd) over cached k, v (B, KV, S, hd) under an
+    additive bias (B, 1, 1, S); returns (B, H, 1, hd). The query heads of each key/value head are that
+    head's rows of one batched matmul (scores = bias + q k^T / sqrt(hd), softmax, @ v), which on the CPU
+    beats SDPA's flash kernel at a single query (benchmarks/rollout_throughput.py: ~10% more tokens/s).
+    The keys and values are read in place (the cache's slices reshape without a copy)."""
+    B, H, _, hd = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    G = H // KV
+    grouped = q.reshape(B * KV, G, hd)  # (B * KV, G, hd): query head h belongs to key/value head h // G
+    bias = bias.expand(B, KV, G, S).reshape(B * KV, G, S)
+    scores = torch.baddbmm(bias, grouped, k.reshape(B * KV, S, hd).transpose(1, 2), alpha=hd**-0.5)  # (B*KV, G, S)
+    return torch.bmm(scores.softmax(-1), v.reshape(B * KV, S, hd)).view(B, H, 1, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -238,10 +253,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd)
         gqa = self.n_heads != self.n_kv  # SDPA shares each key/value head among its query heads, no copy
-        if gqa and T == 1 and mask is not None:
+        if T == 1 and cache is not None and mask is not None and x.device.type == "cpu":  # decoding, additive mask
+            y = decode_attention(q, k, v, mask)
+        elif gqa and T == 1 and mask is not None:
             # one new token: the query heads of a key/value head become that head's queries, a plain
-            # attention that CPU SDPA runs ~1.5x faster than enable_gqa (same numbers: each query
-            # head still sees only its own key/value head, under the same (B, 1, 1, S) mask)
+            # attention that SDPA runs faster than enable_gqa (same numbers: each query head still sees
+            # only its own key/value head, under the same (B, 1, 1, S) mask)
             grouped = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # (B, KV, H / KV, hd)
             y = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).view(B, self.n_heads, T, self.head_dim)
         elif mask is None:

@@ -11,6 +11,12 @@ other row attends to) until every row is done or `max_new_tokens` is reached; wi
 cache, finished rows leave the batch (their cache rows dropped) once a quarter of it has finished, so
 a batch of short and long completions costs little more than its long ones.
 
+`compile=True` runs the GPT core's decoding step through `torch.compile` (dynamic shapes, so one
+graph serves every batch size and cache length, and every model of the same architecture in the
+process): 1.5-2x the tokens/s of eager decoding on the CPU, for a one-off compilation of about a
+minute (inductor keeps it on disk, so later processes reuse most of it). Worth it for RL runs and
+long evals, not for a handful of prompts. Prefill stays eager.
+
 Sampling order (as in transformers): temperature, then top-k, top-p and min-p, each filter applied
 to the distribution left by the previous one. The log-prob reported for a token is taken from the
 distribution after temperature and BEFORE the top-k/top-p/min-p filters, i.e.
@@ -108,12 +114,47 @@ def llama_as_gpt(model: torch.nn.Module) -> GPT | None:
     return gpt
 
 
+def decode_step(core: GPT, input_ids, attention_mask, position_ids, cache: KVCache) -> torch.Tensor:
+    """One forward of the GPT core through its KV cache: fp32 logits (B, V) of the last position."""
+    hidden = core(input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache, return_hidden=True)
+    return cache.logits(core, hidden[:, -1]).float()
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_decode_step():
+    """`decode_step` through torch.compile, made once per process (its graphs are shared by every engine)."""
+    if "decode" not in _COMPILED:
+        _COMPILED["decode"] = torch.compile(decode_step, dynamic=True)
+    return _COMPILED["decode"]
+
+
+def mark_dynamic(cache: KVCache) -> None:
+    """Declare the cache's batch and length dimensions dynamic and its head dimensions static, so that the
+    compiled step is not specialised on the first sizes it meets (nor a batch of, say, 8 rows taken for
+    the same size as a head_dim of 8)."""
+    for t in (*cache.keys, *cache.values):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(t, 2)
+        torch._dynamo.mark_static(t, 1)
+        torch._dynamo.mark_static(t, 3)
+
+
 class TorchEngine:
     """Generates with `model` in this process. `pad_id` fills left padding and finished rows (any id
     works since padding is masked; None -> 0). `use_cache=False` recomputes the whole sequence every
-    step (slow; a reference for tests). `compact=False` keeps finished rows in the batch to the end."""
+    step (slow; a reference for tests). `compact=False` keeps finished rows in the batch to the end.
+    `compile=True` compiles the decoding step (GPT core and transformers Llama models; others ignore it)."""
 
-    def __init__(self, model: torch.nn.Module, pad_id: int | None, use_cache: bool = True, compact: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pad_id: int | None,
+        use_cache: bool = True,
+        compact: bool = True,
+        compile: bool = False,
+    ):
         self.model = model
         self.pad_id = 0 if pad_id is None else int(pad_id)
         self.use_cache = use_cache
@@ -123,6 +164,7 @@ class TorchEngine:
         if not isinstance(self.core, GPT):  # a plain transformers Llama decodes through the GPT core, weights shared
             self.core = llama_as_gpt(model) or self.core
         self.is_gpt = isinstance(self.core, GPT)
+        self.compile = compile and self.is_gpt and use_cache
         # transformers models can skip the lm_head on all but the last position
         self.hf_logits_to_keep = not self.is_gpt and skips_head(self.core)
 
@@ -207,9 +249,18 @@ class TorchEngine:
                     active, ids, mask, positions = active[keep], ids[keep], mask[keep], positions[keep]
                     state.select_rows(keep.nonzero()[:, 0])
             start = end - 1 if self.use_cache else 0  # with a cache, feed only the newest token
-            logits, state = self._last_logits(
-                ids[:, start:end], mask[:, :end] if padded else None, positions[:, start:end], state
+            step_ids, step_mask, step_positions = (
+                ids[:, start:end],
+                mask[:, :end] if padded else None,
+                positions[:, start:end],
             )
+            if self.compile and len(active) > 1:
+                # one graph for every step: the mask always given, batch and cache length symbolic (a batch
+                # of one would be a graph of its own, so that rare step stays eager)
+                mark_dynamic(state)
+                logits = compiled_decode_step()(self.core, step_ids, mask[:, :end], step_positions, state)
+            else:
+                logits, state = self._last_logits(step_ids, step_mask, step_positions, state)
         return out, logps, lengths, finished
 
     def _new_cache(self, batch_size: int, max_len: int, device):
@@ -221,12 +272,10 @@ class TorchEngine:
     def _last_logits(self, input_ids, attention_mask, position_ids, state):
         """fp32 logits (B, V) of the last position, and the updated cache (None without caching)."""
         if self.is_gpt:
-            hidden = self.core(
-                input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=state, return_hidden=True
-            )
-            last = hidden[:, -1]  # (B, D)
-            logits = state.logits(self.core, last) if state is not None else self.core.lm_head(last)
-            return logits.float(), state
+            if state is not None:
+                return decode_step(self.core, input_ids, attention_mask, position_ids, state), state
+            hidden = self.core(input_ids, position_ids=position_ids, attention_mask=attention_mask, return_hidden=True)
+            return self.core.lm_head(hidden[:, -1]).float(), None
         kw = {"logits_to_keep": 1} if self.hf_logits_to_keep else {}
         out = self.model(
             input_ids=input_ids,
