@@ -98,6 +98,7 @@ def run_eval(argv: list[str]) -> int:
     p.add_argument("--items", type=int, default=None, help="rows per spec (overrides data.items)")
     p.add_argument("--split", default=None, help="data split (overrides data.split)")
     p.add_argument("--seed", type=int, default=None, help="task-world seed (overrides data.seed)")
+    p.add_argument("--unique", action="store_true", help="score each distinct prompt once (sets data.unique)")
     p.add_argument("--metrics", default=None, help="comma-separated metrics (overrides the specs' own)")
     p.add_argument("--reference", default=None, help="reference checkpoint for win_rate and kl")
     p.add_argument("--reward-model", default=None, help="reward-model checkpoint for win_rate / reward_accuracy")
@@ -116,6 +117,7 @@ def run_eval(argv: list[str]) -> int:
         for key, value in (("items", args.items), ("split", args.split), ("seed", args.seed)):
             if value is not None:
                 setattr(spec.data, key, value)
+        spec.data.unique = spec.data.unique or args.unique
         if args.max_new_tokens is not None:
             spec.sampling.max_new_tokens = args.max_new_tokens
         if args.metrics:

@@ -243,6 +243,7 @@ class DataSpec:
     items: int = 500  # rows evaluated (the first N)
     seed: int = 0  # task-world seed
     format: str | None = None  # row format of a file (None = detect)
+    unique: bool = False  # drop rows whose prompt repeats an earlier row's (each question counted once)
 
 
 @dataclass
@@ -311,6 +312,8 @@ def spec_rows(spec: EvalSpec, kind: str) -> list[dict]:
     rows = load_rows(d.source, d.split, n=d.items, seed=d.seed, world_kind=kind)
     if not rows:
         raise DataError(f"eval '{spec.name}': data.source '{d.source}' split '{d.split}' has no rows")
+    if d.unique:
+        rows = unique_rows(rows)
     if spec.prompt and kind == "rl":
         from aligner.interactive import system_prompt
 
@@ -318,6 +321,24 @@ def spec_rows(spec: EvalSpec, kind: str) -> list[dict]:
         for r in rows:
             r["prompt"] = [system] + [m for m in r["prompt"] if m["role"] != "system"]
     return rows
+
+
+def unique_rows(rows: list[dict]) -> list[dict]:
+    """The rows whose prompt (or, without one, whose whole content) no earlier row has, in order. A task
+    world's test split repeats its smallest cells' questions once a sample outgrows them (2,000 items hold
+    1,884 distinct questions, 5,000 hold 4,247); greedy decoding scores a repeat exactly like its first
+    occurrence, so repeats would narrow the interval without adding evidence.
+
+    >>> [r["q"] for r in unique_rows([{"q": 1, "prompt": "a"}, {"q": 2, "prompt": "b"}, {"q": 3, "prompt": "a"}])]
+    [1, 2]
+    """
+    seen, out = set(), []
+    for r in rows:
+        key = json.dumps(r.get("prompt", r), sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 def _prompt_rows(spec: EvalSpec) -> list[dict]:

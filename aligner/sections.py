@@ -183,6 +183,7 @@ class GRPOConfig:
     skip_zero_advantage: bool = True  # no forward/backward for advantage-0 completions (exact at beta 0, not bnpo)
     oversample: int = 1  # DAPO's dynamic sampling: sample k x the prompts, train on groups whose rewards differ
     engine: str = choice("torch", "torch", "vllm")  # rollout engine: built-in KV cache, or vLLM in this process
+    compile_rollouts: bool = False  # torch engine: torch.compile its decoding step (~20 s once; ~1.1x tokens/s)
     vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on its CPU backend: the share of CPU memory)
     vllm_sleep: bool = False  # free vLLM's GPU memory while training (CUDA sleep mode)
     chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
@@ -214,6 +215,7 @@ class PPOConfig:
     entropy_coef: float = 0.0  # entropy bonus (0 = off)
     missing_eos_penalty: float = 1.0  # subtracted from the score of a completion that never ends
     engine: str = choice("torch", "torch", "vllm")  # rollout engine: built-in KV cache, or vLLM in this process
+    compile_rollouts: bool = False  # torch engine: torch.compile its decoding step (~20 s once; ~1.1x tokens/s)
     vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on its CPU backend: the share of CPU memory)
     vllm_sleep: bool = False  # free vLLM's GPU memory while training (CUDA sleep mode)
     chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own

@@ -17,6 +17,7 @@ from aligner.evaluate import (
     paired_difference,
     pass_at_k,
     reward_accuracy,
+    spec_rows,
     wilson_interval,
 )
 from aligner.model.heads import ScalarHeadModel, load_reward_model
@@ -44,6 +45,19 @@ def test_committed_specs_load():
         assert (REPO / "evals" / f"{name}.yaml").read_text().startswith("#")  # a header says what it measures
 
 
+def test_unique_counts_each_question_once():
+    """data.unique / --unique: a large task-world sample repeats its smallest cells' questions; unique keeps
+    each distinct prompt once, in order."""
+    spec = load_spec("task_world")
+    spec.data.items = 2000
+    rows = spec_rows(spec, "rl")
+    spec.data.unique = True
+    kept = spec_rows(spec, "rl")
+    distinct = list(dict.fromkeys(r["id"] for r in rows))
+    assert len(rows) == 2000 and len(distinct) < 1950  # repeats are there to drop
+    assert [r["id"] for r in kept] == distinct
+
+
 def test_every_metric_through_the_command(bases, reward_ckpt, tmp_path, capsys):
     spec = tmp_path / "all.yaml"
     spec.write_text(
@@ -54,7 +68,7 @@ def test_every_metric_through_the_command(bases, reward_ckpt, tmp_path, capsys):
     ppl = tmp_path / "ppl.yaml"
     ppl.write_text("# ppl\ndata: {source: 'world:sft', split: val, items: 4}\nmetrics: [perplexity]\n")
     out = tmp_path / "eval.json"
-    assert main(["eval", str(bases / "gpt"), str(spec), str(ppl), "--out", str(out)]) == 0
+    assert main(["eval", str(bases / "gpt"), str(spec), str(ppl), "--out", str(out), "--unique"]) == 0
     printed = capsys.readouterr().out
     for label in ("exact match", "pass@2", "maj@2", "win rate", "KL to reference", "perplexity"):
         assert label in printed

@@ -96,6 +96,25 @@ def test_skipping_zero_advantage_completions_leaves_the_steps_unchanged(bases, t
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)  # batch shapes differ: rounding, via Adam
 
 
+def test_compiled_rollouts_take_the_same_steps(bases, tmp_path, id_reward, monkeypatch):
+    """grpo.compile_rollouts: the torch engine's compiled decoding step samples the same completions from
+    the same seeds (its logits differ from eager ones by rounding only), so the run takes the same steps."""
+    import aligner.rollout.torch_engine as te
+
+    calls, real = [], te.compiled_decode_step
+    monkeypatch.setattr(te, "compiled_decode_step", lambda: (calls.append(1), real())[1])
+    for name, compiled in (("eager", False), ("compiled", True)):
+        calls.clear()
+        grpo = {"rewards": [id_reward], "mask_truncated": False, "compile_rollouts": compiled}
+        recipe = grpo_recipe(tmp_path, bases / "gpt", grpo=grpo, train={"name": name})
+        assert main(["grpo", str(recipe), "--max_steps", "3"]) == 0
+        assert bool(calls) == compiled  # the compiled step decoded only when asked
+    a, b = metrics(tmp_path, "eager"), metrics(tmp_path, "compiled")
+    assert [r["rollout/completion_len"] for r in a] == [r["rollout/completion_len"] for r in b]
+    assert [r["rollout/reward_mean"] for r in a] == pytest.approx([r["rollout/reward_mean"] for r in b], abs=1e-6)
+    assert [r["train/grad_norm"] for r in a] == pytest.approx([r["train/grad_norm"] for r in b], rel=1e-4)
+
+
 def test_informative_first_by_hand():
     grouped = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.5, 0.5], [2.0, 0.0], [0.0, 0.0]])
     assert informative_first(grouped, 2) == [1, 3]  # the two whose rewards differ

@@ -66,6 +66,7 @@ class GRPOTrainer(OnlineTrainer):
         self.prompts_per_rollout = self.global_batch // self.g.num_generations
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
         self.rollout_engine = (self.g.engine, self.g.vllm_memory, self.g.vllm_sleep)
+        self.compile_rollouts = self.g.compile_rollouts
 
     def compute_total_steps(self) -> int:
         if self.cfg.max_steps is not None:

@@ -40,6 +40,7 @@ class OnlineTrainer(Trainer):
         self.rollout_engine = ("torch", 0.2, False)  # (engine, vLLM memory share, vLLM sleep mode): the recipe's
         self._vllm = None  # the vLLM engine, made at the first rollout when the recipe asks for it
         self._synced_at: int | None = None  # the optimizer step whose weights vLLM holds
+        self.compile_rollouts = False  # the torch engine compiles its decoding step (the recipe's)
 
     steps_per_rollout = 1
     max_new_tokens = 64
@@ -72,7 +73,7 @@ class OnlineTrainer(Trainer):
         or vLLM, started from the recipe's model.init_from and synced whenever the policy has moved."""
         name, memory, sleep = self.rollout_engine
         if name == "torch":
-            return TorchEngine(self.policy(), pad_id=self.pad_id)
+            return TorchEngine(self.policy(), pad_id=self.pad_id, compile=self.compile_rollouts)
         from aligner.config import resolve_path
         from aligner.rollout.vllm_engine import VLLMEngine
 
@@ -140,7 +141,7 @@ class OnlineTrainer(Trainer):
         rows = list(self.eval_data)[self.rank :: self.world]
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0, stop_ids=self.stop_ids)
         sums = dict.fromkeys([self.total_name, *self.reward_set.names], 0.0)  # the same keys on every process
-        engine = TorchEngine(self.policy(), pad_id=self.pad_id)
+        engine = TorchEngine(self.policy(), pad_id=self.pad_id, compile=self.compile_rollouts)
         for start in range(0, len(rows), 64):
             _, _, totals, parts = self.complete_and_score(rows[start : start + 64], params, engine)
             for name, values in {self.total_name: totals, **parts}.items():

@@ -101,6 +101,7 @@ class PPOTrainer(OnlineTrainer):
         super().__init__(recipe, model, tokenizer, prompts, eval_prompts, reward_set, **kw)
         self.max_new_tokens = self.p.max_new_tokens
         self.rollout_engine = (self.p.engine, self.p.vllm_memory, self.p.vllm_sleep)
+        self.compile_rollouts = self.p.compile_rollouts
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
         self.kl_ctl = (
             AdaptiveKLController(self.p.kl_coef, self.p.kl_target, self.p.kl_horizon) if self.p.kl_target else None
