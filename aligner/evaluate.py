@@ -3,6 +3,7 @@
     aligner eval runs/grpo/final                              # evals/task_world.yaml
     aligner eval runs/grpo/final win_rate kl --out grpo.json  # evals/win_rate.yaml, evals/kl.yaml
     aligner eval runs/rm/final reward_accuracy
+    aligner eval runs/dpo/final implicit_reward                # against runs/sft/final
     from aligner.evaluate import exact_match
     result = exact_match(model, tokenizer, world_rows("rl", "test", n=500))   # {"accuracy", "ci95", ...}
 
@@ -19,6 +20,7 @@ Metrics (METRICS):
     pass_at_k        a right answer among k samples, and maj_at_k: the most common of the k answers is right
     perplexity       exp(mean NLL) of the assistant tokens of conversations (data: world:sft or chat rows)
     reward_accuracy  pairwise accuracy of a reward model (`reward_model`, else the checkpoint) on preference pairs
+    implicit_reward_accuracy   the same for a policy's DPO implicit reward against `reference`
     win_rate         the checkpoint's greedy replies against `reference`'s, judged by `reward_model` (ties: half)
     kl               KL(checkpoint || reference) per reply on the checkpoint's own samples (k1, sequence-summed)
     samples          a table of the first few prompts, greedy replies and whether they are right
@@ -184,6 +186,32 @@ def reward_accuracy(reward_model, tokenizer, pairs: list[dict]) -> dict:
     return {"accuracy": right / n if n else 0.0, "ci95": wilson_interval(right, n), "margin": margin, "n": n}
 
 
+@torch.no_grad()
+def implicit_reward_accuracy(model, reference, tokenizer, pairs: list[dict], template=None, max_len=1024) -> dict:
+    """Share of pairs whose chosen reply gets the higher DPO implicit reward, log p(y|x) - log p_ref(y|x)
+    summed over the reply (beta > 0 scales every reward alike, so the ranking needs none): how well a
+    policy trained by the DPO family separates held-out pairs against `reference` (say, its SFT model),
+    whatever reference its own training used. margin: the mean chosen-minus-rejected difference, nats."""
+    from aligner.data.chat import encode_preferences
+    from aligner.data.collate import pad_examples
+    from aligner.model.load import causal_lm_token_logprobs
+
+    encoded, _ = encode_preferences(pairs, tokenizer, max_len, template=template, source="eval pairs")
+    pad, diffs = pad_token_id(tokenizer), []
+    for start in range(0, len(encoded), 16):
+        chunk = encoded[start : start + 16]
+        batch = pad_examples([e["chosen"] for e in chunk] + [e["rejected"] for e in chunk], pad)
+        ours = causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"]).sum(-1)
+        theirs = causal_lm_token_logprobs(reference, batch["input_ids"], batch["labels"]).sum(-1)
+        chosen, rejected = (ours - theirs).float().chunk(2)
+        diffs.extend((chosen - rejected).tolist())
+    n, right = len(diffs), sum(d > 0 for d in diffs)
+    return {
+        "accuracy": right / n if n else 0.0, "ci95": wilson_interval(right, n), "n": n,
+        "margin": sum(diffs) / max(n, 1),
+    }  # fmt: skip
+
+
 def greedy_replies(model, tokenizer, rows, template=None, max_new_tokens=160) -> list[str]:
     return [
         c["completion"]
@@ -267,8 +295,11 @@ class EvalSpec:
     samples: int = 5  # rows in the samples table
 
 
-METRICS = ("exact_match", "pass_at_k", "perplexity", "reward_accuracy", "win_rate", "kl", "samples")
-NEEDS = {"win_rate": ("reference", "reward_model"), "kl": ("reference",)}
+METRICS = (
+    "exact_match", "pass_at_k", "perplexity", "reward_accuracy", "implicit_reward_accuracy", "win_rate", "kl",
+    "samples",
+)  # fmt: skip
+NEEDS = {"win_rate": ("reference", "reward_model"), "kl": ("reference",), "implicit_reward_accuracy": ("reference",)}
 
 
 def find_spec(name_or_path: str) -> Path:
@@ -382,6 +413,13 @@ def run_spec(spec: EvalSpec, checkpoint: str, *, template: str | None = None, ca
 
             pairs = to_preference_records(spec_rows(spec, "preference"), spec.data.format, f"eval '{spec.name}'")[0]
             out[metric] = reward_accuracy(model_of(spec.reward_model or checkpoint), tokenizer, pairs)
+        elif metric == "implicit_reward_accuracy":
+            from aligner.data.formats import to_preference_records
+
+            pairs = to_preference_records(spec_rows(spec, "preference"), spec.data.format, f"eval '{spec.name}'")[0]
+            out[metric] = implicit_reward_accuracy(
+                model_of(checkpoint), model_of(spec.reference), tokenizer, pairs, template
+            )
         elif metric in ("exact_match", "samples", "win_rate"):
             rows = _prompt_rows(spec)
             if replies is None:
@@ -437,6 +475,10 @@ def summary_lines(name: str, results: dict) -> list[str]:
         elif metric == "reward_accuracy":
             lines.append(
                 f"{name:<18}{'pairwise acc.':<18}{r['accuracy']:.3f}{interval(r['ci95'])}  margin {r['margin']:.2f}"
+            )
+        elif metric == "implicit_reward_accuracy":
+            lines.append(
+                f"{name:<18}{'implicit reward':<18}{r['accuracy']:.3f}{interval(r['ci95'])}  margin {r['margin']:.2f}"
             )
         elif metric == "win_rate":
             lines.append(

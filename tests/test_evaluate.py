@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from aligner.cli import main
 from aligner.evaluate import (
@@ -43,6 +44,50 @@ def test_committed_specs_load():
         spec = load_spec(name)
         assert spec.metrics and all(m in METRICS for m in spec.metrics)
         assert (REPO / "evals" / f"{name}.yaml").read_text().startswith("#")  # a header says what it measures
+
+
+def test_implicit_reward_accuracy_by_hand(bases, tmp_path, capsys):
+    """implicit_reward_accuracy: sum over the reply of log p - log p_ref, chosen against rejected, from a
+    plain forward of each whole conversation; against the checkpoint itself every difference is 0."""
+    from aligner.data.chat import encode_reply
+    from aligner.data.formats import to_preference_records
+    from aligner.data.world import world_rows
+
+    spec = tmp_path / "irm.yaml"
+    spec.write_text(
+        "# implicit reward\ndata: {source: 'world:preference', split: val, items: 6}\n"
+        f"metrics: [implicit_reward_accuracy]\nreference: {bases / 'llama'}\n"
+    )
+    out = tmp_path / "irm.json"
+    assert main(["eval", str(bases / "gpt"), str(spec), "--out", str(out)]) == 0
+    assert "implicit reward" in capsys.readouterr().out
+    r = json.loads(out.read_text())["results"]["irm"]["implicit_reward_accuracy"]
+
+    tok = load_tokenizer(bases / "gpt")
+    policy, reference = load_model(bases / "gpt").eval(), load_model(bases / "llama").eval()
+
+    def reply_logp(model, prompt, reply):
+        ids, mask = encode_reply(tok, prompt, reply)
+        with torch.no_grad():
+            out = model(torch.tensor([ids]))
+        logits = out if torch.is_tensor(out) else out.logits
+        logps = logits[0, :-1].float().log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        return float((logps * torch.tensor(mask[1:])).sum())
+
+    pairs = to_preference_records(world_rows("preference", "val", n=6), None, "test")[0]
+    diffs = []
+    for p in pairs:
+        reward = {
+            k: reply_logp(policy, p["prompt"], p[k]) - reply_logp(reference, p["prompt"], p[k])
+            for k in ("chosen", "rejected")
+        }
+        diffs.append(reward["chosen"] - reward["rejected"])
+    assert r["n"] == 6 and r["accuracy"] == sum(d > 0 for d in diffs) / 6
+    assert r["margin"] == pytest.approx(sum(diffs) / 6, abs=1e-3)
+    spec.write_text(spec.read_text().replace(str(bases / "llama"), str(bases / "gpt")))
+    assert main(["eval", str(bases / "gpt"), str(spec), "--out", str(out)]) == 0
+    same = json.loads(out.read_text())["results"]["irm"]["implicit_reward_accuracy"]
+    assert same["accuracy"] == 0.0 and same["margin"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_unique_counts_each_question_once():
