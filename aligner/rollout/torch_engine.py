@@ -13,9 +13,9 @@ a batch of short and long completions costs little more than its long ones.
 
 `compile=True` runs the GPT core's decoding step through `torch.compile` (dynamic shapes, so one
 graph serves every batch size and cache length, and every model of the same architecture in the
-process): 1.5-2x the tokens/s of eager decoding on the CPU, for a one-off compilation of about a
-minute (inductor keeps it on disk, so later processes reuse most of it). Worth it for RL runs and
-long evals, not for a handful of prompts. Prefill stays eager.
+process): on 2 CPU cores ~1.05-1.1x the tokens/s of eager decoding, for a one-off compilation of
+10-30 s (inductor keeps it on disk, so later processes reuse most of it). Worth it for RL runs, not
+for a handful of prompts. Prefill stays eager.
 
 Sampling order (as in transformers): temperature, then top-k, top-p and min-p, each filter applied
 to the distribution left by the previous one. The log-prob reported for a token is taken from the
@@ -217,6 +217,8 @@ class TorchEngine:
         lengths = torch.zeros(B, dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         state = self._new_cache(B, total, device) if self.use_cache else None
+        if self.compile:
+            mark_dynamic(state)
         # rows still generating; with the GPT core's cache, finished rows leave the batch (`compact`)
         active = torch.arange(B, device=device)
         compact = self.compact and isinstance(state, KVCache)
@@ -248,19 +250,16 @@ class TorchEngine:
                 if int(keep.sum()) <= len(active) * 3 // 4:
                     active, ids, mask, positions = active[keep], ids[keep], mask[keep], positions[keep]
                     state.select_rows(keep.nonzero()[:, 0])
+                    if self.compile:
+                        mark_dynamic(state)  # the new, smaller cache tensors
             start = end - 1 if self.use_cache else 0  # with a cache, feed only the newest token
-            step_ids, step_mask, step_positions = (
-                ids[:, start:end],
-                mask[:, :end] if padded else None,
-                positions[:, start:end],
-            )
+            step_ids, step_positions = ids[:, start:end], positions[:, start:end]
             if self.compile and len(active) > 1:
                 # one graph for every step: the mask always given, batch and cache length symbolic (a batch
                 # of one would be a graph of its own, so that rare step stays eager)
-                mark_dynamic(state)
                 logits = compiled_decode_step()(self.core, step_ids, mask[:, :end], step_positions, state)
             else:
-                logits, state = self._last_logits(step_ids, step_mask, step_positions, state)
+                logits, state = self._last_logits(step_ids, mask[:, :end] if padded else None, step_positions, state)
         return out, logps, lengths, finished
 
     def _new_cache(self, batch_size: int, max_len: int, device):
