@@ -44,40 +44,7 @@ import yaml
 from aligner.data.chat import encode_conversation, encode_prompt, pad_token_id, reply_stop_ids
 from aligner.data.world import extract_answer, is_correct
 from aligner.errors import ConfigError, DataError
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion.
-
-    >>> tuple(round(x, 3) for x in wilson_interval(50, 100))
-    (0.404, 0.596)
-    """
-    if n == 0:
-        return (0.0, 1.0)
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def paired_difference(base: list[bool], other: list[bool], z: float = 1.96) -> tuple[float, float]:
-    """Accuracy of `other` minus that of `base` on the same items, and the half-width of its 95% interval
-    for paired data: with b items only `other` gets right and c only `base` does, out of n,
-    diff = (b - c) / n and se = sqrt(b + c - (b - c)^2 / n) / n (the interval of McNemar's setting).
-
-    >>> tuple(round(x, 4) for x in paired_difference([1, 1, 0, 0, 1], [1, 0, 1, 1, 1]))
-    (0.2, 0.6559)
-    """
-    if len(base) != len(other):
-        raise ValueError(f"paired_difference: {len(base)} items against {len(other)}; both must score the same items")
-    n = len(base)
-    if n == 0:
-        return 0.0, 1.0
-    gained = sum(1 for a, b in zip(base, other) if b and not a)
-    lost = sum(1 for a, b in zip(base, other) if a and not b)
-    se = math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n
-    return (gained - lost) / n, z * se
+from aligner.stats import paired_difference, wilson_interval  # noqa: F401  (part of this module's API)
 
 
 def _engine(model, tokenizer):
@@ -187,29 +154,33 @@ def reward_accuracy(reward_model, tokenizer, pairs: list[dict]) -> dict:
 
 
 @torch.no_grad()
+def log_ratios(model, reference, examples: list[dict], pad_id: int) -> list[float]:
+    """sum over each example's labelled tokens of log p(token) - log p_ref(token), in batches of 16."""
+    from aligner.data.collate import pad_examples
+    from aligner.model.load import causal_lm_token_logprobs
+
+    out = []
+    for start in range(0, len(examples), 16):
+        batch = pad_examples(examples[start : start + 16], pad_id)
+        ours = causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"]).sum(-1)
+        theirs = causal_lm_token_logprobs(reference, batch["input_ids"], batch["labels"]).sum(-1)
+        out.extend((ours - theirs).float().tolist())
+    return out
+
+
 def implicit_reward_accuracy(model, reference, tokenizer, pairs: list[dict], template=None, max_len=1024) -> dict:
     """Share of pairs whose chosen reply gets the higher DPO implicit reward, log p(y|x) - log p_ref(y|x)
     summed over the reply (beta > 0 scales every reward alike, so the ranking needs none): how well a
     policy trained by the DPO family separates held-out pairs against `reference` (say, its SFT model),
     whatever reference its own training used. margin: the mean chosen-minus-rejected difference, nats."""
     from aligner.data.chat import encode_preferences
-    from aligner.data.collate import pad_examples
-    from aligner.model.load import causal_lm_token_logprobs
 
     encoded, _ = encode_preferences(pairs, tokenizer, max_len, template=template, source="eval pairs")
-    pad, diffs = pad_token_id(tokenizer), []
-    for start in range(0, len(encoded), 16):
-        chunk = encoded[start : start + 16]
-        batch = pad_examples([e["chosen"] for e in chunk] + [e["rejected"] for e in chunk], pad)
-        ours = causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"]).sum(-1)
-        theirs = causal_lm_token_logprobs(reference, batch["input_ids"], batch["labels"]).sum(-1)
-        chosen, rejected = (ours - theirs).float().chunk(2)
-        diffs.extend((chosen - rejected).tolist())
-    n, right = len(diffs), sum(d > 0 for d in diffs)
-    return {
-        "accuracy": right / n if n else 0.0, "ci95": wilson_interval(right, n), "n": n,
-        "margin": sum(diffs) / max(n, 1),
-    }  # fmt: skip
+    sides = [e["chosen"] for e in encoded] + [e["rejected"] for e in encoded]
+    ratios, n = log_ratios(model, reference, sides, pad_token_id(tokenizer)), len(encoded)
+    diffs = [c - r for c, r in zip(ratios[:n], ratios[n:])]
+    right = sum(d > 0 for d in diffs)
+    return {"accuracy": right / max(n, 1), "ci95": wilson_interval(right, n), "n": n, "margin": sum(diffs) / max(n, 1)}
 
 
 def greedy_replies(model, tokenizer, rows, template=None, max_new_tokens=160) -> list[str]:
@@ -240,21 +211,18 @@ def win_rate(replies: list[str], reference_replies: list[str], rows, reward_mode
 def kl_to_reference(model, reference, tokenizer, rows, *, max_new_tokens=160, template=None, seed=0) -> dict:
     """Mean over prompts of sum_t [log p(y_t) - log p_ref(y_t)] on one T = 1 sample y of the model per
     prompt: an unbiased estimate of the sequence KL(model || reference), with its standard error."""
-    from aligner.data.collate import IGNORE_INDEX, pad_examples
-    from aligner.model.load import causal_lm_token_logprobs
+    from aligner.data.collate import IGNORE_INDEX
 
     params = _params(tokenizer, template, max_new_tokens, temperature=1.0, seed=seed)
     outs = _engine(model, tokenizer).generate([encode_prompt(tokenizer, r["prompt"], template) for r in rows], params)
-    kls = []
-    for start in range(0, len(outs), 16):
-        examples = []
-        for o in outs[start : start + 16]:
-            ids = o.prompt_ids + o.token_ids
-            examples.append({"input_ids": ids[:-1], "labels": [IGNORE_INDEX] * (len(o.prompt_ids) - 1) + o.token_ids})
-        batch = pad_examples(examples, pad_token_id(tokenizer))
-        ours = causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"]).sum(-1)
-        theirs = causal_lm_token_logprobs(reference, batch["input_ids"], batch["labels"]).sum(-1)
-        kls.extend((ours - theirs).tolist())
+    examples = [
+        {
+            "input_ids": (o.prompt_ids + o.token_ids)[:-1],
+            "labels": [IGNORE_INDEX] * (len(o.prompt_ids) - 1) + o.token_ids,
+        }
+        for o in outs
+    ]
+    kls = log_ratios(model, reference, examples, pad_token_id(tokenizer))
     n = len(kls)
     mean = sum(kls) / max(n, 1)
     sd = math.sqrt(sum((x - mean) ** 2 for x in kls) / max(n - 1, 1))

@@ -298,7 +298,7 @@ def run_jobs(cfg: PipelineConfig, jobs: list[Job]) -> dict[str, float]:
 def table(rows: list[dict], walls: dict) -> str:
     """The comparison table (markdown). Against SFT each policy's accuracy difference is set against
     SFT's own 95% interval, and against the paired 95% interval of the difference (the same items)."""
-    from aligner.evaluate import paired_difference
+    from aligner.stats import paired_difference
 
     sft = next((r for r in rows if r["stage"] == "sft"), None)
     lines = [

@@ -178,8 +178,9 @@ def test_intervals_by_hand():
     import doctest
 
     import aligner.evaluate as ev
+    import aligner.stats as stats
 
-    assert doctest.testmod(ev).failed == 0
+    assert doctest.testmod(ev).failed == 0 and doctest.testmod(stats).failed == 0
     lo, hi = wilson_interval(50, 100)
     assert abs(lo - 0.40383) < 1e-4 and abs(hi - 0.59617) < 1e-4
     # 6 items: gained 2 (items 2, 3), lost 1 (item 1), agreed on 3: diff 1/6, se sqrt(3 - 1/6) / 6
