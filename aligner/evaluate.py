@@ -376,18 +376,15 @@ def run_spec(spec: EvalSpec, checkpoint: str, *, template: str | None = None, ca
 
             convs = [r["messages"] for r in to_records(rows, spec.data.format, f"eval '{spec.name}'")]
             out[metric] = perplexity(model_of(checkpoint), tokenizer, convs, template)
-        elif metric == "reward_accuracy":
+        elif metric in ("reward_accuracy", "implicit_reward_accuracy"):
             from aligner.data.formats import to_preference_records
 
             pairs = to_preference_records(spec_rows(spec, "preference"), spec.data.format, f"eval '{spec.name}'")[0]
-            out[metric] = reward_accuracy(model_of(spec.reward_model or checkpoint), tokenizer, pairs)
-        elif metric == "implicit_reward_accuracy":
-            from aligner.data.formats import to_preference_records
-
-            pairs = to_preference_records(spec_rows(spec, "preference"), spec.data.format, f"eval '{spec.name}'")[0]
-            out[metric] = implicit_reward_accuracy(
-                model_of(checkpoint), model_of(spec.reference), tokenizer, pairs, template
-            )
+            if metric == "reward_accuracy":
+                out[metric] = reward_accuracy(model_of(spec.reward_model or checkpoint), tokenizer, pairs)
+            else:
+                policy, reference = model_of(checkpoint), model_of(spec.reference)
+                out[metric] = implicit_reward_accuracy(policy, reference, tokenizer, pairs, template)
         elif metric in ("exact_match", "samples", "win_rate"):
             rows = _prompt_rows(spec)
             if replies is None:

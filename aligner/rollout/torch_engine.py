@@ -27,6 +27,8 @@ what RL losses recompute; the filters' renormalisation is deliberately left out 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from aligner.model.gpt import GPT, GPTConfig, KVCache
@@ -120,14 +122,10 @@ def decode_step(core: GPT, input_ids, attention_mask, position_ids, cache: KVCac
     return cache.logits(core, hidden[:, -1]).float()
 
 
-_COMPILED: dict[str, object] = {}
-
-
+@functools.cache
 def compiled_decode_step():
     """`decode_step` through torch.compile, made once per process (its graphs are shared by every engine)."""
-    if "decode" not in _COMPILED:
-        _COMPILED["decode"] = torch.compile(decode_step, dynamic=True)
-    return _COMPILED["decode"]
+    return torch.compile(decode_step, dynamic=True)
 
 
 def mark_dynamic(cache: KVCache) -> None:
