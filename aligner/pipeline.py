@@ -56,6 +56,7 @@ class StageConfig:
 @dataclass
 class EvalConfig:
     items: int = 500  # held-out test items for exact match and the reward-model score
+    unique: bool = False  # score each distinct question of those items once (a repeat adds no evidence)
     kl_items: int = 200  # prompts for the KL to the SFT model
     max_new_tokens: int = 160  # longest reply
     seed: int = 0  # task-world seed of the items
@@ -107,8 +108,8 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     if cfg.parallel < 1:
         raise ConfigError(f"{p}: parallel must be 1 or more (got {cfg.parallel})")
     for name in built:
-        for need in (STARTS_FROM.get(name), *NEEDS.get(name, ())):
-            if need and need not in built:
+        for need in needs_of(name):
+            if need not in built:
                 raise ConfigError(f"{p}: stage '{name}' needs stage '{need}' (add it, or drop '{name}')")
     return cfg
 
@@ -117,10 +118,31 @@ def downstream(stages: set[str]) -> set[str]:
     """`stages` and every stage that starts from or needs one of them."""
     out = set(stages)
     while True:
-        more = {s for s in STAGES if ({STARTS_FROM.get(s), *NEEDS.get(s, ())} & out) and s not in out}
+        more = {s for s in STAGES if set(needs_of(s)) & out and s not in out}
         if not more:
             return out
         out |= more
+
+
+def start_order(stages: list[str]) -> list[str]:
+    """`stages` in the order their jobs are queued: each after the stages it needs, otherwise in the
+    pipeline file's order (so with `parallel` > 1, of the jobs ready to start, the one listed first
+    starts first: list a long stage before short ones and they share the cores better).
+
+    >>> start_order(["grpo", "pretrain", "sft", "ppo", "rm"])
+    ['pretrain', 'sft', 'grpo', 'rm', 'ppo']
+    """
+    order, left = [], list(stages)
+    while left:
+        stage = next(s for s in left if all(n in order or n not in stages for n in needs_of(s)))
+        order.append(stage)
+        left.remove(stage)
+    return order
+
+
+def needs_of(stage: str) -> list[str]:
+    """The stages `stage` needs: the one it starts from, and any others (PPO's reward model)."""
+    return [n for n in (STARTS_FROM.get(stage), *NEEDS.get(stage, ())) if n]
 
 
 def is_done(run_dir: Path) -> bool:
@@ -166,13 +188,15 @@ def evaluate_policy(cfg: PipelineConfig, stage: str) -> dict:
     import torch
 
     from aligner.data.world import world_rows
-    from aligner.evaluate import exact_match, kl_to_reference
+    from aligner.evaluate import exact_match, kl_to_reference, unique_rows
     from aligner.model.heads import load_reward_model
     from aligner.model.load import load_model, load_tokenizer
     from aligner.trainers.rm import score_conversations
 
     e = cfg.eval
     rows = world_rows("rl", "test", n=e.items, seed=e.seed)
+    if e.unique:
+        rows = unique_rows(rows)
     ckpt = cfg.run_dir(stage) / "final"
     model, tok = load_model(ckpt).eval(), load_tokenizer(ckpt)
     acc = exact_match(model, tok, rows, max_new_tokens=e.max_new_tokens)
@@ -336,10 +360,10 @@ def pipeline(path: str | Path, redo: list[str] | None = None) -> dict:
     if unknown:
         raise ConfigError(f"--redo: unknown stage '{unknown[0]}' (use all or {', '.join(STAGES)})")
     asked = set(cfg.stages) if "all" in redo else downstream(set(redo))
-    active = [s for s in STAGES if s in cfg.stages and cfg.stages[s].enabled]
+    active = start_order([s for s in cfg.stages if cfg.stages[s].enabled])
     for s in active:
-        for need in (STARTS_FROM.get(s), *NEEDS.get(s, ())):
-            if need and need not in active:
+        for need in needs_of(s):
+            if need not in active:
                 raise ConfigError(f"{cfg.path}: stage '{s}' is enabled but stage '{need}' it needs is not")
     jobs, walls = [], {}
     for stage in active:
@@ -349,14 +373,15 @@ def pipeline(path: str | Path, redo: list[str] | None = None) -> dict:
             walls[stage] = run_summary(run_dir)["wall_s"] or 0.0  # the time its run took
             continue
         recipe = stage_recipe(cfg, stage, redo=stage in asked or run_dir.exists())  # every recipe checked first
-        needs = [n for n in (STARTS_FROM.get(stage), *NEEDS.get(stage, ())) if n]
-        jobs.append(Job(stage, [n for n in needs if n not in walls], stage, recipe))
+        jobs.append(Job(stage, [n for n in needs_of(stage) if n not in walls], stage, recipe))
     policies = [s for s in POLICIES if s in active]
     for stage in policies:
         needs = [n for n in (stage, "sft", "rm") if n in active and n not in walls]
         jobs.append(Job(f"eval {stage}", list(dict.fromkeys(needs)), stage))
     print(
-        f"pipeline: {len(jobs) - len(policies)} stage(s) to run, then {cfg.eval.items} held-out items per policy"
+        f"pipeline: {len(jobs) - len(policies)} stage(s) to run, then "
+        + ("the distinct questions of " if cfg.eval.unique else "")
+        + f"{cfg.eval.items} held-out items per policy"
         + (f"; {cfg.parallel} jobs at a time" if cfg.parallel > 1 else "")
     )
     start = time.perf_counter()
@@ -367,7 +392,7 @@ def pipeline(path: str | Path, redo: list[str] | None = None) -> dict:
     print(text)
     print(f"pipeline: {(time.perf_counter() - start) / 60:.1f} min")
     report_dir = Path(cfg.out_dir) / f"{cfg.prefix}report"
-    write_report([cfg.run_dir(s) for s in active], report_dir)
+    write_report([cfg.run_dir(s) for s in STAGES if s in active], report_dir)
     md = report_dir / "report.md"
     evals = sum(v for k, v in times.items() if k.startswith("eval "))
     md.write_text(f"# Pipeline: {cfg.path}\n\n{text}\n\nEval: {evals:.0f} s in all.\n\n" + md.read_text())

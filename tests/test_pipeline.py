@@ -10,7 +10,9 @@ import torch
 import yaml
 
 from aligner.cli import main
-from aligner.pipeline import downstream, table
+from aligner.data.world import world_rows
+from aligner.evaluate import unique_rows
+from aligner.pipeline import downstream, start_order, table
 
 QUIET = {"train.precision": "fp32", "train.progress": False, "train.eval_every": 0, "train.save_every": 0}
 SMALL = {**QUIET, "data.num_rows": 32, "data.num_eval_rows": 4, "train.micro_batch_size": 4, "train.max_steps": 2}
@@ -68,6 +70,12 @@ def test_every_stage_then_the_table_and_report_then_reuse(tmp_path, capsys):
     assert again.count("reused") == 6
 
 
+def test_jobs_start_in_the_files_order_after_the_stages_they_need():
+    assert start_order(["grpo", "pretrain", "sft", "ppo", "rm", "dpo"]) == ["pretrain", "sft", "grpo", "rm", "ppo", "dpo"]
+    assert start_order(["dpo", "sft", "pretrain"]) == ["pretrain", "sft", "dpo"]
+    assert start_order(["sft", "dpo"]) == ["sft", "dpo"]  # a stage left out (pretrain) is not waited for
+
+
 def test_redo_cascades_to_the_stages_that_start_from_it():
     assert downstream({"sft"}) == {"sft", "rm", "dpo", "ppo", "grpo"}
     assert downstream({"rm"}) == {"rm", "ppo"}
@@ -98,12 +106,16 @@ def test_parallel_jobs_run_in_processes_of_their_own(tmp_path, capsys):
     path = mini_pipeline(tmp_path)
     spec = yaml.safe_load(open(path))
     spec["parallel"] = 2
+    spec["eval"].update(items=40, unique=True)  # each distinct question of the first 40 test items once
     for stage in ("rm", "ppo", "grpo"):
         del spec["stages"][stage]
-    open(path, "w").write(yaml.safe_dump(spec))
+    open(path, "w").write(yaml.safe_dump(spec))  # the stages listed in alphabetical order: dpo before sft
     assert main(["pipeline", path]) == 0
     out = capsys.readouterr().out
     runs = tmp_path / "runs"
+    distinct = len(unique_rows(world_rows("rl", "test", n=40, seed=0)))
+    assert "the distinct questions of 40 held-out items" in out
+    assert json.loads((runs / "sft" / "accuracy.json").read_text())["n"] == distinct
     assert "2 jobs at a time" in out and "pipeline: dpo: done in" in out and "pipeline: eval dpo: done in" in out
     cores = torch.get_num_threads()  # a job that starts alone gets every core, side by side an equal share
     assert f"pipeline: pretrain: started ({cores} thread" in out and f"pipeline: sft: started ({cores} thread" in out

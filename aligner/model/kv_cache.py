@@ -75,6 +75,23 @@ class KVCache:
         self.length = 0  # positions filled so far
         self.fused = [fuse_layer(block) for block in model.model.layers] if model is not None else None
         self.head = transposed_head(model) if model is not None else None  # (D, V), for `logits`
+        self.config = config
+        self.rope_table = self._rope_table(dtype)  # RoPE's cos and sin (max_len, hd) of every position
+
+    def _rope_table(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        from aligner.model.gpt import rope_cos_sin
+
+        positions = torch.arange(self.max_len, device=self.keys[0].device)[None]  # (1, max_len)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
+        return cos[0], sin[0]
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and sin (B, T, hd) at `position_ids` (each below max_len), looked up in the cache's
+        table: the very values `rope_cos_sin` computes, without its dozen small operations per step."""
+        if self.rope_table[0].dtype != dtype:  # a model in another dtype than the cache's
+            self.rope_table = self._rope_table(dtype)
+        cos, sin = self.rope_table
+        return cos[position_ids], sin[position_ids]
 
     def fused_weights(self, layer_idx: int) -> FusedWeights | None:
         """Layer `layer_idx`'s fused projection weights, or None (no model given, or a layer that keeps its own)."""

@@ -137,6 +137,9 @@ def mark_dynamic(cache: KVCache) -> None:
         torch._dynamo.maybe_mark_dynamic(t, 2)
         torch._dynamo.mark_static(t, 1)
         torch._dynamo.mark_static(t, 3)
+    for t in cache.rope_table:  # (max_len, hd)
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.mark_static(t, 1)
 
 
 class TorchEngine:
