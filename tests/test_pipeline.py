@@ -71,7 +71,8 @@ def test_every_stage_then_the_table_and_report_then_reuse(tmp_path, capsys):
 
 
 def test_jobs_start_in_the_files_order_after_the_stages_they_need():
-    assert start_order(["grpo", "pretrain", "sft", "ppo", "rm", "dpo"]) == ["pretrain", "sft", "grpo", "rm", "ppo", "dpo"]
+    listed = ["grpo", "pretrain", "sft", "ppo", "rm", "dpo"]
+    assert start_order(listed) == ["pretrain", "sft", "grpo", "rm", "ppo", "dpo"]
     assert start_order(["dpo", "sft", "pretrain"]) == ["pretrain", "sft", "dpo"]
     assert start_order(["sft", "dpo"]) == ["sft", "dpo"]  # a stage left out (pretrain) is not waited for
 

@@ -220,17 +220,19 @@ class TorchEngine:
         state = self._new_cache(B, total, device) if self.use_cache else None
         if self.compile:
             mark_dynamic(state)
-        # rows still generating; with the GPT core's cache, finished rows leave the batch (`compact`)
+        # rows still generating; with the GPT core's cache, finished rows leave the batch (`compact`).
+        # `rows` indexes them: a plain slice (a view, no gather) until the first row leaves
         active = torch.arange(B, device=device)
+        rows = slice(None)
         compact = self.compact and isinstance(state, KVCache)
 
         logits, state = self._last_logits(ids[:, :P], mask[:, :P] if padded else None, positions[:, :P], state)
         for t in range(N):
             tok, logp = sample_next(logits, params, generator)  # (A,), (A,) for the A rows in the batch
-            alive = ~finished[active]
-            out[active, t] = tok.masked_fill(~alive, self.pad_id)
-            logps[active, t] = logp.masked_fill(~alive, 0.0)
-            lengths[active] += alive
+            alive = ~finished[rows]
+            out[rows, t] = tok.masked_fill(~alive, self.pad_id)
+            logps[rows, t] = logp.masked_fill(~alive, 0.0)
+            lengths[rows] += alive
             if on_token is not None:
                 if len(active) == B:
                     on_token(tok, alive)
@@ -239,17 +241,18 @@ class TorchEngine:
                     alive_rows[active] = alive
                     on_token(out[:, t], alive_rows)
             if stop.numel():
-                finished[active] |= alive & torch.isin(tok, stop)
+                finished[rows] |= alive & torch.isin(tok, stop)
             if t == N - 1 or bool(finished.all()):
                 break
-            ids[:, P + t] = out[active, t]  # ids, mask, positions and the cache hold the active rows only
+            ids[:, P + t] = out[rows, t]  # ids, mask, positions and the cache hold the active rows only
             end = P + t + 1
             if compact:
-                keep = ~finished[active]
+                keep = ~finished[rows]
                 # finished rows stay in the batch (fed padding) until a quarter of it has finished: dropping
                 # them copies the cache, which then costs less than decoding them
                 if int(keep.sum()) <= len(active) * 3 // 4:
                     active, ids, mask, positions = active[keep], ids[keep], mask[keep], positions[keep]
+                    rows = active
                     state.select_rows(keep.nonzero()[:, 0])
                     if self.compile:
                         mark_dynamic(state)  # the new, smaller cache tensors
