@@ -19,9 +19,11 @@ Every stage, and each policy's eval, is a job that waits for the jobs it needs. 
 up to N jobs run side by side, each in a process of its own with its output in
 <out_dir>/<prefix>logs/<job>.log and an equal share of the CPU threads (all of them for a job that
 starts alone, as pretraining and SFT do); DPO, PPO and GRPO (and the evals) are
-independent of one another once SFT and the reward model are done. On a CPU, small models use a
-second core poorly (a decode step of the task world's model runs ~1.3x faster on two cores than on
-one, a training step ~1.7x), so two one-core processes get more done than one two-core process.
+independent of one another once SFT and the reward model are done. Of the jobs ready to start, the
+stage listed first in the pipeline file starts first (`start_order`), the evals after every stage.
+On a CPU, small models use a second core poorly (a decode step of the task world's model runs ~1.3x
+faster on two cores than on one, a training step ~1.7x), so two one-core processes get more done than
+one two-core process.
 With `parallel: 1` (the default) the jobs run one after another in this process.
 """
 
