@@ -54,6 +54,8 @@ def test_full_rm_trains_saves_and_loads_for_scoring_and_in_transformers(bases, t
     convs = conversations()
     ours = score_conversations(model, tok, convs)
     assert len(ours) == len(convs) and len(set(ours)) > 1
+    # batched by length, returned in the given order: each as scored alone
+    assert ours == pytest.approx([score_conversations(model, tok, [c])[0] for c in convs], abs=1e-5)
 
     # scoring reads the same token as training did: the trainer's batch gives the same rewards
     from aligner.data.collate import pad_pairs

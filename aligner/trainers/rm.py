@@ -83,23 +83,24 @@ class RewardTrainer(Trainer):
 
 
 @torch.no_grad()
-def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 16) -> list[float]:
+@torch.inference_mode()
+def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> list[float]:
     """Reward of each conversation (a message list ending with the assistant reply), rendered with the
-    tokenizer's chat template exactly as in training."""
+    tokenizer's chat template exactly as in training. Batches are cut from the conversations sorted by
+    length, so a batch pads little; the scores come back in the given order."""
     from aligner.data.chat import encode_conversation, shifted_example
 
     device = next(model.parameters()).device
-    scores = []
-    for start in range(0, len(conversations), batch_size):
-        rows = [
-            shifted_example(*encode_conversation(tokenizer, m), keep_last=True)
-            for m in conversations[start : start + batch_size]
-        ]
-        batch = pad_examples(rows, pad_token_id(tokenizer))
-        lengths = torch.tensor([len(x["input_ids"]) for x in rows])
-        scores.extend(
-            model.sequence_scores(batch["input_ids"].to(device), batch["labels"].to(device), lengths).tolist()
-        )
+    rows = [shifted_example(*encode_conversation(tokenizer, m), keep_last=True) for m in conversations]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    scores = [0.0] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = pad_examples([rows[i] for i in chunk], pad_token_id(tokenizer))
+        lengths = torch.tensor([len(rows[i]["input_ids"]) for i in chunk])
+        values = model.sequence_scores(batch["input_ids"].to(device), batch["labels"].to(device), lengths)
+        for i, v in zip(chunk, values.tolist()):
+            scores[i] = v
     return scores
 
 
