@@ -1,7 +1,7 @@
 """Rollout throughput: aligner's torch engine against transformers' `generate`, same model, same process.
 
-    python benchmarks/rollout_throughput.py                        # a ~10M-parameter Llama, batch 32
-    python benchmarks/rollout_throughput.py --batch 64 --new 160 --hidden 192 --layers 4 --vocab 2048
+    python benchmarks/rollout_throughput.py         # the task world's policy shape (1.0M params), batch 64
+    python benchmarks/rollout_throughput.py --batch 32 --prompt 64 --hidden 256 --layers 8 --vocab 8192  # 8M
 
 Both generate from the same randomly initialised `LlamaForCausalLM` (transformers), the same left-padded
 prompts (lengths drawn between --prompt/2 and --prompt tokens) and the same number of new tokens (no
@@ -59,12 +59,13 @@ def best_times(fns, repeats: int) -> list[float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--prompt", type=int, default=64, help="longest prompt (tokens)")
+    # defaults: the shape of the task world's policy (runs/sft/final) and of GRPO's 64-row rollouts
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--prompt", type=int, default=96, help="longest prompt (tokens)")
     p.add_argument("--new", type=int, default=128, help="new tokens per row")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     args = p.parse_args()
