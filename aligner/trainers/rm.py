@@ -82,7 +82,6 @@ class RewardTrainer(Trainer):
         return loss, stats
 
 
-@torch.no_grad()
 @torch.inference_mode()
 def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> list[float]:
     """Reward of each conversation (a message list ending with the assistant reply), rendered with the
