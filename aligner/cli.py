@@ -36,13 +36,15 @@ commands:
 {commands}
   generate     sample from a checkpoint: aligner generate CHECKPOINT --prompt TEXT
   export       merge a LoRA checkpoint into a full model: aligner export CHECKPOINT OUT_DIR
-  eval         evaluate a checkpoint on specs in evals/: aligner eval CHECKPOINT [SPEC ...] --items 500
+  eval         evaluate a checkpoint or Hub model on specs in evals/: aligner eval CHECKPOINT [SPEC ...] --items 500
   chat         talk to a checkpoint, replies streamed: aligner chat CHECKPOINT
   report       plots and a markdown summary of runs: aligner report RUN_DIR... [--out DIR]
   pipeline     pretrain -> SFT -> RM -> DPO, PPO, GRPO -> eval: aligner pipeline recipes/pipeline.yaml
 
 Flags override the recipe: --lr 3e-4 (the command's own section first, then the one section that has
 the key) or --train.lr 3e-4 (always). Boolean flags may omit the value: --resume, --overwrite.
+`aligner <command> --help` lists every field a training command reads: flag, type, value, meaning
+(`aligner <command> RECIPE [--flags] --help` shows that recipe's values).
 """
 
 
@@ -91,11 +93,12 @@ def run_eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="aligner eval", description="Evaluate a checkpoint on task specs (evals/*.yaml): table + JSON."
     )
-    p.add_argument("checkpoint", help="checkpoint directory (full model, adapter or reward model)")
+    p.add_argument("checkpoint", help="checkpoint directory (full model, adapter or reward model) or Hub model name")
     p.add_argument(
         "specs", nargs="*", default=["task_world"], help="spec files or names in evals/ (default: task_world)"
     )
     p.add_argument("--items", type=int, default=None, help="rows per spec (overrides data.items)")
+    p.add_argument("--source", default=None, help="data source: a file, dataset directory or Hub name (data.source)")
     p.add_argument("--split", default=None, help="data split (overrides data.split)")
     p.add_argument("--seed", type=int, default=None, help="task-world seed (overrides data.seed)")
     p.add_argument("--unique", action="store_true", help="score each distinct prompt once (sets data.unique)")
@@ -104,7 +107,8 @@ def run_eval(argv: list[str]) -> int:
     p.add_argument("--reward-model", default=None, help="reward-model checkpoint for win_rate / reward_accuracy")
     p.add_argument("--template", default=None, help="chat template file or prompts/ name (default: the tokenizer's)")
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--out", default=None, help="JSON file for the results (default: CHECKPOINT/eval.json)")
+    p.add_argument("--checker", default=None, help="answer checker, e.g. math_answer (overrides the specs' own)")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: runs/eval/<checkpoint>.json)")
     args = p.parse_args(argv)
 
     from aligner.errors import ConfigError
@@ -114,7 +118,7 @@ def run_eval(argv: list[str]) -> int:
     check_checkpoint(args.checkpoint)
     specs = [load_spec(name) for name in args.specs]
     for spec in specs:
-        for key, value in (("items", args.items), ("split", args.split), ("seed", args.seed)):
+        for key, value in (("items", args.items), ("source", args.source), ("split", args.split), ("seed", args.seed)):
             if value is not None:
                 setattr(spec.data, key, value)
         spec.data.unique = spec.data.unique or args.unique
@@ -125,6 +129,7 @@ def run_eval(argv: list[str]) -> int:
             unknown = [m for m in spec.metrics if m not in METRICS]
             if unknown:
                 raise ConfigError(f"--metrics: unknown metric '{unknown[0]}' (use {', '.join(METRICS)})")
+        spec.checker = args.checker or spec.checker
         spec.reference = args.reference or spec.reference
         spec.reward_model = args.reward_model or spec.reward_model
     template = load_chat_template(args.template) if args.template else None
@@ -146,14 +151,16 @@ def run_export(argv: list[str]) -> int:
 
 
 def check_checkpoint(path: str) -> None:
-    """A full model (config.json) or a LoRA adapter (adapter_config.json), or a one-line error."""
+    """A local full model (config.json) or LoRA adapter (adapter_config.json), or a Hugging Face Hub name;
+    anything else is a one-line error."""
     from pathlib import Path
 
     from aligner.errors import ConfigError
+    from aligner.model.load import locate
 
-    p = Path(path)
-    if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
-        raise ConfigError(f"'{path}' is not a checkpoint directory (no config.json)")
+    p = Path(locate(path, "checkpoint"))
+    if p.is_dir() and not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
+        raise ConfigError(f"'{path}' is not a checkpoint directory (no config.json or adapter_config.json)")
 
 
 def run_generate(argv: list[str]) -> int:
@@ -256,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command in TRAIN_COMMANDS:
-            if rest and rest[0] in ("-h", "--help"):
-                print(_usage())
+            if "-h" in rest or "--help" in rest:
+                from aligner.help import command_help
+
+                print(command_help(command, rest, TRAIN_COMMANDS[command]))
                 return 0
             return run_training(command, rest)
         if command == "generate":

@@ -6,7 +6,8 @@ default): model, tokenizer, data, train, sft, lora, dpo, rm, grpo, ppo.
 Loading is strict: malformed YAML, unknown keys, wrong types and missing files raise `ConfigError`
 with one line naming the file and key (and the closest valid key). Flags override the recipe:
 `--lr 3e-4` resolves to the command's own section first, then to the one section that has that key;
-`--train.lr 3e-4` always works. Flag values are parsed as YAML scalars (`--train.trackers [tensorboard]`).
+`--train.lr 3e-4` always works. Flag values are parsed as YAML (`--train.trackers [tensorboard]`,
+`--data.columns '{question: prompt}'`, `--data.mix '[{source: a.jsonl, weight: 2}, {source: b.jsonl}]'`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from aligner.sections import (  # noqa: F401  (re-exported: the sections are par
     DPOConfig,
     GRPOConfig,
     LoRAConfig,
+    MixSource,
     ModelConfig,
     PPOConfig,
     Recipe,
@@ -40,6 +42,7 @@ from aligner.sections import (  # noqa: F401  (re-exported: the sections are par
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MIX_SOURCE = "mix"  # what data.source reads when data.mix lists the training sources
 
 
 # --- type checking --------------------------------------------------------------------------------
@@ -75,6 +78,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise _type_error(value, tp, where)
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(value, tp, where)
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, f"{where} key"): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):  # a list of sources, say: each item is built as strictly as a section
+        return value if isinstance(value, tp) else build_section(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -132,6 +142,9 @@ def build_section(cls: type, values: dict, where: str) -> Any:
         if key not in fields:
             raise ConfigError(f"unknown key '{where}.{key}'{_closest(str(key), list(fields))}")
         kwargs[key] = _check_choice(fields[key], _coerce(value, hints[key], f"{where}.{key}"), f"{where}.{key}")
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}.{name} is required")
     return cls(**kwargs)
 
 
@@ -193,10 +206,15 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
             if values is not None and not isinstance(values, dict):
                 raise ConfigError(f"{section} must be a mapping of keys to values, got {type(values).__name__}")
         merged = {name: dict(raw.get(name) or {}) for name in SECTIONS}
+        default = default_recipe_path(command)
+        own_file = path is not None and not (default and resolve_path(path).resolve() == default.resolve())
+        explicit = {f"{name}.{key}" for name in SECTIONS for key in merged[name]} if own_file else set()
         for flag, value in (overrides or {}).items():
             section, key = resolve_flag(flag, command)
             merged[section][key] = value
+            explicit.add(f"{section}.{key}")
         recipe = Recipe(**{name: build_section(cls, merged[name], name) for name, cls in SECTIONS.items()})
+        recipe.explicit = explicit
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     recipe.path = str(path) if path is not None else None
@@ -316,9 +334,38 @@ def validate(recipe: Recipe) -> None:
         (recipe.grpo.beta >= 0 and recipe.grpo.epsilon > 0, "grpo.beta must be >= 0 and grpo.epsilon positive"),
         (recipe.ppo.ppo_epochs > 0 and recipe.ppo.temperature > 0, "ppo.ppo_epochs and temperature must be positive"),
     ]
+    checks += _data_checks(d, "data.source" in recipe.explicit)
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{where}: {message}")
+
+
+def _data_checks(d: DataConfig, source_given: bool) -> list[tuple[bool, str]]:
+    """The data section's sources: streaming needs a row count, data.mix replaces data.source (which the
+    user must not also set; a default recipe's source gives way, and data.source then reads 'mix'), weights > 0."""
+    default = DataConfig().source
+    if d.mix and not (source_given and d.source not in (default, MIX_SOURCE)):
+        d.source = MIX_SOURCE
+    checks = [
+        (not d.streaming or d.num_rows is not None, "data.streaming reads only the first data.num_rows rows; set it"),
+        (
+            not (d.streaming and d.eval_source and d.num_eval_rows is None),
+            "data.streaming reads only the first data.num_eval_rows rows of data.eval_source; set it",
+        ),
+        (
+            not d.mix or d.source == MIX_SOURCE,
+            f"data.source '{d.source}' and data.mix are both set; data.mix lists every training source, so drop "
+            "data.source",
+        ),
+    ]
+    renames = [("data.columns", d.columns)] + [(f"data.mix[{i}].columns", m.columns) for i, m in enumerate(d.mix)]
+    for name, columns in renames:
+        twice = sorted({v for v in columns.values() if list(columns.values()).count(v) > 1})
+        checks.append((not twice, f"{name} renames several columns to '{twice[0] if twice else ''}'"))
+    for i, m in enumerate(d.mix):
+        checks.append((m.source.strip() != "", f"data.mix[{i}].source is empty"))
+        checks.append((m.weight > 0, f"data.mix[{i}].weight must be positive, got {m.weight}"))
+    return checks
 
 
 def save_recipe(recipe: Recipe, directory: Path) -> None:

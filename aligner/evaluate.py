@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,6 @@ import torch
 import yaml
 
 from aligner.data.chat import encode_conversation, encode_prompt, pad_token_id, reply_stop_ids
-from aligner.data.world import extract_answer, is_correct
 from aligner.errors import ConfigError, DataError
 from aligner.stats import paired_difference, wilson_interval  # noqa: F401  (part of this module's API)
 
@@ -62,7 +62,44 @@ def _params(tokenizer, template, max_new_tokens: int, temperature: float = 0.0, 
     )
 
 
+def judge(checker: str, rows: list[dict], texts: list[str]) -> list[bool]:
+    """Whether each reply is right for its row, by the answer checker `checker` (a reward function of
+    aligner.rewards or module:function, called with the rows' columns, e.g. `answer`): score > 0.5."""
+    from aligner.rewards import resolve_reward
+
+    fn = resolve_reward(checker)
+    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
+    try:
+        scores = fn([r["prompt"] for r in rows], texts, **columns)
+    except Exception as e:
+        raise DataError(f"answer checker '{checker}' raised {type(e).__name__}: {e}") from None
+    return [float(x) > 0.5 for x in scores]
+
+
+def _bar(total: int, desc: str, unit: str = "item"):
+    from aligner.tracking import Progress
+
+    return Progress(total, 0, enabled=True, desc=desc, unit=unit)
+
+
 @torch.no_grad()
+def greedy_replies(
+    model, tokenizer, rows, template=None, max_new_tokens=160, batch_size: int = 64, progress: bool = False
+) -> list[str]:
+    """The greedy reply to each row's prompt, decoded until the template's end of turn."""
+    engine, params = _engine(model, tokenizer), _params(tokenizer, template, max_new_tokens)
+    texts = []
+    bar = _bar(len(rows), "greedy replies") if progress else None
+    for start in range(0, len(rows), batch_size):
+        prompts = [encode_prompt(tokenizer, r["prompt"], template) for r in rows[start : start + batch_size]]
+        texts += [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in engine.generate(prompts, params)]
+        if bar is not None:
+            bar.update(len(prompts))
+    if bar is not None:
+        bar.close()
+    return texts
+
+
 def exact_match(
     model: torch.nn.Module,
     tokenizer,
@@ -71,19 +108,18 @@ def exact_match(
     template: str | None = None,
     max_new_tokens: int = 160,
     batch_size: int = 64,
+    checker: str = "correct_answer",
+    progress: bool = False,
 ) -> dict:
-    """Greedy exact-match accuracy over rows {"prompt": messages, "answer": str}; also returns completions."""
-    engine, params = _engine(model, tokenizer), _params(tokenizer, template, max_new_tokens)
-    completions, correct = [], 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        prompts = [encode_prompt(tokenizer, r["prompt"], template) for r in chunk]
-        for row, out in zip(chunk, engine.generate(prompts, params)):
-            text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
-            ok = is_correct(text, row["answer"])
-            correct += ok
-            completions.append({"answer": row["answer"], "completion": text, "correct": ok})
-    n = len(rows)
+    """Greedy exact-match accuracy over rows {"prompt": messages, "answer": ...}, each reply judged by the
+    answer checker `checker` (the task world's by default; `math_answer` for gsm8k / MATH-style rows);
+    also returns the completions. `progress` shows a bar over the rows on stderr."""
+    texts = greedy_replies(model, tokenizer, rows, template, max_new_tokens, batch_size, progress)
+    verdicts = judge(checker, rows, texts) if rows else []
+    completions = [
+        {"answer": row["answer"], "completion": text, "correct": ok} for row, text, ok in zip(rows, texts, verdicts)
+    ]
+    n, correct = len(rows), sum(verdicts)
     return {
         "accuracy": correct / n if n else 0.0,
         "ci95": wilson_interval(correct, n),
@@ -97,22 +133,37 @@ def exact_match(
 
 
 @torch.no_grad()
-def pass_at_k(model, tokenizer, rows, *, k=8, temperature=1.0, top_p=1.0, max_new_tokens=160, template=None, seed=0):
+def pass_at_k(
+    model, tokenizer, rows, *, k=8, temperature=1.0, top_p=1.0, max_new_tokens=160, template=None, seed=0,
+    checker="correct_answer", progress=False,
+):  # fmt: skip
     """Share of prompts with a right answer among k samples (pass@k) and whose most common answer is
-    right (maj@k), each with a 95% interval."""
+    right (maj@k: the checker's verdict on a sample giving the answer most samples give, answers read by
+    the checker's extractor in aligner.rewards.ANSWER_EXTRACTORS, else the whole reply), each with a
+    95% interval."""
+    from aligner.rewards import ANSWER_EXTRACTORS
+
+    extract = ANSWER_EXTRACTORS.get(checker, str.strip)
     engine = _engine(model, tokenizer)
     params = _params(tokenizer, template, max_new_tokens, temperature, k, top_p, seed)
     passed = majority = 0
+    bar = _bar(len(rows), f"pass@{k}") if progress else None
     for start in range(0, len(rows), 16):
         chunk = rows[start : start + 16]
         outs = engine.generate([encode_prompt(tokenizer, r["prompt"], template) for r in chunk], params)
-        for i, row in enumerate(chunk):
-            texts = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs[i * k : (i + 1) * k]]
-            passed += any(is_correct(t, row["answer"]) for t in texts)
-            answers = [a for a in map(extract_answer, texts) if a is not None]
+        texts = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+        verdicts = judge(checker, [r for r in chunk for _ in range(k)], texts)
+        for i in range(len(chunk)):
+            mine, right = texts[i * k : (i + 1) * k], verdicts[i * k : (i + 1) * k]
+            passed += any(right)
+            answers = [(a, j) for j, a in enumerate(map(extract, mine)) if a]
             if answers:
-                top = Counter(answers).most_common(1)[0][0]
-                majority += is_correct(f"Final answer: {top}", row["answer"])
+                top = Counter(a for a, _ in answers).most_common(1)[0][0]
+                majority += right[next(j for a, j in answers if a == top)]
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     n = len(rows)
     return {
         "pass_at_k": passed / n if n else 0.0, "ci95": wilson_interval(passed, n), "k": k,
@@ -183,13 +234,6 @@ def implicit_reward_accuracy(model, reference, tokenizer, pairs: list[dict], tem
     return {"accuracy": right / max(n, 1), "ci95": wilson_interval(right, n), "n": n, "margin": sum(diffs) / max(n, 1)}
 
 
-def greedy_replies(model, tokenizer, rows, template=None, max_new_tokens=160) -> list[str]:
-    return [
-        c["completion"]
-        for c in exact_match(model, tokenizer, rows, template=template, max_new_tokens=max_new_tokens)["completions"]
-    ]
-
-
 def win_rate(replies: list[str], reference_replies: list[str], rows, reward_model, tokenizer) -> dict:
     """Share of prompts where the reward model scores `replies` above the reference's (a tie counts half)."""
     from aligner.trainers.rm import score_conversations
@@ -240,6 +284,8 @@ class DataSpec:
     seed: int = 0  # task-world seed
     format: str | None = None  # row format of a file (None = detect)
     unique: bool = False  # drop rows whose prompt repeats an earlier row's (each question counted once)
+    subset: str | None = None  # a Hub dataset's config name (openai/gsm8k: main)
+    columns: dict[str, str] = field(default_factory=dict)  # rename map, source column -> prompt / answer / ...
 
 
 @dataclass
@@ -261,6 +307,7 @@ class EvalSpec:
     reference: str | None = None  # checkpoint for win_rate and kl
     reward_model: str | None = None  # reward-model checkpoint for win_rate (and reward_accuracy)
     samples: int = 5  # rows in the samples table
+    checker: str = "correct_answer"  # answer checker (exact_match, pass_at_k): a reward function name or module:fn
 
 
 METRICS = (
@@ -308,13 +355,13 @@ def spec_rows(spec: EvalSpec, kind: str) -> list[dict]:
     from aligner.data.sources import load_rows
 
     d = spec.data
-    rows = load_rows(d.source, d.split, n=d.items, seed=d.seed, world_kind=kind)
+    rows = load_rows(d.source, d.split, n=d.items, seed=d.seed, world_kind=kind, subset=d.subset, columns=d.columns)
     if not rows:
         raise DataError(f"eval '{spec.name}': data.source '{d.source}' split '{d.split}' has no rows")
     if d.unique:
         rows = unique_rows(rows)
     if spec.prompt and kind == "rl":
-        from aligner.interactive import system_prompt
+        from aligner.model.tokenizer import system_prompt
 
         system = {"role": "system", "content": system_prompt(spec.prompt)}
         for r in rows:
@@ -340,11 +387,15 @@ def unique_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _prompt_rows(spec: EvalSpec) -> list[dict]:
+def _prompt_rows(spec: EvalSpec, judged: bool = True) -> list[dict]:
+    """The spec's prompt rows (a string prompt becomes one user turn); `judged` metrics also need an answer."""
     rows = spec_rows(spec, "rl")
-    missing = [c for c in ("prompt", "answer") if c not in rows[0]]
+    missing = [c for c in ("prompt", "answer")[: 2 if judged else 1] if c not in rows[0]]
     if missing:
-        raise DataError(f"eval '{spec.name}': rows need 'prompt' and 'answer' columns (missing {', '.join(missing)})")
+        raise DataError(
+            f"eval '{spec.name}': rows need {' and '.join(repr(c) for c in missing)} (columns: {', '.join(rows[0])}); "
+            "map them with data.columns in the spec, e.g. columns: {question: prompt}"
+        )
     for r in rows:
         if isinstance(r["prompt"], str):
             r["prompt"] = [{"role": "user", "content": r["prompt"]}]
@@ -386,12 +437,20 @@ def run_spec(spec: EvalSpec, checkpoint: str, *, template: str | None = None, ca
                 policy, reference = model_of(checkpoint), model_of(spec.reference)
                 out[metric] = implicit_reward_accuracy(policy, reference, tokenizer, pairs, template)
         elif metric in ("exact_match", "samples", "win_rate"):
-            rows = _prompt_rows(spec)
+            judged = any(m in spec.metrics for m in ("exact_match", "samples"))
+            rows = _prompt_rows(spec, judged)
             if replies is None:
-                result = exact_match(
-                    model_of(checkpoint), tokenizer, rows, template=template, max_new_tokens=s.max_new_tokens
-                )
-                replies = result
+                model = model_of(checkpoint)
+                texts = greedy_replies(model, tokenizer, rows, template, s.max_new_tokens, progress=True)
+                verdicts = judge(spec.checker, rows, texts) if judged else [False] * len(rows)
+                replies = {
+                    "accuracy": sum(verdicts) / len(rows), "ci95": wilson_interval(sum(verdicts), len(rows)),
+                    "n": len(rows), "correct": sum(verdicts),
+                    "completions": [
+                        {"answer": r.get("answer"), "completion": t, "correct": ok}
+                        for r, t, ok in zip(rows, texts, verdicts)
+                    ],
+                }  # fmt: skip
             if metric == "exact_match":  # every reply kept, for paired comparisons of two checkpoints
                 out[metric] = replies
             elif metric == "samples":
@@ -401,18 +460,19 @@ def run_spec(spec: EvalSpec, checkpoint: str, *, template: str | None = None, ca
                 ]
             else:
                 ref = greedy_replies(
-                    model_of(spec.reference), load_tokenizer(spec.reference), rows, template, s.max_new_tokens
-                )
+                    model_of(spec.reference), load_tokenizer(spec.reference), rows, template, s.max_new_tokens,
+                    progress=True,
+                )  # fmt: skip
                 ours = [c["completion"] for c in replies["completions"]]
                 out[metric] = win_rate(ours, ref, rows, model_of(spec.reward_model), load_tokenizer(spec.reward_model))
         elif metric == "pass_at_k":
             rows = _prompt_rows(spec)
             out[metric] = pass_at_k(
                 model_of(checkpoint), tokenizer, rows, k=s.k, temperature=s.temperature, top_p=s.top_p,
-                max_new_tokens=s.max_new_tokens, template=template, seed=s.seed,
+                max_new_tokens=s.max_new_tokens, template=template, seed=s.seed, checker=spec.checker, progress=True,
             )  # fmt: skip
         elif metric == "kl":
-            rows = _prompt_rows(spec)
+            rows = _prompt_rows(spec, judged=False)
             out[metric] = kl_to_reference(
                 model_of(checkpoint), model_of(spec.reference), tokenizer, rows,
                 max_new_tokens=s.max_new_tokens, template=template, seed=s.seed,
@@ -462,17 +522,34 @@ def summary_lines(name: str, results: dict) -> list[str]:
     return lines
 
 
+def default_output(checkpoint: str, out_dir: str | Path = "runs") -> Path:
+    """Where `aligner eval` writes its JSON by default: <out_dir>/eval/<the checkpoint's name>.json, never
+    inside the model's own directory (runs/sft/final -> runs/eval/sft--final.json; a Hub name
+    Qwen/Qwen2.5-0.5B -> runs/eval/Qwen--Qwen2.5-0.5B.json)."""
+    path = Path(checkpoint)
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):
+        path = path.relative_to(Path.cwd())
+    parts = [p for p in path.parts if p not in ("/", ".", "..")]
+    if len(parts) > 1 and parts[0] == Path(out_dir).name:
+        parts = parts[1:]
+    return Path(out_dir) / "eval" / ("--".join(parts) + ".json")
+
+
 def evaluate(
     checkpoint: str, specs: list[EvalSpec], template: str | None = None, out: str | Path | None = None
 ) -> dict:
-    """Run `specs` on `checkpoint`, print the table, write JSON to `out` (default <checkpoint>/eval.json)."""
+    """Run `specs` on `checkpoint`, print the table, write JSON to `out` (default: `default_output`)."""
+    path = Path(out) if out else default_output(checkpoint)
     cache: dict = {}
-    results = {spec.name: run_spec(spec, checkpoint, template=template, cache=cache) for spec in specs}
+    results = {}
+    for spec in specs:
+        print(f"eval {spec.name}: {', '.join(spec.metrics)} on {spec.data.source} {spec.data.split}", file=sys.stderr)
+        results[spec.name] = run_spec(spec, checkpoint, template=template, cache=cache)
     print(f"{'eval':<18}{'metric':<18}value (95% interval)")
     for name, r in results.items():
         for line in summary_lines(name, r):
             print(line)
-    path = Path(out) if out else Path(checkpoint) / "eval.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"checkpoint": str(checkpoint), "results": results}, indent=1))
     print(f"written: {path}")
     return results

@@ -14,21 +14,11 @@ quits.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from aligner.errors import ConfigError
+from aligner.model.tokenizer import system_prompt
 
 PROMPT = "> "
-
-
-def system_prompt(value: str | None) -> str | None:
-    """The system prompt: a file's text, a file in prompts/, or the text itself; None or '' = none."""
-    if not value:
-        return None
-    for path in (Path(value), Path(__file__).resolve().parent.parent / "prompts" / value):
-        if path.is_file():
-            return path.read_text().strip()
-    return value
 
 
 class Conversation:

@@ -10,16 +10,21 @@ keyword argument holding one value per completion (`answer`, `kind`, ...), as TR
 `completion_ids` (the generated token ids). A function returns one float per completion.
 
 `correct_answer` is the task world's answer checker (`aligner.data.world.is_correct`), the same one
-the evals use. A reward model scores through `RewardModelScorer`. `RewardSet` combines several
-functions with weights and turns a function that raises, returns the wrong number of values or a
-non-finite one into a one-line error naming it.
+the evals use. `math_answer` checks the answers general chat models write on gsm8k- and MATH-style
+problems (a boxed answer, "The answer is ...", "#### N", else the last number) against the row's
+answer (a bare one or a worked solution ending in "#### N"), as numbers where both are. A reward
+model scores through `RewardModelScorer`. `RewardSet` combines several functions with weights and
+turns a function that raises, returns the wrong number of values or a non-finite one into a one-line
+error naming it.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import re
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 
 from aligner.data.world import extract_answer, is_correct
 from aligner.errors import ConfigError, DataError
@@ -63,10 +68,133 @@ def length_penalty(prompts, completions, completion_ids=None, max_tokens: int = 
     return [-1.0 if n >= max_tokens else -max(0.0, (n - start) / buffer) if n > start else 0.0 for n in lengths]
 
 
+# --- answers of general chat models (gsm8k, MATH) ------------------------------------------------------
+
+_BOXED = "\\boxed"
+_ANSWER_IS = re.compile(r"(?:the\s+)?(?:final\s+)?answer\s*(?:is|:|=)\s*:?\s*([^\n]*)", re.IGNORECASE)
+_HASHES = re.compile(r"####\s*([^\n]*)")
+_NUMBER = re.compile(r"[-+]?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?|[-+]?\.\d+")
+
+
+def _last_boxed(text: str) -> str | None:
+    r"""The content of the last \boxed{...} (nested braces balanced), or None."""
+    start = text.rfind(_BOXED + "{")
+    if start < 0:
+        return None
+    i, depth = start + len(_BOXED) + 1, 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def _normal(answer: str) -> str:
+    """An answer without LaTeX wrappers, dollar signs, thousands separators, markdown or a final period."""
+    a = answer.strip()
+    a = re.sub(r"\\text\{([^}]*)\}", r"\1", a)
+    a = re.sub(r"\\[()\[\]]|\\!|\\,|\\left|\\right", "", a)
+    a = a.replace("\\$", "").replace("$", "").replace("**", "").strip(" .`'\"")
+    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", a):
+        a = a.replace(",", "")
+    return a
+
+
+def extract_math_answer(text: str) -> str | None:
+    r"""The final answer of a free-form solution, in the order general chat models write it: the last
+    \boxed{...}, else what follows the last "The answer is" / "Final answer:", else after "####"
+    (gsm8k's own solutions), else the last number in the text; None when there is none.
+
+    >>> extract_math_answer("So 3 * 4 = 12. \\boxed{12}")
+    '12'
+    >>> extract_math_answer("She pays $1,250 in total. The answer is $1,250.")
+    '1250'
+    >>> extract_math_answer("48/2 = <<48/2=24>>24 clips in May.\n#### 72")
+    '72'
+    >>> extract_math_answer("First 5, then 7, so 12 apples")
+    '12'
+    >>> extract_math_answer("\\boxed{\\frac{1}{2}}")
+    '\\frac{1}{2}'
+    >>> extract_math_answer("no numbers here") is None
+    True
+    """
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return _normal(boxed) or None
+    for pattern in (_ANSWER_IS, _HASHES):
+        found = [m for m in pattern.findall(text) if m.strip()]
+        if found:
+            numbers = _NUMBER.findall(found[-1])
+            return _normal(numbers[0] if numbers else found[-1]) or None
+    numbers = _NUMBER.findall(text)
+    return _normal(numbers[-1]) if numbers else None
+
+
+def _as_number(a: str) -> Fraction | None:
+    try:
+        return Fraction(a.replace(",", "").lstrip("+"))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def math_equal(got: str | None, want: str | None) -> bool:
+    """Whether two extracted answers agree: as numbers when both are (1/2 = 0.5, 72.0 = 72), else as strings.
+
+    >>> math_equal("72.0", "72"), math_equal("1/2", "0.5"), math_equal("x+1", "x + 1"), math_equal("7", "8")
+    (True, True, True, False)
+    """
+    if got is None or want is None:
+        return False
+    a, b = _as_number(got), _as_number(want)
+    if a is not None and b is not None:
+        return a == b
+    return re.sub(r"\s+", "", got) == re.sub(r"\s+", "", want)
+
+
+def reference_answer(answer) -> str:
+    r"""The answer a row states: the final answer of a worked solution ("... #### 72", "... \boxed{72}"),
+    else the whole value, normalised.
+
+    >>> reference_answer("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"), reference_answer(" 1,000 ")
+    ('72', '1000')
+    """
+    text = str(answer)
+    return (extract_math_answer(text) or "") if ("####" in text or _BOXED in text) else _normal(text)
+
+
+def math_answer(prompts, completions, answer, **_) -> list[float]:
+    r"""1.0 where the completion's final answer (`extract_math_answer`: \boxed{}, "The answer is", "####",
+    else the last number) equals the row's answer (`reference_answer`: a bare answer, or a worked solution
+    ending in "#### N" as in gsm8k or in a \boxed{} as in MATH), as numbers where both are, else 0.0.
+
+    >>> math_answer(["q"] * 3, ["... \\boxed{72}", "The answer is 72.", "It is 71"], answer=["... #### 72"] * 3)
+    [1.0, 1.0, 0.0]
+    """
+    return [float(math_equal(extract_math_answer(c), reference_answer(a))) for c, a in zip(completions, answer)]
+
+
+def boxed_format(prompts, completions, **_) -> list[float]:
+    r"""1.0 when the completion puts exactly one answer in \boxed{...}, else 0.0 (a format reward for
+    models asked to box their final answer).
+
+    >>> boxed_format(["q"] * 3, ["so \\boxed{4}", "4", "\\boxed{4} or \\boxed{5}"])
+    [1.0, 0.0, 0.0]
+    """
+    return [float(c.count(_BOXED + "{") == 1 and _last_boxed(c) is not None) for c in completions]
+
+
 REWARDS: dict[str, RewardFn] = {
     "correct_answer": correct_answer,
     "format_reward": format_reward,
     "length_penalty": length_penalty,
+    "math_answer": math_answer,
+    "boxed_format": boxed_format,
+}
+# answer checkers (reward functions that judge a reply against the row's `answer`) and how each reads the
+# answer out of a reply, for evals that vote over samples (maj@k)
+ANSWER_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
+    "correct_answer": extract_answer,
+    "math_answer": extract_math_answer,
 }
 
 

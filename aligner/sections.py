@@ -34,7 +34,15 @@ def choice(default: Any, *choices: Any) -> Any:
 @dataclass
 class ModelConfig:
     init_from: str | None = None  # checkpoint dir / HF model dir or hub name; None = fresh GPT core
-    arch: str = choice("gpt", "gpt", "hf")  # gpt = aligner's GPT core; hf = any AutoModelForCausalLM
+    # auto = the GPT core for a fresh model or a local Llama checkpoint whose every config field it implements
+    # (checkpoints aligner wrote among them), transformers for everything else; gpt / hf force one or the other
+    arch: str = choice("auto", "auto", "gpt", "hf")
+    dtype: str = choice(
+        "auto", "auto", "fp32", "bf16", "fp16"
+    )  # weights; auto = bf16 if loaded on a bf16 GPU, else fp32
+    attn_implementation: str = (
+        "auto"  # transformers attention kernel (sdpa, eager, flash_attention_2); auto = its choice
+    )
     hidden_size: int = 256  # GPT core width (fresh init only)
     num_layers: int = 4  # GPT core depth
     num_heads: int = 4  # attention heads
@@ -55,15 +63,30 @@ class TokenizerConfig:
 
 
 @dataclass
+class MixSource:
+    source: str  # world[:kind], a jsonl/json/parquet/csv/txt file or dir, a dataset snapshot dir, or hub name
+    subset: str | None = None  # config name of a hub dataset or snapshot dir (main for openai/gsm8k)
+    split: str = "train"  # split of `source` to draw rows from
+    columns: dict[str, str] = field(default_factory=dict)  # rename map for this source's rows: {question: prompt}
+    weight: float = 1.0  # relative share of the training rows: round(data.num_rows * weight / sum of weights)
+
+
+@dataclass
 class DataConfig:
     source: str = "world:pretrain"  # world[:kind], a jsonl/json/parquet/csv/txt file or dir, or hub name
+    subset: str | None = None  # config name of a hub dataset or snapshot dir (main for openai/gsm8k); eval too
     split: str = "train"  # split of `source` to train on
+    columns: dict[str, str] = field(default_factory=dict)  # renames after loading: {question: prompt}; eval too
+    streaming: bool = False  # stream source / eval_source: read only the first num_rows / num_eval_rows rows
+    # weighted sources instead of `source` (which then reads 'mix'); without num_rows, the largest mix repeating no row
+    mix: list[MixSource] = field(default_factory=list)
+    system_prompt: str | None = None  # system turn for conversations and prompts without one: prompts/ file or text
     eval_source: str | None = None  # None = the world's val split, or a held-out slice of `source`
     eval_split: str = "val"  # split of eval_source
-    eval_fraction: float = 0.02  # held-out fraction of `source` when there is no eval source
+    eval_fraction: float = 0.02  # held-out fraction of `source` (or of the mix) when there is no eval source
     text_field: str = "text"  # column holding plain text (pretraining)
     format: str | None = None  # row format (messages, sharegpt, alpaca, prompt_completion, text); None = detect
-    num_rows: int | None = None  # use only the first N training rows
+    num_rows: int | None = None  # use only the first N training rows (with mix: N in all, shared by weight)
     num_eval_rows: int | None = 500  # use only the first N eval rows; 0 = no eval split
     seq_len: int = 256  # tokens per training sequence
     world_seed: int = 0  # seed of the built-in task world
@@ -250,6 +273,8 @@ class Recipe:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     path: str | None = field(default=None, metadata={"internal": True})  # where it was loaded from
+    # "section.key"s the user set: by a flag, or in a recipe file other than the command's default recipe
+    explicit: set[str] = field(default_factory=set, metadata={"internal": True})
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data (what gets saved next to every checkpoint)."""
@@ -270,4 +295,15 @@ DEFAULT_RECIPE = {
     "rm": "reward.yaml",
     "grpo": "grpo.yaml",
     "ppo": "ppo.yaml",
+}
+# What each training command reads (`aligner CMD --help` lists exactly these): whole sections, or single keys
+# as "section.key". dpo, rm, grpo and ppo use sft.chat_template when their own chat_template is null; only
+# pretrain can train a tokenizer, the others read tokenizer.path alone.
+COMMAND_SECTIONS = {
+    "pretrain": ("model", "tokenizer", "data", "train", "sft.samples", "sft.sample_tokens"),
+    "sft": ("sft", "lora", "model", "tokenizer.path", "data", "train"),
+    "dpo": ("dpo", "sft.chat_template", "lora", "model", "tokenizer.path", "data", "train"),
+    "rm": ("rm", "sft.chat_template", "lora", "model", "tokenizer.path", "data", "train"),
+    "grpo": ("grpo", "sft.chat_template", "lora", "model", "tokenizer.path", "data", "train"),
+    "ppo": ("ppo", "sft.chat_template", "lora", "model", "tokenizer.path", "data", "train"),
 }

@@ -82,9 +82,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 class Progress:
-    """A tqdm bar over optimizer steps showing loss and tokens/s (ETA comes from tqdm)."""
+    """A tqdm bar over optimizer steps showing loss and tokens/s (ETA comes from tqdm), or over the items
+    of any other long phase (`unit`): encoding, reference log-probs, sampling, evaluation."""
 
-    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str, unit: str = "step"):
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
@@ -95,16 +96,17 @@ class Progress:
                 total=total,
                 initial=initial,
                 desc=desc,
-                unit="step",
+                unit=unit,
                 file=sys.stderr if tty else _Lines(sys.stderr),
                 dynamic_ncols=True,
                 mininterval=0.1 if tty else 30.0,
             )
 
-    def update(self, **postfix) -> None:
+    def update(self, n: int = 1, **postfix) -> None:
         if self.bar is not None:
-            self.bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
-            self.bar.update(1)
+            if postfix:
+                self.bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
+            self.bar.update(n)
 
     def write(self, text: str) -> None:
         if self.bar is not None:
@@ -115,6 +117,13 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def tqdm_write(text: str) -> None:
+    """A line on stderr that does not break a progress bar being drawn there."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(text, file=sys.stderr)
 
 
 class _Lines:

@@ -21,7 +21,7 @@ def test_defaults_and_recipe_file(tmp_path):
 
 
 def test_every_recipe_in_repo_loads():
-    recipes = sorted((C.REPO_ROOT / "recipes").glob("*.yaml"))
+    recipes = sorted((C.REPO_ROOT / "recipes").rglob("*.yaml"))
     assert recipes
     for path in recipes:
         text = path.read_text()
@@ -122,3 +122,68 @@ def test_resolved_recipe_round_trips(tmp_path):
     C.save_recipe(r, tmp_path)
     again = C.load_recipe(tmp_path / "recipe.yaml")
     assert again.to_dict() == r.to_dict()
+
+
+MIX_RECIPE = """\
+data:
+  subset: main
+  columns: {question: prompt}
+  num_rows: 40
+  mix:
+    - {source: data/a.jsonl, weight: 3}
+    - source: org/dataset
+      subset: socratic
+      split: train_sft
+      columns: {conversation: messages}
+"""
+
+
+def test_columns_and_mix(tmp_path):
+    d = C.load_recipe(write(tmp_path, MIX_RECIPE)).data
+    assert d.subset == "main" and d.columns == {"question": "prompt"}
+    assert d.mix == [
+        C.MixSource(source="data/a.jsonl", weight=3.0),
+        C.MixSource(source="org/dataset", subset="socratic", split="train_sft", columns={"conversation": "messages"}),
+    ]
+    flags = C.parse_flags(["--data.columns", "{question: prompt}", "--data.mix", "[{source: a.jsonl}, {source: b}]"])
+    d = C.load_recipe(None, flags).data
+    assert d.columns == {"question": "prompt"} and [m.source for m in d.mix] == ["a.jsonl", "b"]
+
+
+def test_recipe_with_columns_and_mix_round_trips(tmp_path):
+    r = C.load_recipe(write(tmp_path, MIX_RECIPE), {"data.streaming": True})
+    C.save_recipe(r, tmp_path)
+    again = C.load_recipe(tmp_path / "recipe.yaml")
+    assert again.data == r.data and again.to_dict() == r.to_dict()
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (
+            {"data.mix": [{"source": "a"}, {"source": "b", "wieght": 2}]},
+            r"unknown key 'data\.mix\[1\]\.wieght'.*'weight'",
+        ),
+        ({"data.mix": [{"source": "a"}, {"source": "b", "weight": "x"}]}, r"data\.mix\[1\]\.weight must be float"),
+        ({"data.mix": [{"weight": 2}]}, r"data\.mix\[0\]\.source is required"),
+        ({"data.mix": ["a.jsonl"]}, r"data\.mix\[0\] must be a mapping"),
+        ({"data.mix": [{"source": "a", "weight": 0}]}, r"data\.mix\[0\]\.weight must be positive"),
+        ({"data.mix": [{"source": "a", "columns": {"q": None}}]}, r"data\.mix\[0\]\.columns\.q must be str"),
+        ({"data.columns": "question"}, r"data\.columns must be dict"),
+        ({"data.columns": {1: "prompt"}}, r"data\.columns key must be str, got 1"),
+        (
+            {"data.columns": {"q": "prompt", "question": "prompt"}},
+            r"data\.columns renames several columns to 'prompt'",
+        ),
+        ({"data.source": "x.jsonl", "data.mix": [{"source": "a"}]}, r"data\.source 'x\.jsonl' and data\.mix are both"),
+        ({"data.streaming": True}, r"data\.streaming reads only the first data\.num_rows rows; set it"),
+        (
+            {"data.streaming": True, "num_rows": 8, "eval_source": "e", "num_eval_rows": None},
+            r"first data\.num_eval_rows rows of data\.eval_source",
+        ),
+    ],
+)
+def test_columns_mix_and_streaming_errors(flags, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        C.load_recipe(None, flags)
+    assert "\n" not in str(e.value)

@@ -45,7 +45,7 @@ def test_unknown_format_names_columns_and_candidates():
     [
         ({"messages": []}, "row 1: empty conversation"),
         ({"messages": [U]}, "row 1: conversation has no assistant turn"),
-        ({"messages": [{"role": "tool", "content": "x"}, A]}, "role 'tool'"),
+        ({"messages": [{"role": "robot", "content": "x"}, A]}, "role 'robot' .*tool"),
         ({"messages": [{"role": "user"}, A]}, "needs 'role' and 'content'"),
         ({"conversations": [{"from": "robot", "value": "x"}]}, "from 'robot'"),
         ({"prompt": 3, "completion": "x"}, "'prompt' must be a string or a list"),
@@ -131,3 +131,87 @@ def test_bad_preference_rows():
     assert report["identical"] == 1 and len(recs) == 1
     with pytest.raises(DataError, match="identical chosen and rejected"):
         to_preference_records([{"prompt": "q", "chosen": "same", "rejected": "same"}])
+
+
+# --- rows of several shapes, extra message keys, and errors that suggest data.columns ---------------------
+
+from aligner.data.formats import to_prompt_records  # noqa: E402
+
+
+def test_each_row_is_detected_on_its_own():
+    rows = [
+        {"messages": [U, A], "conversations": None},  # the columns datasets gives a mix: unused ones null
+        {"messages": None, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"instruction": "Hi", "output": "Hello"},
+        {"prompt": "Hi", "completion": "Hello"},
+    ]
+    assert [r["messages"] for r in to_records(rows)] == [[U, A]] * 4
+    recs, _ = to_preference_records(
+        [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"chosen": [U, A], "rejected": [U, {**A, "content": "x"}]}]
+    )
+    assert [r["prompt"] for r in recs] == [[{"role": "user", "content": "q"}], [U]]
+
+
+def test_messages_keep_reasoning_and_tool_keys():
+    call = {"type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    messages = [
+        {"role": "user", "content": "1 + 2?", "reasoning_content": None, "tool_calls": None},
+        {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "Use the tool."},
+        {"role": "tool", "content": "3", "tool_call_id": "call_0", "name": "add"},
+        {"role": "assistant", "content": "3", "reasoning_content": "It returned 3.", "name": None},
+    ]
+    (rec,) = to_records([{"messages": messages}])
+    assert rec["messages"] == [
+        {"role": "user", "content": "1 + 2?"},
+        {"role": "assistant", "content": "", "tool_calls": [call], "reasoning_content": "Use the tool."},
+        {"role": "tool", "content": "3", "tool_call_id": "call_0", "name": "add"},
+        {"role": "assistant", "content": "3", "reasoning_content": "It returned 3."},
+    ]
+    with pytest.raises(DataError, match="row 1: message 1 reasoning_content must be a string"):
+        to_records([{"messages": [U, {**A, "reasoning_content": ["x"]}]}])
+    with pytest.raises(DataError, match="row 1: message 1 content must be a string"):
+        to_records([{"messages": [U, {"role": "assistant", "content": None}]}])  # None only beside tool calls
+
+
+def test_errors_suggest_the_columns_mapping():
+    with pytest.raises(DataError) as e:
+        to_prompt_records([{"question": "q", "answer": "72"}])
+    assert str(e.value) == (
+        "dataset row 1: no 'prompt' column (columns: answer, question); map one with data.columns, "
+        "e.g. --data.columns '{question: prompt}'"
+    )
+    with pytest.raises(DataError, match=r"--data.columns '\{<column>: prompt\}'"):
+        to_prompt_records([{"text": "q"}])
+    cases = [
+        ({"instruction": "q", "response": "r", "context": ""}, "{instruction: prompt, response: completion}"),
+        ({"conversation": [{"role": "user", "content": "q"}]}, "{conversation: messages}"),
+        ({"dialog": [{"from": "human", "value": "q"}]}, "{dialog: conversations}"),
+        ({"body": "q"}, "{<prompt column>: prompt, <reply column>: completion}"),
+    ]
+    for row, mapping in cases:
+        with pytest.raises(DataError) as e:
+            to_records([row], source="data.source 'x.jsonl'")
+        assert str(e.value).endswith(f"--data.columns '{mapping}'") and "x.jsonl' row 1" in str(e.value)
+    with pytest.raises(DataError, match=r"format alpaca needs column\(s\) instruction; .*'\{question: instruction"):
+        to_records([{"question": "q", "output": "o"}], fmt="alpaca")
+    with pytest.raises(DataError, match=r"'\{chosen_response: chosen, rejected_response: rejected\}'$"):
+        to_preference_records([{"prompt": "q", "chosen_response": "a", "rejected_response": "b"}])
+    with pytest.raises(DataError, match=r"'\{chosen_response: chosen, rejected_response: rejected, query: prompt\}'"):
+        to_preference_records([{"query": "q", "chosen_response": "a", "rejected_response": "b"}])
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ({"prompt": "q", "chosen": "", "rejected": "b"}, "row 1: empty chosen reply"),
+        ({"prompt": "q", "chosen": "a", "rejected": "  "}, "row 1: empty rejected reply"),
+        ({"prompt": [PU], "chosen": [PGOOD], "rejected": [{"role": "assistant", "content": ""}]}, "empty rejected"),
+        ({"chosen": [PU, {"role": "assistant", "content": ""}], "rejected": [PU, PBAD]}, "empty chosen"),
+        ({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: "}, "empty rejected"),
+        ({"prompt": "q", "completion": "", "label": True}, "row 1: empty completion reply"),
+    ],
+)
+def test_empty_replies_are_errors(row, match):
+    with pytest.raises(DataError, match=match) as e:
+        to_preference_records([row])
+    assert "\n" not in str(e.value)

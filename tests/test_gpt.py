@@ -66,8 +66,10 @@ def test_from_hf_dict_reads_v4_and_v5_configs_and_rejects_what_it_cannot_run():
     d = c.to_hf_dict()
     assert d["rope_parameters"] == {"rope_type": "default", "rope_theta": 500000.0}
     assert GPTConfig.from_hf_dict(d) == c
-    v4 = {k: v for k, v in d.items() if k != "rope_parameters"} | {"rope_scaling": None, "some_new_key": 1}
+    v4 = {k: v for k, v in d.items() if k != "rope_parameters"} | {"rope_scaling": None, "some_new_key": None}
     assert GPTConfig.from_hf_dict(v4) == c
+    with pytest.raises(ValueError, match="some_new_key"):  # a field it does not know might change the model
+        GPTConfig.from_hf_dict(v4 | {"some_new_key": 1})
     with pytest.raises(ValueError, match="model_type"):
         GPTConfig.from_hf_dict(d | {"model_type": "mistral"})
     with pytest.raises(ValueError, match="llama3"):

@@ -1,7 +1,7 @@
 """SFT: loss parity with TRL's SFTTrainer, padding-free packing == padding, and the model kinds.
 
-Models are tiny (GPT core, transformers Llama and Qwen2) and built here; conversations come from the
-task world, rendered with the ChatML template by a tokenizer built in conftest.
+Models are tiny (GPT core, transformers Llama, Llama-3, Qwen2, Gemma-2 and Mistral) and built here;
+conversations come from the task world, rendered with the ChatML template by a tokenizer built in conftest.
 """
 
 import pytest
@@ -28,12 +28,18 @@ def examples(tok):
     return ex
 
 
-def make(kind: str, vocab: int):
+def make(kind: str, vocab: int, tok=None):
     if kind == "gpt":
         return tiny_gpt(vocab=vocab)
     if kind == "llama":
         return tiny_llama(vocab=vocab)
-    return tiny_hf("qwen2", vocab)
+    if kind == "qwen2":
+        return tiny_hf("qwen2", vocab)
+    import transformers
+    from tiny_archs import MODEL_CLASS, tiny_config
+
+    torch.manual_seed(0)  # Llama-3 RoPE scaling, Gemma-2 soft caps and sliding windows (16), Mistral's window (32)
+    return getattr(transformers, MODEL_CLASS[kind])(tiny_config(kind, vocab, tok))
 
 
 def test_loss_equals_trl_sft_trainer(tok, examples, tmp_path):
@@ -66,9 +72,9 @@ def test_loss_equals_trl_sft_trainer(tok, examples, tmp_path):
     assert abs(float(total / ours["n_loss"]) - float(trl_loss)) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["gpt", "llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt", "llama", "qwen2", "llama3", "gemma2", "mistral"])
 def test_packed_equals_padded_loss_and_grads(tok, examples, kind):
-    model = make(kind, len(tok)).train()
+    model = make(kind, len(tok), tok).train()
     padded = pad_examples(examples, tok.pad_token_id)
     packed = pack_examples(examples, tok.pad_token_id, row_len=400)
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # it really packed

@@ -109,7 +109,7 @@ def test_hub_unknown_split(monkeypatch):
         raise ValueError(f"Unknown split \"{split}\". Should be one of ['train', 'test'].")
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    with pytest.raises(DataError, match=r"'org/name' has no split 'val': Unknown split"):
+    with pytest.raises(DataError, match=r"'org/name' has no split 'val' \(splits: train, test\)$"):
         load_rows("org/name", "val")
 
 
@@ -126,3 +126,83 @@ def test_hub_rows_become_dicts(monkeypatch):
     assert load_rows("org/name", "test", n=1) == ROWS[:1]
     assert seen == {"name": "org/name", "split": "test"}
     assert sources._local_files("org/name") is None
+
+
+# --- renames, dataset snapshots, streaming -----------------------------------------------------------------
+
+from hub_fixtures import write_gsm8k, write_ultrachat  # noqa: E402
+
+
+def test_columns_are_renamed_after_loading(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(
+        "".join(json.dumps({"question": f"q{i}", "answer": str(i), "prompt": "old"}) + "\n" for i in range(3))
+    )
+    rows = load_rows(str(path), columns={"question": "prompt"})
+    assert rows[0] == {"prompt": "q0", "answer": "0"}  # a column named like a target gives way
+    assert load_rows(str(path), n=1, columns={"question": "answer", "answer": "question"})[0] == {
+        "answer": "q0",
+        "question": "0",
+        "prompt": "old",
+    }
+    assert load_rows("world:rl", n=1, columns={"answer": "target"})[0]["target"]
+    with pytest.raises(DataError) as e:
+        load_rows(str(path), columns={"query": "prompt"})
+    assert str(e.value) == (
+        f"data source '{path}' has no column 'query' to rename to 'prompt' (columns: answer, prompt, question); "
+        "fix data.columns"
+    )
+
+
+def test_dataset_snapshot_has_configs_and_splits(tmp_path):
+    gsm8k = str(write_gsm8k(tmp_path / "gsm8k"))
+    main = load_rows(gsm8k, "train", subset="main")
+    socratic = load_rows(gsm8k, "train", subset="socratic")
+    assert len(main) == 8 and len(load_rows(gsm8k, "test", subset="main", n=3)) == 3
+    assert [r["question"] for r in main] == [r["question"] for r in socratic]  # the same problems
+    assert " ** " in socratic[0]["answer"] and " ** " not in main[0]["answer"]
+    with pytest.raises(DataError) as e:
+        load_rows(gsm8k, "train", subset="mian")
+    assert str(e.value) == f"data source '{gsm8k}' has no config 'mian' (configs: main, socratic)"
+    with pytest.raises(DataError, match=r"has several configs \(main, socratic\); choose one with data.subset$"):
+        load_rows(gsm8k, "train")
+    with pytest.raises(DataError, match=r"has no split 'val' in config 'main' \(splits: train, test\)$"):
+        load_rows(gsm8k, "val", subset="main")
+    ultrachat = str(write_ultrachat(tmp_path / "ultrachat"))
+    assert len(load_rows(ultrachat, "test_sft")) == 4
+    with pytest.raises(DataError, match=r"no split 'train' \(splits: train_sft, test_sft, train_gen, test_gen\)"):
+        load_rows(ultrachat)
+    # a directory whose README.md has no dataset front matter is still a directory of files
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "README.md").write_text("---\ntitle: notes\n---\nSome notes.\n")
+    (tmp_path / "plain" / "a.jsonl").write_text(json.dumps({"text": "row"}) + "\n")
+    assert sources._dataset_repo(str(tmp_path / "plain")) is None
+    assert [r["text"] for r in load_rows(str(tmp_path / "plain"))][-1] == "row"
+
+
+def test_streaming_reads_the_first_rows(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(10)))
+    assert load_rows(str(path), n=3, streaming=True) == load_rows(str(path), n=3)
+    gsm8k = str(write_gsm8k(tmp_path / "gsm8k"))
+    assert load_rows(gsm8k, "test", subset="main", n=2, streaming=True) == load_rows(gsm8k, "test", subset="main")[:2]
+    with pytest.raises(DataError, match=r"has no split 'val'.*\(splits: train, test\)"):
+        load_rows(gsm8k, "val", subset="main", n=2, streaming=True)
+    with pytest.raises(DataError, match="streaming reads only the first rows; set data.num_rows"):
+        load_rows(str(path), streaming=True)
+
+
+def test_hub_names_get_subset_and_streaming(monkeypatch):
+    import datasets
+
+    seen = []
+
+    def load_dataset(*args, split, streaming=False):
+        seen.append((args, split, streaming))
+        ds = datasets.Dataset.from_list(ROWS)
+        return ds.to_iterable_dataset() if streaming else ds
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert load_rows("openai/gsm8k", "train", subset="main", n=1, streaming=True) == ROWS[:1]
+    assert load_rows("openai/gsm8k", "test", subset="socratic") == ROWS
+    assert seen == [(("openai/gsm8k", "main"), "train", True), (("openai/gsm8k", "socratic"), "test", False)]

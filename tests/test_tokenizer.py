@@ -91,8 +91,10 @@ def test_chat_template_renders_chatml_exactly(tok):
 
 
 def test_unknown_role_raises(tok):
-    with pytest.raises(Exception, match="unknown role 'tool'"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    with pytest.raises(Exception, match="unknown role 'robot'"):
+        tok.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
+    text = tok.apply_chat_template([{"role": "tool", "content": "42"}], tokenize=False)  # tool results are turns
+    assert text == "<|im_start|>tool\n42<|im_end|>\n"
 
 
 def test_load_chat_template_resolution(tmp_path, monkeypatch):

@@ -13,11 +13,26 @@ span, so it is in the loss; whitespace the template puts after it (a newline) is
 
 The full text is tokenized once with `add_special_tokens=False`: the template alone decides where BOS
 goes, so it is never doubled. A template that renders earlier turns differently once later turns
-exist (one that strips reasoning from past turns, say) cannot be masked this way and is an error.
+exist (one that strips reasoning from past turns, say) cannot be masked this way and is an error
+(`sft.train_on: last` still works with it).
+
+An assistant turn's `reasoning_content` is rendered by templates that mention it (prompts/qwen3.jinja);
+for any other template it is inlined into the content as "<think>\n{reasoning}\n</think>\n\n{content}"
+(the DeepSeek-R1 / Qwen3 layout) rather than dropped, and counted in the report. Either way it lies inside
+the assistant span, so it is in the loss.
+
+A reply that starts with whitespace can share a token with the template text before it: Qwen2's
+pre-tokenizer makes "assistant\n" + "\nHi" one token "ĊĊ" that straddles the span start, so the mask would
+miss the reply's first character and the generation prompt would not be a token prefix of the training
+sequence. When a token straddles an assistant span's start, that reply's leading whitespace is stripped and
+the conversation rendered again (counted in the report): the mask is then exact, and `encode_prompt` (which
+strips such replies in the prompt's history too) gives a token prefix of the training ids. Replies without
+leading whitespace are never touched.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +53,33 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
         raise DataError(f"chat template: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
+def renders_reasoning(tokenizer, template: str | None = None) -> bool:
+    """Whether the template (or the tokenizer's own) renders `reasoning_content` itself."""
+    text = template if template is not None else getattr(tokenizer, "chat_template", None)
+    if isinstance(text, dict):  # named templates
+        text = " ".join(map(str, text.values()))
+    return isinstance(text, str) and "reasoning_content" in text
+
+
+def inline_reasoning(messages: list[dict]) -> tuple[list[dict], int]:
+    """Messages with each assistant turn's reasoning_content moved into its content as a <think> block, and
+    how many turns had one: "<think>\n{reasoning}\n</think>\n\n{content}" (DeepSeek-R1 / Qwen3)."""
+    out, inlined = [], 0
+    for m in messages:
+        reasoning = m.get("reasoning_content")
+        if m.get("role") == "assistant" and isinstance(reasoning, str) and reasoning.strip():
+            reasoning, content = reasoning.strip("\n"), m["content"].lstrip("\n")
+            m = {k: v for k, v in m.items() if k != "reasoning_content"}
+            m["content"] = f"<think>\n{reasoning}\n</think>\n\n{content}"
+            inlined += 1
+        out.append(m)
+    return out, inlined
+
+
+def _prepared(tokenizer, messages: list[dict], template: str | None) -> tuple[list[dict], int]:
+    return (messages, 0) if renders_reasoning(tokenizer, template) else inline_reasoning(messages)
+
+
 def assistant_spans(
     tokenizer, messages: list[dict], template: str | None = None, train_on: str = "all"
 ) -> tuple[str, list[tuple[int, int]]]:
@@ -45,6 +87,14 @@ def assistant_spans(
 
     A span runs from the end of the generation prompt to the end of the turn, trailing whitespace excluded.
     """
+    text, spans = _turn_spans(tokenizer, messages, template, train_on)
+    return text, [(start, end) for _, start, end in spans]
+
+
+def _turn_spans(
+    tokenizer, messages: list[dict], template: str | None, train_on: str
+) -> tuple[str, list[tuple[int, int, int]]]:
+    """assistant_spans, each span with the index of its message: (i, start, end)."""
     text = render(tokenizer, messages, template=template)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if train_on == "last":
@@ -58,40 +108,97 @@ def assistant_spans(
         if not (text.startswith(start_text) and text.startswith(end_text) and end_text.startswith(start_text)):
             raise DataError(
                 "the chat template renders earlier turns differently once later turns exist, so the assistant "
-                "mask cannot be computed from prefixes; use a template that renders turns independently"
+                "mask cannot be computed from prefixes; use a template that renders turns independently, or "
+                "train on the last assistant turn only (sft.train_on: last)"
             )
         end = len(end_text.rstrip())
         if end > len(start_text):
-            spans.append((len(start_text), end))
+            spans.append((i, len(start_text), end))
     return text, spans
 
 
+def _offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], enc["offset_mapping"]
+
+
+def _straddled(offsets: list[tuple[int, int]], pos: int) -> bool:
+    """Whether a token starts before character `pos` and ends after it."""
+    k = bisect_left([s for s, _ in offsets], pos)
+    return k > 0 and offsets[k - 1][0] < pos < offsets[k - 1][1]
+
+
+def _lstrip_turns(messages: list[dict], turns: list[int]) -> list[dict]:
+    return [{**m, "content": m["content"].lstrip()} if i in turns else m for i, m in enumerate(messages)]
+
+
+def _leading_space(text: str, messages: list[dict], i: int, start: int) -> bool:
+    return text[start : start + 1].isspace() and messages[i]["content"][:1].isspace()
+
+
 def encode_conversation(
-    tokenizer, messages: list[dict], template: str | None = None, train_on: str = "all"
+    tokenizer, messages: list[dict], template: str | None = None, train_on: str = "all", report=None
 ) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation and a 0/1 mask, 1 on assistant tokens (end-of-turn included).
 
-    A token is in the loss when its first character lies inside an assistant span.
+    A token is in the loss when its first character lies inside an assistant span. reasoning_content is
+    inlined for templates that do not render it, and a reply whose leading whitespace shares a token with
+    the template text before it loses that whitespace (module docstring); both are counted in `report`
+    (an EncodeReport) when one is given.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("assistant masks need a fast tokenizer (character offsets); load one with use_fast=True")
-    text, spans = assistant_spans(tokenizer, messages, template, train_on)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    messages, inlined = _prepared(tokenizer, messages, template)
+    text, spans = _turn_spans(tokenizer, messages, template, train_on)
+    ids, offsets = _offsets(tokenizer, text)
+    starts = {i: start for i, start, _ in spans}
+
+    def straddles(i: int) -> bool:  # turns in the loss: in the full text; others (train_on last): as encode_prompt
+        if i in starts:
+            return _leading_space(text, messages, i, starts[i]) and _straddled(offsets, starts[i])
+        return _turn_straddles(tokenizer, messages, i, template)
+
+    stripped = [i for i in range(len(messages)) if straddles(i)]
+    if stripped:
+        messages = _lstrip_turns(messages, stripped)
+        text, spans = _turn_spans(tokenizer, messages, template, train_on)
+        ids, offsets = _offsets(tokenizer, text)
+    if report is not None:
+        report.reasoning_inlined += inlined
+        report.whitespace_stripped += len(stripped)
     mask = [0] * len(ids)
     k = 0
     for t, (s, e) in enumerate(offsets):
-        while k < len(spans) and spans[k][1] <= s:
+        while k < len(spans) and spans[k][2] <= s:
             k += 1
-        if k < len(spans) and spans[k][0] <= s < spans[k][1] and e > s:
+        if k < len(spans) and spans[k][1] <= s < spans[k][2] and e > s:
             mask[t] = 1
     return ids, mask
 
 
 def encode_prompt(tokenizer, messages: list[dict], template: str | None = None) -> list[int]:
-    """Token ids of a prompt ending in the generation prompt, rendered exactly as in training."""
+    """Token ids of a prompt ending in the generation prompt, rendered exactly as in training (reasoning
+    inlined and straddling leading whitespace stripped in earlier assistant turns, as encode_conversation does)."""
+    messages, _ = _prepared(tokenizer, messages, template)
+    stripped = [i for i, m in enumerate(messages) if _turn_straddles(tokenizer, messages, i, template)]
+    if stripped:
+        messages = _lstrip_turns(messages, stripped)
     text = render(tokenizer, messages, add_generation_prompt=True, template=template)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _turn_straddles(tokenizer, messages: list[dict], i: int, template: str | None) -> bool:
+    """Whether assistant turn i's reply starts inside a token, rendered as the last turn."""
+    m = messages[i]
+    if m.get("role") != "assistant" or not (m.get("content") or "")[:1].isspace():
+        return False
+    if not getattr(tokenizer, "is_fast", False):  # no character offsets to look at
+        return False
+    start = render(tokenizer, messages[:i], add_generation_prompt=True, template=template)
+    end = render(tokenizer, messages[: i + 1], template=template)
+    if not end.startswith(start) or not _leading_space(end, messages, i, len(start)):
+        return False
+    return _straddled(_offsets(tokenizer, end)[1], len(start))
 
 
 def reply_stop_ids(tokenizer, template: str | None = None) -> list[int]:
@@ -142,6 +249,8 @@ class EncodeReport:
     dropped_no_loss: int = 0
     tokens: int = 0
     loss_tokens: int = 0
+    reasoning_inlined: int = 0  # assistant turns whose reasoning_content became a <think> block in the content
+    whitespace_stripped: int = 0  # replies whose leading whitespace shared a token with the template text
 
     def summary(self) -> str:
         parts = [f"{self.conversations} conversations -> {self.kept} examples"]
@@ -151,6 +260,16 @@ class EncodeReport:
             parts.append(f"{self.dropped_overlong} dropped as longer than the max length")
         if self.dropped_no_loss:
             parts.append(f"{self.dropped_no_loss} dropped with no assistant tokens left")
+        if self.reasoning_inlined:
+            parts.append(
+                f"{self.reasoning_inlined} assistant turns' reasoning_content inlined as <think> blocks "
+                "(the template does not render it)"
+            )
+        if self.whitespace_stripped:
+            parts.append(
+                f"{self.whitespace_stripped} replies' leading whitespace stripped (it shared a token with the "
+                "template text before it)"
+            )
         parts.append(f"{self.loss_tokens}/{self.tokens} tokens in the loss")
         return ", ".join(parts)
 
@@ -177,7 +296,7 @@ def encode_dataset(
     examples = []
     for i, rec in enumerate(records):
         try:
-            ids, mask = encode_conversation(tokenizer, rec["messages"], template, train_on)
+            ids, mask = encode_conversation(tokenizer, rec["messages"], template, train_on, report=report)
         except DataError as e:
             raise DataError(f"{source} row {i + 1}: {e}") from None
         if len(ids) - 1 > max_len:
@@ -211,9 +330,9 @@ def encode_dataset(
 # --- preference pairs --------------------------------------------------------------------------------
 
 
-def encode_reply(tokenizer, prompt: list[dict], reply: list[dict], template: str | None = None):
+def encode_reply(tokenizer, prompt: list[dict], reply: list[dict], template: str | None = None, report=None):
     """Token ids of prompt + reply and a 0/1 mask on the reply's assistant tokens only (end-of-turn included)."""
-    ids, mask = encode_conversation(tokenizer, prompt + reply, template)
+    ids, mask = encode_conversation(tokenizer, prompt + reply, template, report=report)
     n_prompt = len(encode_prompt(tokenizer, prompt, template))
     return ids, [0] * n_prompt + mask[n_prompt:]
 
@@ -241,7 +360,7 @@ def encode_preferences(
     for i, rec in enumerate(records):
         names = [k for k in REPLY_SIDES if k in rec]
         try:
-            sides = [encode_reply(tokenizer, rec["prompt"], rec[k], template) for k in names]
+            sides = [encode_reply(tokenizer, rec["prompt"], rec[k], template, report=report) for k in names]
         except DataError as e:
             raise DataError(f"{source} row {i + 1}: {e}") from None
         if any(len(ids) - 1 > max_len for ids, _ in sides):

@@ -1,27 +1,35 @@
 """Dataset rows -> canonical records.
 
 Every conversation format becomes {"messages": [{"role": ..., "content": ...}, ...]} with roles
-system / user / assistant; plain text becomes {"text": ...}. Other columns of a row are kept
-(the task world's `answer`, for example) unless they clash with those names.
+system / user / assistant / tool; plain text becomes {"text": ...}. Other columns of a row are kept
+(the task world's `answer`, for example) unless they clash with those names. A message keeps the keys
+chat templates read beside role and content when it has them: `reasoning_content` (an assistant turn's
+reasoning, a string), `tool_calls`, `name` and `tool_call_id`; an assistant turn that only calls tools may
+have no content (it becomes "").
 
     format       columns                                   example source
-    messages     messages: [{role, content}, ...]          the task world's `world:sft`
+    messages     messages: [{role, content}, ...]          the task world's `world:sft`, ultrachat_200k
     sharegpt     conversations: [{from, value}, ...]       ShareGPT-style dumps
     alpaca       instruction, output (+ input)             Alpaca-style instruction sets
     prompt_completion  prompt, completion (strings or message lists)
     text         text                                      plain text (pretraining)
 
-`detect_format` picks the format from the columns of the first row; a recipe can name it instead.
-A dataset that fits none gets one line naming the columns it has and the formats it could be.
+Each row's format is detected from its columns (those not null), so a mix of differently shaped sources
+works; a recipe can name one format for all rows instead (`data.format`). A row that fits none gets one
+line naming its columns, the formats it could be and the `data.columns` renames that would make it fit
+(`--data.columns '{question: prompt, response: completion}'`), from a small table of usual column names.
 
 Preference data (`to_preference_records`) becomes {"prompt": [messages], "chosen": [assistant turns],
 "rejected": [assistant turns]} (+ "margin" when the row has one):
 
     format       columns
     preference   chosen, rejected (+ prompt): strings or message lists; whole conversations that
-                 repeat the prompt (binarized preference sets) have their shared prefix taken as the prompt
+                 repeat the prompt (binarized preference sets such as ultrafeedback_binarized) have their
+                 shared prefix taken as the prompt
     hh           chosen, rejected as "\n\nHuman: ... \n\nAssistant: ..." strings (Anthropic HH style)
     unpaired     prompt, completion, label (KTO: label true = desirable)
+
+An empty (or blank) chosen, rejected or completion reply is an error naming the row.
 """
 
 from __future__ import annotations
@@ -31,8 +39,16 @@ from collections.abc import Callable
 
 from aligner.errors import DataError
 
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "tool": "tool",
+}
+MESSAGE_KEYS = ("reasoning_content", "tool_calls", "name", "tool_call_id")  # kept beside role and content
 
 # format -> the columns that identify it (checked in this order)
 SIGNATURES: dict[str, tuple[str, ...]] = {
@@ -43,36 +59,102 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "text": ("text",),
 }
 
+# column aligner reads -> names other datasets give it, for the data.columns renames suggested in errors
+PROMPT_NAMES = ("question", "instruction", "query", "problem", "input")
+REPLY_NAMES = ("response", "output", "solution", "reply", "answer")
+ALIASES: dict[str, tuple[str, ...]] = {
+    "prompt": PROMPT_NAMES,
+    "completion": REPLY_NAMES,
+    "instruction": ("prompt", *PROMPT_NAMES),  # the alpaca columns, when a recipe names that format
+    "output": ("completion", *REPLY_NAMES),
+    "messages": ("conversation", "dialog", "dialogue", "chat", "turns"),
+    "chosen": ("chosen_response", "response_chosen", "chosen_answer", "preferred", "accepted"),
+    "rejected": ("rejected_response", "response_rejected", "rejected_answer", "dispreferred"),
+}
+
+
+def _fit(columns) -> str | None:
+    cols = set(columns)
+    return next((name for name, needed in SIGNATURES.items() if set(needed) <= cols), None)
+
 
 def detect_format(columns, source: str = "dataset") -> str:
     """The first format whose identifying columns are all present."""
-    cols = set(columns)
-    for name, needed in SIGNATURES.items():
-        if set(needed) <= cols:
-            return name
+    fmt = _fit(columns)
+    if fmt is None:
+        raise DataError(_no_format(dict.fromkeys(columns), source))
+    return fmt
+
+
+def _no_format(row: dict, where: str) -> str:
     expected = "; ".join(f"{name} ({', '.join(cols_)})" for name, cols_ in SIGNATURES.items())
-    raise DataError(
-        f"{source}: rows have columns {', '.join(sorted(cols)) or '(none)'}, which fit no known format; "
-        f"expected one of: {expected} (or set data.format)"
+    return (
+        f"{where}: columns {', '.join(sorted(row)) or '(none)'} fit no known format; "
+        f"expected one of: {expected} (or set data.format); "
+        + _hint(_sft_renames(row), "<prompt column>: prompt, <reply column>: completion")
     )
+
+
+def _renames(row: dict, targets) -> dict[str, str] | None:
+    """{column: target} for each target the row lacks, from ALIASES; None when one has no alias in the row."""
+    out: dict[str, str] = {}
+    for target in targets:
+        if target in row:
+            continue
+        alias = next((a for a in ALIASES.get(target, ()) if a in row and a != target and a not in out), None)
+        if alias is None:
+            return None
+        out[alias] = target
+    return out
+
+
+def _sft_renames(row: dict) -> dict[str, str] | None:
+    """Renames that make a row a conversation: a messages-like column, else prompt and completion."""
+    alias = next((a for a in ALIASES["messages"] if a in row), None)
+    if alias is not None:
+        turns = row[alias]
+        sharegpt = isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
+        return {alias: "conversations" if sharegpt else "messages"}
+    renames = _renames(row, ("prompt", "completion"))
+    return renames or None
+
+
+def _hint(renames: dict[str, str] | None, fallback: str) -> str:
+    """ "map one with data.columns, e.g. --data.columns '{question: prompt}'" (`fallback` when no renames)."""
+    mapping = ", ".join(f"{old}: {new}" for old, new in renames.items()) if renames else fallback
+    return f"map one with data.columns, e.g. --data.columns '{{{mapping}}}'"
 
 
 def _where(source: str, i: int) -> str:
     return f"{source} row {i + 1}"  # 1-based, like file lines
 
 
+def _message(m, where: str, label: str) -> dict:
+    """A message checked and normalised: role, content, and the optional MESSAGE_KEYS that are not null."""
+    if not isinstance(m, dict) or "role" not in m or ("content" not in m and not m.get("tool_calls")):
+        raise DataError(f"{where}: {label} needs 'role' and 'content' keys")
+    if m["role"] not in ROLES:
+        raise DataError(f"{where}: {label} has role '{m['role']}' (use one of {', '.join(ROLES)})")
+    content = m.get("content")
+    if content is None and m["role"] == "assistant" and m.get("tool_calls"):
+        content = ""  # an assistant turn that only calls tools
+    if not isinstance(content, str):
+        raise DataError(f"{where}: {label} content must be a string")
+    out = {"role": m["role"], "content": content}
+    for key in MESSAGE_KEYS:
+        if m.get(key) is not None:
+            out[key] = m[key]
+    if not isinstance(out.get("reasoning_content", ""), str):
+        raise DataError(f"{where}: {label} reasoning_content must be a string")
+    if not isinstance(out.get("tool_calls", []), list):
+        raise DataError(f"{where}: {label} tool_calls must be a list")
+    return out
+
+
 def _check_messages(messages, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: empty conversation")
-    out = []
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: message {j} needs 'role' and 'content' keys")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: message {j} has role '{m['role']}' (use one of {', '.join(ROLES)})")
-        if not isinstance(m["content"], str):
-            raise DataError(f"{where}: message {j} content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
+    out = [_message(m, where, f"message {j}") for j, m in enumerate(messages)]
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: conversation has no assistant turn to train on")
     return out
@@ -127,26 +209,38 @@ CONVERTERS: dict[str, Callable[[dict, str], list[dict]]] = {
 
 
 def to_records(rows: list[dict], fmt: str | None = None, source: str = "dataset") -> list[dict]:
-    """Canonical records for `rows` (format detected from the first row unless `fmt` is given)."""
+    """Canonical records for `rows`, each row's format detected from its non-null columns unless `fmt` is given."""
     if not rows:
         raise DataError(f"{source} has no rows")
-    fmt = fmt or detect_format(rows[0].keys(), source)
-    if fmt not in SIGNATURES:
+    if fmt is not None and fmt not in SIGNATURES:
         raise DataError(f"data.format '{fmt}' is not one of {', '.join(SIGNATURES)}")
-    missing = [c for c in SIGNATURES[fmt] if c not in rows[0]]
-    if missing:
-        raise DataError(f"{source}: format {fmt} needs column(s) {', '.join(missing)}; rows have {', '.join(rows[0])}")
-    records = []
+    detected: dict[tuple, str | None] = {}  # rows of one source share their columns: detect once per set
+    records, first = [], None
     for i, row in enumerate(rows):
         where = _where(source, i)
-        if fmt == "text":
+        row_fmt = fmt
+        if row_fmt is None:
+            present = tuple(k for k, v in row.items() if v is not None)
+            if present not in detected:
+                detected[present] = _fit(present)
+            if detected[present] is None and first is None:
+                raise DataError(_no_format(row, where))
+            row_fmt = detected[present] or first  # a row that fits nothing: what it lacks for the first row's format
+            first = first or row_fmt
+        missing = [c for c in SIGNATURES[row_fmt] if row.get(c) is None]
+        if missing:
+            raise DataError(
+                f"{where}: format {row_fmt} needs column(s) {', '.join(missing)}; rows have "
+                f"{', '.join(sorted(row))}; {_hint(_renames(row, missing), f'<column>: {missing[0]}')}"
+            )
+        if row_fmt == "text":
             text = row.get("text")
             if not isinstance(text, str):
                 raise DataError(f"{where}: 'text' must be a string")
             records.append({**row, "text": text})
             continue
-        messages = _check_messages(CONVERTERS[fmt](row, where), where)
-        consumed = set(SIGNATURES[fmt]) | ({"input"} if fmt == "alpaca" else set())
+        messages = _check_messages(CONVERTERS[row_fmt](row, where), where)
+        consumed = set(SIGNATURES[row_fmt]) | ({"input"} if row_fmt == "alpaca" else set())
         extra = {k: v for k, v in row.items() if k not in consumed}
         records.append({**extra, "messages": messages})
     return records
@@ -200,9 +294,12 @@ def _preference(row: dict, where: str) -> dict:
     prompt = _check_turns(prompt, where, "prompt")
     if not any(m["content"].strip() for m in prompt):
         raise DataError(f"{where}: empty prompt")
-    if not chosen or not rejected:
-        raise DataError(f"{where}: empty chosen or rejected reply")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _check_reply(turns: list[dict], where: str, name: str) -> None:
+    if not any(m["content"].strip() or m.get("tool_calls") for m in turns):
+        raise DataError(f"{where}: empty {name} reply")
 
 
 def _hh(row: dict, where: str) -> dict:
@@ -214,12 +311,7 @@ def _hh(row: dict, where: str) -> dict:
 def _check_turns(turns, where: str, column: str) -> list[dict]:
     if not isinstance(turns, list):
         raise DataError(f"{where}: '{column}' must be a string or a list of messages")
-    out = []
-    for j, m in enumerate(turns):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m or m["role"] not in ROLES:
-            raise DataError(f"{where}: {column} message {j} needs a role ({', '.join(ROLES)}) and content")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    return [_message(m, where, f"{column} message {j}") for j, m in enumerate(turns)]
 
 
 PREFERENCE_SIGNATURES: dict[str, tuple[str, ...]] = {
@@ -229,40 +321,66 @@ PREFERENCE_SIGNATURES: dict[str, tuple[str, ...]] = {
 
 
 def detect_preference_format(row: dict, source: str) -> str:
-    cols = set(row)
+    cols = {k for k, v in row.items() if v is not None}
     if {"chosen", "rejected"} <= cols:
         text = row["chosen"]
         return "hh" if "prompt" not in cols and isinstance(text, str) and HH_TURN.search(text) else "preference"
     if {"prompt", "completion", "label"} <= cols:
         return "unpaired"
     raise DataError(
-        f"{source}: rows have columns {', '.join(sorted(cols)) or '(none)'}, which fit no preference format; "
-        "expected chosen + rejected (+ prompt), or prompt + completion + label (or set data.format)"
+        f"{source}: columns {', '.join(sorted(row)) or '(none)'} fit no preference format; "
+        "expected chosen + rejected (+ prompt), or prompt + completion + label (or set data.format); "
+        + _hint(_preference_renames(row), "<better reply column>: chosen, <worse reply column>: rejected")
     )
 
 
-def to_preference_records(rows: list[dict], fmt: str | None = None, source: str = "dataset") -> tuple[list, dict]:
+def _preference_renames(row: dict) -> dict[str, str] | None:
+    renames = _renames(row, ("chosen", "rejected"))
+    if renames and "prompt" not in row:
+        renames.update(_renames(row, ("prompt",)) or {})
+    return renames or None
+
+
+def to_preference_records(
+    rows: list[dict], fmt: str | None = None, source: str = "dataset", allow_empty: bool = False
+) -> tuple[list, dict]:
     """Canonical preference records and counts {"rows", "kept", "identical"}: pairs whose chosen and rejected
-    replies are identical carry no preference and are dropped (counted); anything malformed is an error."""
+    replies are identical carry no preference and are dropped (counted); anything malformed, an empty reply
+    among it (unless `allow_empty`: replies sampled from a model), is an error. Each row's format is
+    detected from its columns unless `fmt` is given."""
     if not rows:
         raise DataError(f"{source} has no rows")
-    fmt = fmt or detect_preference_format(rows[0], source)
-    needed = {"hh": ("chosen", "rejected"), **PREFERENCE_SIGNATURES}.get(fmt)
-    if needed is None:
+    all_needed = {"hh": ("chosen", "rejected"), **PREFERENCE_SIGNATURES}
+    if fmt is not None and fmt not in all_needed:
         raise DataError(f"data.format '{fmt}' is not a preference format (preference, hh, unpaired)")
-    records, identical = [], 0
+    records, identical, first = [], 0, None
     for i, row in enumerate(rows):
         where = _where(source, i)
+        try:
+            row_fmt = fmt or detect_preference_format(row, where)
+        except DataError:
+            if first is None:
+                raise
+            row_fmt = first  # a row that fits no format: say what it lacks for the format of the first row
+        first = first or row_fmt
+        needed = all_needed[row_fmt]
         missing = [c for c in needed if row.get(c) is None]
         if missing:
-            raise DataError(f"{where}: missing {', '.join(missing)} (format {fmt} needs {', '.join(needed)})")
-        if fmt == "unpaired":
+            raise DataError(
+                f"{where}: missing {', '.join(missing)} (format {row_fmt} needs {', '.join(needed)}); "
+                + _hint(_renames(row, missing), f"<column>: {missing[0]}")
+            )
+        if row_fmt == "unpaired":
             rec = _preference(
                 {"prompt": row["prompt"], "chosen": row["completion"], "rejected": row["completion"]}, where
             )
+            _check_reply(rec["chosen"], where, "completion")
             records.append({"prompt": rec["prompt"], "completion": rec["chosen"], "label": bool(row["label"])})
             continue
-        rec = _hh(row, where) if fmt == "hh" else _preference(row, where)
+        rec = _hh(row, where) if row_fmt == "hh" else _preference(row, where)
+        if not allow_empty:  # a dataset's empty reply is a mistake; a sampled one (allow_empty) is a real reply
+            _check_reply(rec["chosen"], where, "chosen")
+            _check_reply(rec["rejected"], where, "rejected")
         if rec["chosen"] == rec["rejected"]:
             identical += 1
             continue
@@ -292,14 +410,18 @@ def with_kl_partners(records: list[dict]) -> list[dict]:
 
 def to_prompt_records(rows: list[dict], source: str = "dataset") -> list[dict]:
     """RL rows -> {"prompt": messages, **the row's other columns}. `prompt` is a string (one user turn) or a
-    message list without assistant turns at the end; a row without one is an error naming it."""
+    message list without assistant turns at the end; a row without one is an error naming it and the
+    data.columns rename that would give it one."""
     if not rows:
         raise DataError(f"{source} has no rows")
     out = []
     for i, row in enumerate(rows):
         where = _where(source, i)
         if "prompt" not in row:
-            raise DataError(f"{where}: no 'prompt' column (columns: {', '.join(row)}); RL rows need a prompt")
+            raise DataError(
+                f"{where}: no 'prompt' column (columns: {', '.join(sorted(row))}); "
+                + _hint(_renames(row, ("prompt",)), "<column>: prompt")
+            )
         turns = _as_turns(row["prompt"], "user", where, "prompt")
         if not turns or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in turns):
             raise DataError(f"{where}: 'prompt' must be a non-empty string or a list of {{role, content}} messages")
@@ -308,5 +430,20 @@ def to_prompt_records(rows: list[dict], source: str = "dataset") -> list[dict]:
             raise DataError(f"{where}: prompt message with role '{bad[0]}' (use one of {', '.join(ROLES)})")
         if turns[-1]["role"] == "assistant":
             raise DataError(f"{where}: the prompt ends with an assistant turn; it should end where the reply starts")
-        out.append({**row, "prompt": [{"role": m["role"], "content": m["content"]} for m in turns]})
+        out.append({**row, "prompt": [_message(m, where, f"prompt message {j}") for j, m in enumerate(turns)]})
+    return out
+
+
+def add_system_prompt(records: list[dict], text: str | None) -> list[dict]:
+    """Records whose conversation (`messages`) or prompt (`prompt`) has no system turn get `text` as one,
+    first (data.system_prompt); the rest are left as they are. None or '' changes nothing."""
+    if not text:
+        return records
+    out = []
+    for rec in records:
+        key = "messages" if "messages" in rec else "prompt"
+        turns = rec.get(key)
+        if isinstance(turns, list) and turns and turns[0].get("role") != "system":
+            rec = {**rec, key: [{"role": "system", "content": text}, *turns]}
+        out.append(rec)
     return out

@@ -31,6 +31,24 @@ from torch import nn
 from aligner.model.kv_cache import FusedWeights, KVCache
 
 ROPE_TYPES = ("default",)  # RoPE variants implemented here (no linear/dynamic/yarn/llama3 scaling)
+CORE_ARCHITECTURES = ("LlamaForCausalLM", "LlamaForSequenceClassification")  # what a core checkpoint may say
+# config.json keys of a Llama checkpoint that the GPT core implements or that do not change what it computes
+# (metadata, token ids, generation defaults); any other key with a value means "load it with transformers"
+KNOWN_HF_KEYS = frozenset(
+    """architectures model_type vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads
+    num_key_value_heads head_dim hidden_act max_position_embeddings rms_norm_eps rope_theta rope_parameters
+    rope_scaling attention_bias attention_dropout mlp_bias tie_word_embeddings initializer_range bos_token_id
+    eos_token_id pad_token_id use_cache dtype torch_dtype transformers_version pretraining_tp _name_or_path
+    id2label label2id num_labels problem_type reward_likelihood_coef output_hidden_states output_attentions
+    return_dict use_return_dict chunk_size_feed_forward is_encoder_decoder is_decoder tokenizer_class
+    max_length min_length do_sample num_beams num_beam_groups temperature top_k top_p typical_p repetition_penalty
+    length_penalty no_repeat_ngram_size num_return_sequences diversity_penalty early_stopping
+    encoder_no_repeat_ngram_size output_scores return_dict_in_generate forced_bos_token_id forced_eos_token_id
+    remove_invalid_values exponential_decay_length_penalty suppress_tokens begin_suppress_tokens
+    decoder_start_token_id sep_token_id bad_words_ids finetuning_task prefix task_specific_params
+    tie_encoder_decoder torchscript tf_legacy_loss use_bfloat16 cross_attention_hidden_size add_cross_attention
+    pruned_heads""".split()
+)
 
 # --- config ---------------------------------------------------------------------------------------
 
@@ -107,20 +125,36 @@ class GPTConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> GPTConfig:
-        """Read a Llama `config.json` (transformers 4 or 5 style); unknown keys are ignored."""
+        """Read a Llama `config.json` (transformers 4 or 5 style) that the GPT core runs exactly.
+
+        Checked field by field: anything the core does not implement (another model type, biases,
+        another activation, RoPE scaling of any kind, attention dropout, sliding windows, soft caps,
+        quantization, remote code, or any key not known to be harmless) raises ValueError naming it,
+        so such a checkpoint goes through transformers instead. Keys set to null, false or 0 are ignored.
+        """
         if d.get("model_type") != "llama":
             raise ValueError(f"model_type is {d.get('model_type')!r}; the GPT core reads only 'llama' checkpoints")
+        archs = [a for a in d.get("architectures") or [] if a not in CORE_ARCHITECTURES]
+        if archs:
+            raise ValueError(f"architectures {archs} are not the GPT core's (LlamaForCausalLM)")
         for key in ("attention_bias", "mlp_bias"):
             if d.get(key):
                 raise ValueError(f"{key} is true; the GPT core has no biases")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act is {d['hidden_act']!r}; the GPT core implements only 'silu'")
+        if d.get("attention_dropout"):
+            raise ValueError(f"attention_dropout is {d['attention_dropout']}; the GPT core has no dropout")
+        for rope in (d.get("rope_parameters") or {}, d.get("rope_scaling") or {}):  # transformers 5 / 4
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type not in ROPE_TYPES:
+                raise ValueError(f"RoPE type {rope_type!r} is not implemented by the GPT core (only 'default')")
+            extra = sorted(k for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta") and v)
+            if extra:
+                raise ValueError(f"RoPE parameters {extra} are not implemented by the GPT core")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ROPE_TYPES:
-            raise ValueError(f"RoPE type {rope_type!r} is not implemented by the GPT core (only 'default')")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("partial_rotary_factor != 1 is not implemented by the GPT core")
+        unknown = sorted(k for k, v in d.items() if k not in KNOWN_HF_KEYS and v not in (None, False, 0, "", [], {}))
+        if unknown:
+            raise ValueError(f"config field {unknown[0]!r} = {d[unknown[0]]!r} is not implemented by the GPT core")
         names = {f.name for f in fields(cls)} - {"rope_theta"}
         kw = {k: v for k, v in d.items() if k in names and v is not None}
         kw.setdefault("tie_word_embeddings", False)  # LlamaConfig's defaults where the file is silent

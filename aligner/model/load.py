@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -26,27 +27,92 @@ def vocab_padded(n: int, multiple: int = 64) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def is_gpt_checkpoint(path: str | Path) -> bool:
-    """True when `path` holds a Llama-format checkpoint that the GPT core can load."""
+def core_mismatch(path: str | Path) -> str | None:
+    """Why the GPT core cannot run the checkpoint in `path` exactly, or None when it can (a Llama
+    config.json every field of which it implements: `GPTConfig.from_hf_dict` checks them one by one)."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
+        return f"{path} has no config.json"
+    try:
+        GPTConfig.from_hf_dict(json.loads(cfg.read_text()))
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def is_gpt_checkpoint(path: str | Path) -> bool:
+    """True when `path` holds a Llama-format checkpoint that the GPT core runs exactly."""
+    return core_mismatch(path) is None
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "org/name"
+
+
+def locate(name_or_path: str | Path, what: str = "model.init_from") -> str:
+    """A model source as transformers takes it: an existing local directory (its path), or a Hugging Face
+    Hub name. A path that exists nowhere is a one-line error; for a run directory of this toolkit
+    (runs/<stage>/final) it names the command that writes it."""
+    name = str(name_or_path)
+    path = resolve_path(name)
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise ConfigError(f"{what}: '{name}' is a file; give a checkpoint directory or a Hugging Face model name")
+    first = Path(name).parts[0] if Path(name).parts else name
+    local = name.startswith((".", "/", "~")) or resolve_path(first).is_dir() or not _HUB_ID.fullmatch(name)
+    if not local:
+        return name  # a Hub name: transformers downloads it (or says why not)
+    parts = Path(name).parts
+    stage = parts[-2] if len(parts) >= 2 and parts[-1] == "final" else None
+    if stage in STAGE_COMMANDS:
+        hint = f"; run `aligner {stage}` first (it writes {name}), or set {what} to a checkpoint or Hub model"
+    else:
+        hint = f"; set {what} to a checkpoint directory or a Hugging Face model name"
+    raise ConfigError(f"{what}: '{name}' does not exist{hint}")
+
+
+STAGE_COMMANDS = ("pretrain", "sft", "rm", "dpo", "grpo", "ppo")  # runs/<stage>/final is written by `aligner <stage>`
+
+
+def resolve_dtype(name: str, loaded: bool = True) -> torch.dtype:
+    """model.dtype as a torch dtype. auto: bf16 for a loaded model on a GPU with bf16 (half the memory of
+    fp32; bf16 autocast computes in bf16 anyway), fp32 on CPUs and for a fresh model (pretraining from
+    scratch keeps fp32 master weights)."""
+    if name == "auto":
+        gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if loaded and gpu_bf16 else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def uses_core(cfg: ModelConfig) -> bool:
+    """Whether the recipe's model is the GPT core: a fresh one, `arch: gpt`, or (`arch: auto`) a local
+    checkpoint the core runs exactly. Everything else goes through transformers."""
+    if cfg.arch == "hf":
         return False
-    d = json.loads(cfg.read_text())
-    return d.get("model_type") == "llama" and not d.get("attention_bias") and not d.get("mlp_bias")
+    if not cfg.init_from or cfg.arch == "gpt":
+        return True
+    return resolve_path(cfg.init_from).is_dir() and is_gpt_checkpoint(resolve_path(cfg.init_from))
 
 
 def build_model(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
-    """The policy to train: a fresh GPT core, a GPT-core checkpoint, or an HF model (arch: hf)."""
-    if cfg.arch == "hf":
-        return load_hf_model(cfg.init_from, trust_remote_code=cfg.trust_remote_code)
+    """The policy to train: a fresh GPT core, a GPT-core checkpoint, or any HF causal LM (see `uses_core`)."""
+    dtype = resolve_dtype(cfg.dtype, loaded=bool(cfg.init_from))
+    if cfg.init_from and (Path(locate(cfg.init_from)) / "adapter_config.json").is_file():
+        # a LoRA run's checkpoint: its adapter merged into its base is the model to start from (and the
+        # reference of DPO/GRPO/PPO); an adapter trained on top records this checkpoint as its base
+        return load_adapter_model(locate(cfg.init_from), merge=True, dtype=cfg.dtype)
+    if not uses_core(cfg):
+        return load_hf_model(cfg.init_from, cfg.trust_remote_code, dtype, cfg.attn_implementation)
     if cfg.init_from:
-        path = resolve_path(cfg.init_from)
+        path = Path(locate(cfg.init_from))
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.init_from: '{cfg.init_from}' is not a checkpoint directory (no config.json)")
         try:
-            return GPT.from_pretrained(path)
+            return GPT.from_pretrained(path, dtype=dtype)
         except ValueError as e:
-            raise ConfigError(f"model.init_from: {e}; set model.arch: hf to load it as a Hugging Face model") from None
+            raise ConfigError(
+                f"model.init_from: {e}; set model.arch auto or hf to load it with transformers"
+            ) from None
     eos = end_of_turn_ids(tokenizer)
     gpt_cfg = GPTConfig(
         vocab_size=vocab_padded(len(tokenizer)),
@@ -61,28 +127,41 @@ def build_model(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
         eos_token_id=eos if len(eos) > 1 else eos[0],
         pad_token_id=tokenizer.pad_token_id,
     )
-    return GPT(gpt_cfg)
+    return GPT(gpt_cfg).to(dtype)
 
 
-def load_hf_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+def load_hf_model(
+    name_or_path: str,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "auto",
+):
+    """Any causal LM through transformers' AutoModelForCausalLM; errors are one line naming the source."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_path(name_or_path)
-    target = str(path) if path.exists() else name_or_path
+    target = locate(name_or_path)
+    kw = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
     try:
-        return AutoModelForCausalLM.from_pretrained(target, dtype=dtype, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise ConfigError(f"model.init_from: cannot load '{name_or_path}': {str(e).splitlines()[0]}") from None
+        return AutoModelForCausalLM.from_pretrained(target, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
+    except (OSError, ValueError, ImportError) as e:  # missing files, offline, unknown architecture, bad kernel name
+        raise ConfigError(f"model.init_from: cannot load '{name_or_path}': {str(e).strip().splitlines()[0]}") from None
 
 
-def load_model(path: str | Path, arch: str = "auto") -> torch.nn.Module:
-    """Load any checkpoint for inference: the GPT core when it can, else transformers; adapters merged."""
-    path = resolve_path(path)
-    if (path / "adapter_config.json").is_file():
-        return load_adapter_model(path, merge=True)
-    if arch == "gpt" or (arch == "auto" and is_gpt_checkpoint(path)):
-        return GPT.from_pretrained(path)
-    return load_hf_model(str(path))
+def load_model(
+    path: str | Path, arch: str = "auto", dtype: str = "auto", attn_implementation: str = "auto"
+) -> torch.nn.Module:
+    """Load any checkpoint for inference (eval, generate, chat; the base of an adapter): the GPT core for a
+    local checkpoint it runs exactly (`arch: auto`), else transformers; adapters are merged in."""
+    source = locate(path, "checkpoint")
+    local = Path(source)
+    if local.is_dir() and (local / "adapter_config.json").is_file():
+        return load_adapter_model(local, merge=True, dtype=dtype)
+    if arch == "gpt" or (arch == "auto" and local.is_dir() and is_gpt_checkpoint(local)):
+        mismatch = core_mismatch(local) if local.is_dir() else f"'{source}' is not a local directory"
+        if mismatch is not None:
+            raise ConfigError(f"{source}: --arch gpt, but the GPT core cannot run it exactly ({mismatch}); use auto")
+        return GPT.from_pretrained(local, dtype=resolve_dtype(dtype))
+    return load_hf_model(source, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation)
 
 
 # --- LoRA / QLoRA ------------------------------------------------------------------------------------
@@ -219,15 +298,22 @@ def quantize_linear_4bit(model: torch.nn.Module, cfg: LoRAConfig, device: torch.
 
 def build_qlora_model(model_cfg: ModelConfig, cfg: LoRAConfig, tokenizer) -> torch.nn.Module:
     """QLoRA: the base model frozen in 4-bit NF4 (double quantization, bf16 compute) plus LoRA adapters."""
-    base = str(resolve_path(model_cfg.init_from).resolve()) if model_cfg.init_from else None
-    return apply_lora(build_quantized_model(model_cfg, cfg, tokenizer), cfg, base_path=base)
+    return apply_lora(build_quantized_model(model_cfg, cfg, tokenizer), cfg, base_path=adapter_base(model_cfg))
+
+
+def adapter_base(model_cfg: ModelConfig) -> str | None:
+    """What an adapter records as its base model: the absolute path of a local model, or the Hub name."""
+    if not model_cfg.init_from:
+        return None
+    source = locate(model_cfg.init_from)
+    return str(Path(source).resolve()) if Path(source).is_dir() else source
 
 
 def build_quantized_model(model_cfg: ModelConfig, cfg: LoRAConfig, tokenizer) -> torch.nn.Module:
     """The base model frozen in 4-bit NF4 (QLoRA's half before the adapters)."""
     bnb = _bitsandbytes()  # noqa: F841 (fail early with the install hint)
     device = _quant_device()
-    if model_cfg.arch == "hf":
+    if not uses_core(model_cfg):
         from peft import prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -237,14 +323,14 @@ def build_quantized_model(model_cfg: ModelConfig, cfg: LoRAConfig, tokenizer) ->
             bnb_4bit_use_double_quant=cfg.double_quant,
             bnb_4bit_compute_dtype=_compute_dtype(cfg),
         )
-        path = resolve_path(model_cfg.init_from)
-        target = str(path) if path.exists() else model_cfg.init_from
+        kw = {} if model_cfg.attn_implementation == "auto" else {"attn_implementation": model_cfg.attn_implementation}
         model = AutoModelForCausalLM.from_pretrained(
-            target,
+            locate(model_cfg.init_from),
             quantization_config=quant,
             device_map={"": device},
             dtype=torch.float32,
             trust_remote_code=model_cfg.trust_remote_code,
+            **kw,
         )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
@@ -253,8 +339,9 @@ def build_quantized_model(model_cfg: ModelConfig, cfg: LoRAConfig, tokenizer) ->
     return model
 
 
-def load_adapter_model(path: str | Path, merge: bool = False) -> torch.nn.Module:
-    """A saved adapter on its base model (read from adapter_config.json), optionally merged into it."""
+def load_adapter_model(path: str | Path, merge: bool = False, dtype: str = "auto") -> torch.nn.Module:
+    """A saved adapter on its base model (read from adapter_config.json; the base may itself be an adapter
+    checkpoint, merged in turn), optionally merged into it."""
     from peft import PeftModel
 
     path = resolve_path(path)
@@ -263,16 +350,18 @@ def load_adapter_model(path: str | Path, merge: bool = False) -> torch.nn.Module
     if not base_path:
         raise ConfigError(f"{path}/adapter_config.json does not say which base model the adapter belongs to")
     # apply_lora gives the GPT core a plain PeftModel (no task type) and HF models a causal-LM one
-    base = load_model(base_path, arch="hf" if config.get("task_type") == "CAUSAL_LM" else "gpt")
+    base = load_model(base_path, arch="hf" if config.get("task_type") == "CAUSAL_LM" else "gpt", dtype=dtype)
     model = PeftModel.from_pretrained(base, str(path))
     return model.merge_and_unload() if merge else model
 
 
-def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, what: str = "tokenizer"):
+    """The tokenizer of a checkpoint directory or Hub model; a missing one is a one-line error naming it."""
     from transformers import AutoTokenizer
 
-    path = resolve_path(name_or_path)
-    target = str(path) if path.exists() else str(name_or_path)
+    target = locate(name_or_path, what)
+    if Path(target).is_dir() and not has_tokenizer(target):
+        raise ConfigError(f"'{name_or_path}' holds no tokenizer (tokenizer.json or tokenizer_config.json)")
     try:
         tok = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -337,13 +426,18 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 
 @functools.cache
-def _forward_takes_logits_to_keep(cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def forward_takes(model: torch.nn.Module, name: str) -> bool:
+    """Whether the model's forward has a parameter `name` (transformers' arguments change across releases)."""
+    return name in _forward_parameters(type(model))
 
 
 def skips_head(model: torch.nn.Module) -> bool:
     """Whether a transformers model's forward can compute the LM head on the last positions only."""
-    return _forward_takes_logits_to_keep(type(model))
+    return forward_takes(model, "logits_to_keep")
 
 
 def fused_head(model: torch.nn.Module) -> torch.Tensor | None:

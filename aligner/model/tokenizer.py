@@ -80,6 +80,16 @@ def load_chat_template(path_or_name: str) -> str:
     raise DataError(f"tokenizer.chat_template: template '{path_or_name}' not found (looked for {looked})")
 
 
+def system_prompt(value: str | None) -> str | None:
+    """A system prompt: a file's text, a file in prompts/, or the text itself; None or '' = none."""
+    if not value:
+        return None
+    for path in (Path(value), Path("prompts") / value, REPO_ROOT / "prompts" / value):
+        if path.is_file():
+            return path.read_text().strip()
+    return value
+
+
 def end_of_turn_ids(tokenizer) -> list[int]:
     """Ids that end a generation: EOS and, when the vocabulary has it, the chat end-of-turn token."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

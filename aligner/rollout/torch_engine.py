@@ -32,7 +32,7 @@ import functools
 import torch
 
 from aligner.model.gpt import GPT, GPTConfig, KVCache
-from aligner.model.load import skips_head
+from aligner.model.load import forward_takes, skips_head
 from aligner.rollout.engine import Completion, SamplingParams, check_prompts
 
 # --- sampling -------------------------------------------------------------------------------------
@@ -168,6 +168,8 @@ class TorchEngine:
         self.compile = compile and self.is_gpt and use_cache
         # transformers models can skip the lm_head on all but the last position
         self.hf_logits_to_keep = not self.is_gpt and skips_head(self.core)
+        # transformers >= 5.2x names the KV cache `cache` (in and out), earlier releases `past_key_values`
+        self.hf_cache_arg = "cache" if not self.is_gpt and forward_takes(self.core, "cache") else "past_key_values"
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, on_token=None) -> list[Completion]:
         """len(prompts) * params.n completions, grouped per prompt (the n samples of prompt 0 first).
@@ -280,12 +282,12 @@ class TorchEngine:
             hidden = self.core(input_ids, position_ids=position_ids, attention_mask=attention_mask, return_hidden=True)
             return self.core.lm_head(hidden[:, -1]).float(), None
         kw = {"logits_to_keep": 1} if self.hf_logits_to_keep else {}
+        kw[self.hf_cache_arg] = state
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=state,
             use_cache=self.use_cache,
             **kw,
         )
-        return out.logits[:, -1].float(), out.past_key_values if self.use_cache else None
+        return out.logits[:, -1].float(), getattr(out, self.hf_cache_arg) if self.use_cache else None

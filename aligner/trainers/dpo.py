@@ -48,10 +48,11 @@ import torch
 from aligner.config import Recipe
 from aligner.data.chat import REPLY_SIDES, encode_preferences, pad_token_id
 from aligner.data.collate import pack_pairs, pad_pairs, pad_unpaired
-from aligner.data.formats import to_preference_records, unpair, with_kl_partners
+from aligner.data.formats import add_system_prompt, to_preference_records, unpair, with_kl_partners
 from aligner.errors import DataError
 from aligner.losses import PREFERENCE_LOSSES, REFERENCE_FREE, kto_loss, rpo_nll, summed_logps, summed_logps_by_doc
 from aligner.model.load import causal_lm_token_logprobs
+from aligner.model.tokenizer import system_prompt
 from aligner.trainers.base import Trainer, prepare_run_dir
 
 
@@ -116,6 +117,7 @@ class DPOTrainer(Trainer):
         loss, stats = self.loss_fn(
             **kw, beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.simpo_gamma, lam=d.orpo_lambda
         )
+        stats["loss"] = float(loss.detach()) / chosen.numel()  # dpo/loss: the preference loss alone, per pair
         if d.sft_weight:  # RPO: keep the chosen replies likely while pushing the pair apart
             nll, nll_stats = rpo_nll(chosen, chosen_len)
             loss = loss + d.sft_weight * nll
@@ -306,6 +308,32 @@ def sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tuple[list
     return out, report + where
 
 
+TASK_WORLD_OPTIONS = ("sample_pairs", "sft_weight")  # recipes/dpo.yaml's options that fit only judged rows
+
+
+def offline_unless_judged(recipe: Recipe, rows: list[dict]) -> None:
+    """Plain offline DPO on rows without an `answer` column (ordinary preference pairs): on-policy sampling
+    (dpo.sample_pairs) and RPO's NLL term (dpo.sft_weight) that a default recipe sets for the task world
+    are switched off with a printed notice. Set explicitly (a flag or the user's own recipe), RPO stays
+    on, and sampling, which needs answers to judge its samples, is an error."""
+    o = recipe.dpo
+    if "answer" in rows[0] or not (o.sample_pairs or o.sft_weight):
+        return
+    if o.sample_pairs and "dpo.sample_pairs" in recipe.explicit:
+        raise DataError(
+            f"dpo.sample_pairs needs rows with an 'answer' column to judge the samples (columns: {', '.join(rows[0])})"
+            "; map one with data.columns, or set --dpo.sample_pairs 0 for offline DPO on the pairs as they are"
+        )
+    off = [k for k in TASK_WORLD_OPTIONS if getattr(o, k) and f"dpo.{k}" not in recipe.explicit]
+    for key in off:
+        setattr(o, key, type(getattr(o, key))(0))
+    if off:
+        print(
+            f"dpo: the rows have no 'answer' column, so {' and '.join(f'dpo.{k}' for k in off)} (set by "
+            f"{recipe.path or 'the default recipe'} for the task world) are off: plain offline DPO on the pairs"
+        )
+
+
 def encode_pairs(
     recipe: Recipe, tokenizer, model=None, share: tuple[int, int] = (1, 1)
 ) -> tuple[list[dict], list[dict] | None, str]:
@@ -316,13 +344,16 @@ def encode_pairs(
 
     d, o = recipe.data, recipe.dpo
     train_rows, eval_rows = load_splits(recipe, "preference")
+    offline_unless_judged(recipe, train_rows)
     k, n = share
     train_rows = train_rows[(k - 1) * len(train_rows) // n : k * len(train_rows) // n]
     sampled = ""
     if o.sample_pairs and model is not None:
         train_rows, sampled = sample_pairs(model, tokenizer, train_rows, o, recipe.train.seed)
     where = f"data.source '{d.source}'"
-    records, counts = to_preference_records(train_rows, d.format, where)
+    system = system_prompt(d.system_prompt)
+    records, counts = to_preference_records(train_rows, d.format, where, allow_empty=bool(sampled))
+    records = add_system_prompt(records, system)
     unpaired = "completion" in records[0]
     if unpaired and o.loss != "kto":
         raise DataError(f"{where} holds unpaired rows (prompt, completion, label); train on them with --loss kto")
@@ -335,7 +366,7 @@ def encode_pairs(
     train, report = encode_preferences(prepare(records), tokenizer, d.seq_len, overlong=o.overlong, source=where)
     evals = None
     if eval_rows:
-        eval_records, _ = to_preference_records(eval_rows, d.format, "the eval split")
+        eval_records = add_system_prompt(to_preference_records(eval_rows, d.format, "the eval split")[0], system)
         evals, _ = encode_preferences(
             prepare(eval_records), tokenizer, d.seq_len, overlong=o.overlong, source="the eval split"
         )
@@ -358,7 +389,7 @@ def dpo(recipe: Recipe, share: tuple[int, int] = (1, 1)) -> dict:
         return iterative_dpo(recipe)
     recipe.sft.chat_template = o.chat_template or recipe.sft.chat_template
     tokenizer = sft_tokenizer(recipe)
-    model = prepare_model(recipe, tokenizer)
+    model = prepare_model(recipe, tokenizer, stage="dpo")
     train_data, eval_data, report = encode_pairs(recipe, tokenizer, model, share)
     needs_ref = o.loss not in REFERENCE_FREE
     # full fine-tuning keeps a frozen copy as the reference; LoRA disables its adapter instead

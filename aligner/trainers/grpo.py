@@ -39,6 +39,7 @@ from aligner.errors import ConfigError
 from aligner.losses import grpo_loss
 from aligner.model.load import causal_lm_token_logprobs
 from aligner.rollout.engine import SamplingParams
+from aligner.tracking import tqdm_write
 from aligner.trainers.base import prepare_run_dir
 from aligner.trainers.online import OnlineTrainer, setup
 
@@ -67,6 +68,8 @@ class GRPOTrainer(OnlineTrainer):
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
         self.rollout_engine = (self.g.engine, self.g.vllm_memory, self.g.vllm_sleep)
         self.compile_rollouts = self.g.compile_rollouts
+        self.no_gradient_rollouts = 0  # rollouts whose every completion had advantage 0 or was masked
+        self.reward_keys = {f"rollout/{name}" for name in reward_set.names}
 
     def compute_total_steps(self) -> int:
         if self.cfg.max_steps is not None:
@@ -115,6 +118,7 @@ class GRPOTrainer(OnlineTrainer):
             self.add_reference_logps(batch)
         finished = [o.finished for o in outs]
         trained = sum(int(b["input_ids"].shape[0]) for b in batches)
+        learning = sum(e["advantage"] != 0.0 and e["kept"] for e in examples)
         metrics = {  # over every completion sampled, but rollout/skipped (of those trained on)
             "rollout/reward_mean": float(sampled.mean()),
             "rollout/reward_std": float(sampled.std()) if sampled.numel() > 1 else 0.0,
@@ -122,9 +126,31 @@ class GRPOTrainer(OnlineTrainer):
             "rollout/truncated": 1 - sum(finished) / len(finished),
             "rollout/zero_std_groups": float((grouped.std(-1) == 0).float().mean()),
             "rollout/skipped": 1 - trained / len(examples),  # completions left out of the forward (advantage 0)
+            "rollout/learning": learning / len(examples),  # completions in the loss with advantage != 0
             **{f"rollout/{name}": sum(v) / len(v) for name, v in parts.items()},
         }
         return batches, metrics
+
+    def train_step(self, step: int) -> dict:
+        metrics = super().train_step(step)
+        if step % self.steps_per_rollout == 0 and metrics["rollout/learning"] == 0 and self.g.beta == 0:
+            self.warn_no_gradient(step, metrics)
+        return metrics
+
+    def warn_no_gradient(self, step: int, m: dict) -> None:
+        """Say why a rollout gives no gradient at all (every group tied, or every completion that is not
+        truncated in a tied group), with the counts, and what usually causes it."""
+        self.no_gradient_rollouts += 1
+        if self.is_main and (self.no_gradient_rollouts <= 3 or self.no_gradient_rollouts % 20 == 0):
+            groups = self.prompts_per_rollout * self.world
+            rewards = ", ".join(f"{k.removeprefix('rollout/')} {v:.2f}" for k, v in m.items() if k in self.reward_keys)
+            tqdm_write(
+                f"grpo: step {step + 1} had no gradient: {m['rollout/zero_std_groups']:.0%} of {groups} groups had "
+                f"equal rewards and {m['rollout/truncated']:.0%} of the completions hit max_new_tokens "
+                f"({self.g.max_new_tokens}){' and are masked' if self.g.mask_truncated else ''}; reward means: "
+                f"{rewards}. Check that the rewards fit the model's replies (math_answer for general chat models) "
+                f"and max_new_tokens ({self.no_gradient_rollouts} rollouts without gradient so far)"
+            )
 
     def collate(self, examples: list) -> dict:
         batch = pad_examples(examples, self.pad_id)
@@ -214,7 +240,7 @@ def grpo(recipe: Recipe) -> dict:
     if g.oversample < 1:
         raise ConfigError(f"{recipe.path or 'recipe'}: grpo.oversample must be 1 or more (got {g.oversample})")
     tokenizer, reward_set, prompts, evals, note = setup(recipe, g)
-    model = prepare_model(recipe, tokenizer)
+    model = prepare_model(recipe, tokenizer, stage="grpo")
     ref_model = None
     if g.beta > 0 and not recipe.lora.enabled:
         ref_model = copy.deepcopy(model).requires_grad_(False)

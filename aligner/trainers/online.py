@@ -154,15 +154,18 @@ class OnlineTrainer(Trainer):
 # --- what the commands share ------------------------------------------------------------------------
 
 
-def encode_prompts(rows: list[dict], tokenizer, max_prompt_len: int, source: str) -> tuple[list[dict], int]:
+def encode_prompts(
+    rows: list[dict], tokenizer, max_prompt_len: int, source: str, system: str | None = None
+) -> tuple[list[dict], int]:
     """Prompt records with their token ids (rendered with the generation prompt, as at rollout), dropping
-    prompts over `max_prompt_len` tokens; returns the records and how many were dropped."""
+    prompts over `max_prompt_len` tokens; returns the records and how many were dropped. `system`: a
+    system turn for prompts without one (data.system_prompt)."""
     from aligner.data.chat import encode_prompt
-    from aligner.data.formats import to_prompt_records
+    from aligner.data.formats import add_system_prompt, to_prompt_records
     from aligner.errors import DataError
 
     out, dropped = [], 0
-    for rec in to_prompt_records(rows, source):
+    for rec in add_system_prompt(to_prompt_records(rows, source), system):
         ids = encode_prompt(tokenizer, rec["prompt"])
         if len(ids) > max_prompt_len:
             dropped += 1
@@ -191,6 +194,7 @@ def setup(recipe, section) -> tuple:
     """Tokenizer (with the section's chat template), reward set and encoded train/eval prompts for an
     online-RL command, all checked before anything is written: (tokenizer, rewards, prompts, evals, note)."""
     from aligner.errors import ConfigError
+    from aligner.model.tokenizer import system_prompt
     from aligner.trainers.sft import load_splits, sft_tokenizer
 
     d = recipe.data
@@ -198,10 +202,16 @@ def setup(recipe, section) -> tuple:
     tokenizer = sft_tokenizer(recipe)
     if not reply_stop_ids(tokenizer):
         raise ConfigError("the tokenizer has no end-of-turn or EOS token, so completions could never stop; add one")
-    rewards = reward_set_of(section.rewards, section.reward_weights, section.reward_model)
+    name = "grpo" if recipe.grpo is section else "ppo"
+    weights = section.reward_weights
+    if f"{name}.rewards" in recipe.explicit and f"{name}.reward_weights" not in recipe.explicit and weights:
+        print(f"{name}: rewards {', '.join(section.rewards)} given without weights: each weighs 1")
+        weights = section.reward_weights = []  # the recipe's weights were for its own rewards
+    rewards = reward_set_of(section.rewards, weights, section.reward_model)
     train_rows, eval_rows = load_splits(recipe, "rl")
     limit = d.seq_len - section.max_new_tokens
-    prompts, dropped = encode_prompts(train_rows, tokenizer, limit, f"data.source '{d.source}'")
-    evals = encode_prompts(eval_rows, tokenizer, limit, "the eval split")[0] if eval_rows else None
+    system = system_prompt(d.system_prompt)
+    prompts, dropped = encode_prompts(train_rows, tokenizer, limit, f"data.source '{d.source}'", system)
+    evals = encode_prompts(eval_rows, tokenizer, limit, "the eval split", system)[0] if eval_rows else None
     note = f"{len(prompts)} prompts" + (f", {dropped} longer than {limit} tokens dropped" if dropped else "")
     return tokenizer, rewards, prompts, evals, f"{note}; rewards {', '.join(rewards.names)}"

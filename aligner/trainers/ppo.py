@@ -290,7 +290,7 @@ def ppo(recipe: Recipe) -> dict:
             f"grad_accum ({t.micro_batch_size * t.grad_accum}, one minibatch per process)"
         )
     tokenizer, reward_set, prompts, evals, note = setup(recipe, p)
-    policy = prepare_model(recipe, tokenizer)
+    policy = prepare_model(recipe, tokenizer, stage="ppo")
     ref_model = None if recipe.lora.enabled else copy.deepcopy(policy).requires_grad_(False)
     critic = make_critic(recipe, policy) if p.value_model == "separate" else None
     model = PolicyAndValue(policy, critic)

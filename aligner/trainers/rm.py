@@ -31,10 +31,11 @@ import torch
 from aligner.config import Recipe
 from aligner.data.chat import encode_preferences, pad_token_id
 from aligner.data.collate import pack_pairs, pad_examples, pad_pairs
-from aligner.data.formats import to_preference_records
+from aligner.data.formats import add_system_prompt, to_preference_records
 from aligner.errors import DataError
 from aligner.losses import IGNORE_INDEX, bradley_terry_loss, rpo_nll, summed_logps, summed_logps_by_doc
 from aligner.model.heads import last_token_values
+from aligner.model.tokenizer import system_prompt
 from aligner.trainers.base import Trainer, prepare_run_dir
 
 
@@ -103,10 +104,14 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], batch
     return scores
 
 
-def encode_reward_pairs(rows: list[dict], tokenizer, max_len: int, fmt=None, overlong="truncate", source="dataset"):
+def encode_reward_pairs(
+    rows: list[dict], tokenizer, max_len: int, fmt=None, overlong="truncate", source="dataset", system=None
+):
     """Preference rows -> tokenized pairs whose input_ids end with the conversation's final token (the
-    one the head reads, in training as in `score_conversations`), the encoding report and the counts."""
+    one the head reads, in training as in `score_conversations`), the encoding report and the counts.
+    `system`: a system turn for prompts without one (data.system_prompt)."""
     records, counts = to_preference_records(rows, fmt, source)
+    records = add_system_prompt(records, system)
     if "completion" in records[0]:
         raise DataError(
             f"{source} holds unpaired (KTO) rows; a Bradley-Terry reward model needs chosen/rejected pairs"
@@ -124,11 +129,14 @@ def rm(recipe: Recipe) -> dict:
     tokenizer = sft_tokenizer(recipe)
     train_rows, eval_rows = load_splits(recipe, "preference")
     where = f"data.source '{d.source}'"
-    train_data, report, counts = encode_reward_pairs(train_rows, tokenizer, d.seq_len, d.format, r.overlong, where)
+    system = system_prompt(d.system_prompt)
+    encode = dict(fmt=d.format, overlong=r.overlong, system=system)
+    train_data, report, counts = encode_reward_pairs(train_rows, tokenizer, d.seq_len, source=where, **encode)
     eval_data = None
     if eval_rows:
-        eval_data = encode_reward_pairs(eval_rows, tokenizer, d.seq_len, d.format, r.overlong, "the eval split")[0]
-    model = prepare_model(recipe, tokenizer, scalar_head=True, keep_lm_head=r.lm_coef > 0 or r.likelihood_coef > 0)
+        eval_data = encode_reward_pairs(eval_rows, tokenizer, d.seq_len, source="the eval split", **encode)[0]
+    keep = r.lm_coef > 0 or r.likelihood_coef > 0
+    model = prepare_model(recipe, tokenizer, scalar_head=True, keep_lm_head=keep, stage="rm")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.likelihood_coef = r.likelihood_coef  # saved with the checkpoint: every score then counts it
     run_dir = Path(recipe.train.out_dir) / recipe.train.name

@@ -23,19 +23,22 @@ import torch
 from aligner.config import Recipe, resolve_path
 from aligner.data.chat import encode_dataset, pad_token_id
 from aligner.data.collate import PackedText, pack_examples, pad_examples
-from aligner.data.formats import to_records
-from aligner.data.sources import load_rows
+from aligner.data.formats import add_system_prompt, to_records
+from aligner.data.sources import load_rows, mix_rows, mix_shares
 from aligner.errors import ConfigError, DataError
+from aligner.model.gpt import GPTConfig
 from aligner.model.heads import ScalarHeadModel, is_reward_checkpoint, load_reward_model
 from aligner.model.load import (
+    adapter_base,
     apply_lora,
+    base_config,
     build_model,
     build_quantized_model,
     causal_lm_token_logprobs,
     has_tokenizer,
     load_tokenizer,
 )
-from aligner.model.tokenizer import load_chat_template, train_tokenizer
+from aligner.model.tokenizer import load_chat_template, system_prompt, train_tokenizer
 from aligner.trainers.base import Trainer, prepare_run_dir
 
 
@@ -78,30 +81,52 @@ def _texts(rows: list[dict], field: str, source: str) -> list[str]:
 def load_splits(recipe: Recipe, world_kind: str) -> tuple[list[dict], list[dict]]:
     """Training and eval rows as the recipe's data section says.
 
-    Eval rows come from data.eval_source, else the task world's eval split, else a seeded
-    data.eval_fraction slice held out of the training rows; none with data.num_eval_rows 0.
+    Training rows come from data.source, or from data.mix (`aligner.data.sources.mix_rows`: shares of
+    data.num_rows by weight, else the largest mix that repeats no row, shuffled with data.world_seed; with
+    data.streaming each source streams just its share). Eval rows come from data.eval_source, else the task
+    world's eval split (a world source), else a seeded data.eval_fraction slice held out of the training
+    rows (every copy of a held-out row leaves training); none with data.num_eval_rows 0. data.subset and
+    data.columns apply to data.source and data.eval_source alike (each mix source has its own).
     """
     d = recipe.data
     common = dict(seed=d.world_seed, levels=tuple(d.world_levels), world_kind=world_kind, text_field=d.text_field)
-    train = load_rows(d.source, d.split, n=d.num_rows, **common)
+    common.update(streaming=d.streaming)
+    own = dict(subset=d.subset, columns=d.columns)
+    if d.mix:
+        train = _mixed_rows(recipe, common)
+    else:
+        train = load_rows(d.source, d.split, n=d.num_rows, **own, **common)
     if not train:
         raise DataError(f"data.source '{d.source}' (split {d.split}) has no rows")
     if d.num_eval_rows == 0:
         evals = []
     elif d.eval_source:
-        evals = load_rows(d.eval_source, d.eval_split, n=d.num_eval_rows, **common)
-    elif d.source.startswith("world"):
-        evals = load_rows(d.source, d.eval_split, n=d.num_eval_rows, **common)
-    else:  # hold out a seeded slice of the training rows
-        order = list(range(len(train)))
-        random.Random(d.world_seed).shuffle(order)
-        n_eval = round(len(train) * d.eval_fraction)
+        evals = load_rows(d.eval_source, d.eval_split, n=d.num_eval_rows, **own, **common)
+    elif d.source.startswith("world") and not d.mix:
+        evals = load_rows(d.source, d.eval_split, n=d.num_eval_rows, **own, **common)
+    else:  # hold out a seeded slice of the training rows (a mix repeats rows as the same objects: keyed by id)
+        keys = list(dict.fromkeys(id(r) for r in train))
+        random.Random(d.world_seed).shuffle(keys)
+        n_eval = round(len(keys) * d.eval_fraction)
         if d.num_eval_rows is not None:
             n_eval = min(n_eval, d.num_eval_rows)
-        held = set(order[:n_eval])
-        evals = [r for i, r in enumerate(train) if i in held]
-        train = [r for i, r in enumerate(train) if i not in held]
+        held = set(keys[:n_eval])
+        evals = list({id(r): r for r in train if id(r) in held}.values())
+        train = [r for r in train if id(r) not in held]
     return train, evals
+
+
+def _mixed_rows(recipe: Recipe, common: dict) -> list[dict]:
+    """data.mix's sources, loaded (with streaming, just each one's share) and mixed by weight."""
+    d = recipe.data
+    weights = [m.weight for m in d.mix]
+    shares = mix_shares(weights, d.num_rows) if d.streaming and d.num_rows else [None] * len(d.mix)
+    parts = [
+        load_rows(m.source, m.split, n=share, subset=m.subset, columns=m.columns, **common) if share != 0 else []
+        for m, share in zip(d.mix, shares)
+    ]
+    names = [f"data.mix[{i}] '{m.source}'" for i, m in enumerate(d.mix)]
+    return mix_rows(parts, weights, d.num_rows, d.world_seed, names)
 
 
 def load_text_splits(recipe: Recipe) -> tuple[list[str], list[str]]:
@@ -186,18 +211,75 @@ def sft_tokenizer(recipe: Recipe):
     path = t.path or m.init_from
     if not path:
         raise ConfigError("sft needs a tokenizer: set model.init_from (a checkpoint or HF model) or tokenizer.path")
-    tokenizer = load_tokenizer(path, trust_remote_code=m.trust_remote_code)
-    if s.chat_template:  # attached, so every checkpoint of the run carries the template it was trained with
+    what = "tokenizer.path" if t.path else "model.init_from"
+    tokenizer = load_tokenizer(path, trust_remote_code=m.trust_remote_code, what=what)
+    chosen = any(k.endswith(".chat_template") for k in recipe.explicit)
+    if s.chat_template and tokenizer.chat_template and not chosen and not trained_here(m.init_from):
+        print(
+            f"keeping the chat template of '{path}' ({recipe.path or 'the default recipe'}'s {s.chat_template} is "
+            "for the task-world core; set --sft.chat_template to use another)"
+        )
+        s.chat_template = None  # the saved recipe says what was used
+    elif s.chat_template:  # attached, so every checkpoint of the run carries the template it was trained with
         tokenizer.chat_template = load_chat_template(s.chat_template)
     if not tokenizer.chat_template:
         raise ConfigError(f"the tokenizer of '{path}' has no chat template; set sft.chat_template (e.g. chatml)")
     return tokenizer
 
 
-def prepare_model(recipe: Recipe, tokenizer, scalar_head: bool = False, keep_lm_head: bool = False) -> torch.nn.Module:
+# Learning rates for models this toolkit did not train (Hub models), by command, for full fine-tuning and for
+# LoRA, at up to 1.5B parameters; halved up to 15B, quartered beyond. Values common in the field: SFT 2e-5
+# (Zephyr, Alpaca), reward models 1e-5, DPO 5e-7 (Zephyr, Tulu 3), GRPO 1e-6 (TRL), PPO 3e-6 (InstructGPT /
+# TRL), and ten times more for LoRA adapters. The recipes' own rates are tuned for the task world's ~1M-param
+# core and are far too high for a pretrained model.
+HF_LEARNING_RATES = {
+    "sft": (2e-5, 2e-4),
+    "rm": (1e-5, 1e-4),
+    "dpo": (5e-7, 5e-6),
+    "grpo": (1e-6, 1e-5),
+    "ppo": (3e-6, 3e-5),
+}
+
+
+def default_lr(stage: str, lora: bool, n_params: int) -> float:
+    """The learning rate for `stage` on a pretrained model of `n_params` parameters (HF_LEARNING_RATES).
+
+    >>> default_lr("sft", False, 494_000_000), default_lr("dpo", True, 8_000_000_000)
+    (2e-05, 2.5e-06)
+    """
+    lr = HF_LEARNING_RATES[stage][int(lora)]
+    return lr if n_params <= 1.5e9 else lr / 2 if n_params <= 15e9 else lr / 4
+
+
+def trained_here(init_from: str | None) -> bool:
+    """Whether the start model is fresh or a checkpoint this toolkit wrote (it saves recipe.yaml beside it)."""
+    return not init_from or (resolve_path(init_from) / "recipe.yaml").is_file()
+
+
+def resolve_lr(recipe: Recipe, model: torch.nn.Module, stage: str) -> None:
+    """Set train.lr for a pretrained model when the user did not choose one (by a flag or in their own
+    recipe): the shipped recipes' rates are tuned for the task world's core, which they keep (a GPT core
+    this toolkit trained). Any other model, a Hub model or one fine-tuned from it here, gets
+    `default_lr`. Prints what it chose."""
+    core = isinstance(base_config(model), GPTConfig)
+    if (core and trained_here(recipe.model.init_from)) or "train.lr" in recipe.explicit:
+        return
+    n = sum(p.numel() for p in model.parameters())
+    lr = default_lr(stage, recipe.lora.enabled, n)
+    if lr != recipe.train.lr:
+        print(
+            f"{stage}: train.lr {lr:g} for {training_kind(recipe)} training of a {n / 1e6:.1f}M-param pretrained "
+            f"model (the recipe's {recipe.train.lr:g} is tuned for the task world's core); set --lr to choose"
+        )
+    recipe.train.lr = lr
+
+
+def prepare_model(
+    recipe: Recipe, tokenizer, scalar_head: bool = False, keep_lm_head: bool = False, stage: str = "sft"
+) -> torch.nn.Module:
     """The model to train: GPT core or HF model, with a scalar head instead of the LM head when asked
     (reward models; `keep_lm_head` keeps the LM head beside it), and LoRA / QLoRA adapters when the
-    recipe asks for them."""
+    recipe asks for them. `stage` picks the learning rate for a pretrained model (`resolve_lr`)."""
     torch.manual_seed(recipe.train.seed)  # same initial weights (and adapters) on every process and run
     lora = recipe.lora
     init = resolve_path(recipe.model.init_from) if recipe.model.init_from else None
@@ -213,9 +295,9 @@ def prepare_model(recipe: Recipe, tokenizer, scalar_head: bool = False, keep_lm_
         model = build_model(recipe.model, tokenizer)
     if scalar_head and not isinstance(model, ScalarHeadModel):
         model = ScalarHeadModel.from_causal_lm(model, keep_lm_head=keep_lm_head)
+    resolve_lr(recipe, model, stage)
     if lora.enabled:
-        base = str(resolve_path(recipe.model.init_from).resolve()) if recipe.model.init_from else None
-        model = apply_lora(model, lora, base_path=base)
+        model = apply_lora(model, lora, base_path=adapter_base(recipe.model))
     return model
 
 
@@ -229,14 +311,15 @@ def encode_conversations(recipe: Recipe, tokenizer) -> tuple[list[dict], list[di
     d, s = recipe.data, recipe.sft
     train_rows, eval_rows = load_splits(recipe, "sft")
     where = f"data.source '{d.source}'"
-    train_recs = to_records(train_rows, d.format, where)
+    system = system_prompt(d.system_prompt)
+    train_recs = add_system_prompt(to_records(train_rows, d.format, where), system)
     if "messages" not in train_recs[0]:
         raise DataError(f"{where} holds plain text, not conversations; train on it with `aligner pretrain`")
     opts = dict(train_on=s.train_on, overlong=s.overlong)
     train, report = encode_dataset(train_recs, tokenizer, d.seq_len, source=where, **opts)
     evals = None
     if eval_rows:
-        eval_recs = to_records(eval_rows, d.format, "the eval split")
+        eval_recs = add_system_prompt(to_records(eval_rows, d.format, "the eval split"), system)
         evals, _ = encode_dataset(eval_recs, tokenizer, d.seq_len, source="the eval split", **opts)
     return train, evals, report.summary()
 
