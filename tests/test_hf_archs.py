@@ -1,5 +1,5 @@
 """Bring your own model and data: tiny random Llama-3, Qwen2, Gemma-2 and Mistral models (tests/tiny_archs.py)
-through sft, dpo, grpo, eval, generate and chat from the command line, on local copies of Hub datasets
+through sft, dpo, grpo, rm, ppo, eval, generate and chat from the command line, on local copies of Hub datasets
 (tests/hub_fixtures.py), with their outputs loaded back by transformers; and which checkpoints the GPT
 core runs (only those it implements field by field)."""
 
@@ -74,7 +74,7 @@ def test_the_core_takes_only_checkpoints_it_implements_exactly(arch, bases):
     assert GPTConfig.from_hf_dict(d | {"sliding_window": None, "pretraining_tp": 1}) == GPTConfig.from_hf_dict(d)
 
 
-def test_sft_dpo_grpo_eval_generate_chat(arch, hub, tmp_path, capsys, monkeypatch):
+def test_sft_dpo_grpo_rm_ppo_eval_generate_chat(arch, hub, tmp_path, capsys, monkeypatch):
     family, model = arch
     runs = tmp_path / "runs"
     common = [*QUIET, "--train.out_dir", str(runs), "--train.max_steps", "2", "--train.micro_batch_size", "4"]
@@ -110,6 +110,19 @@ def test_sft_dpo_grpo_eval_generate_chat(arch, hub, tmp_path, capsys, monkeypatc
     # 8 tokens are too few for any answer: every completion truncated and masked, and the run says so
     assert rows[0]["rollout/learning"] == 0 and "step 1 had no gradient" in capsys.readouterr().err
     loads_in_transformers(runs / "grpo" / "final", family)
+
+    # a reward model on the same pairs, then PPO scored by it (and by the answer checker)
+    rm = ["rm", "--model.init_from", str(runs / "sft" / "final"), "--data.source", str(hub["ultrafeedback"])]
+    rm += ["--data.split", "train_prefs", "--data.num_eval_rows", "0"]
+    assert main([*rm, *common, "--train.name", "rm"]) == 0
+    assert "train.lr 1e-05" in capsys.readouterr().out
+    ppo = ["ppo", "--model.init_from", str(runs / "sft" / "final"), "--ppo.reward_model", str(runs / "rm" / "final")]
+    ppo += ["--data.source", str(hub["gsm8k"]), "--data.subset", "main", "--data.columns", "{question: prompt}"]
+    ppo += ["--ppo.rewards", "[math_answer]", "--ppo.rollout_prompts", "4", "--ppo.max_new_tokens", "8"]
+    ppo += ["--data.num_eval_rows", "0", "--ppo.accuracy_items", "0", "--ppo.ppo_epochs", "1"]
+    assert main([*ppo, *common, "--train.name", "ppo"]) == 0
+    assert {"rollout/reward_model", "rollout/math_answer"} <= set(metrics(runs / "ppo")[0])
+    loads_in_transformers(runs / "ppo" / "final", family)
 
     # eval (a spec on the local gsm8k copy), generate, chat
     spec = tmp_path / "gsm8k_local.yaml"
