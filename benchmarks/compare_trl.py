@@ -3,6 +3,8 @@
     python benchmarks/compare_trl.py                        # ~10M Llama (8k vocab) and ~23M (32k vocab), all four
     python benchmarks/compare_trl.py --trainers sft dpo --vocab 8192 --steps 20
     python benchmarks/compare_trl.py --quick                # smoke test: tiny model, one timed step each
+    python benchmarks/compare_trl.py --device cuda          # on a GPU: a ~0.45B Llama (GQA) at length 1024
+    python benchmarks/compare_trl.py --device cuda --vllm --trainers grpo   # GRPO generating with vLLM on both
 
 Both frameworks get the same checkpoint (a LlamaForCausalLM built here, seed 0), the same tokenizer and
 chat template, the same rows (task-world conversations, preference pairs and RL prompts), batch size,
@@ -18,7 +20,11 @@ its own (`--child`), so its peak memory is its own: the peak resident memory whi
 built and trains, above the resident memory once the libraries are imported (glibc is told to return
 freed blocks at once so the figure follows live tensors). "bare" is the model's own forward, backward
 and AdamW step on the same batches (right-padded, the model's own loss), with no trainer: the
-throughput ceiling each trainer's figure reads against.
+throughput ceiling each trainer's figure reads against. On a GPU (`--device cuda`) the memory is CUDA's
+peak allocated memory of the run (torch.cuda.max_memory_allocated), both frameworks keep fp32 master
+weights under bf16 autocast, and the model's shape comes from --hidden/--layers/--heads/--kv-heads
+(default on a GPU: 32 layers of width 1024, 16 query and 4 key/value heads, ~0.45B parameters with the
+32k vocabulary, at length 1024).
 
 Settings that differ because the frameworks differ, not because the benchmark chose them: aligner
 packs SFT examples padding-free (its default; the loss is the same) where TRL pads; TRL's SFT also
@@ -60,6 +66,27 @@ def distinct_reward(prompts, completions, **_) -> list[float]:
 # --- memory ---------------------------------------------------------------------------------------
 
 
+def memory_base(spec: dict) -> float:
+    """The memory the run starts from: resident memory (CPU) or, on a GPU, what is allocated (the peak counter
+    restarts)."""
+    if spec.get("device") == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    base = rss_mib()
+    reset_peak()
+    return base
+
+
+def memory_peak(spec: dict) -> float:
+    if spec.get("device") == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_mib()
+
+
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -82,7 +109,7 @@ def peak_mib() -> float:
 # --- the shared inputs ----------------------------------------------------------------------------
 
 
-def build_inputs(root: Path, vocabs: list[int], quick: bool, rows: int) -> dict:
+def build_inputs(root: Path, vocabs: list[int], quick: bool, rows: int, shape: dict) -> dict:
     """Tokenizer, one checkpoint per vocabulary, and the jsonl rows of each trainer (in aligner's order)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -95,15 +122,15 @@ def build_inputs(root: Path, vocabs: list[int], quick: bool, rows: int) -> dict:
     models = {}
     for vocab in vocabs:
         torch.manual_seed(0)
-        hidden, layers = (64, 2) if quick else (256, 8)
+        hidden = 64 if quick else shape["hidden"]
         cfg = LlamaConfig(
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=3 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=hidden // 64,
-            num_key_value_heads=max(1, hidden // 128),
-            max_position_embeddings=512,
+            num_hidden_layers=2 if quick else shape["layers"],
+            num_attention_heads=1 if quick else shape["heads"],
+            num_key_value_heads=1 if quick else shape["kv_heads"],
+            max_position_embeddings=max(512, shape["max_len"]),
             tie_word_embeddings=False,
             bos_token_id=None,
             eos_token_id=tok.eos_token_id,
@@ -185,15 +212,14 @@ def run_aligner(spec: dict) -> dict:
     from aligner.config import load_recipe
     from aligner.trainers import dpo, grpo, rm, sft
 
-    base = rss_mib()
-    reset_peak()
+    base = memory_base(spec)
     ends, tokens, losses, peaks = [], [], [], []
     original = base_mod.Trainer.train_step
 
     def timed_step(self, step):
         out = original(self, step)
         ends.append(time.perf_counter())
-        peaks.append(peak_mib())
+        peaks.append(memory_peak(spec))
         tokens.append(int(out.get("train/tokens", 0)))
         losses.append(float(out["train/loss"]))
         return out
@@ -202,7 +228,7 @@ def run_aligner(spec: dict) -> dict:
     steps = s["warmup"] + s["steps"]
     source = {"sft": "sft", "rm": "pref", "dpo": "pref", "grpo": "rl"}[trainer]
     recipe = {
-        "model": {"init_from": s["model"], "arch": "hf"},
+        "model": {"init_from": s["model"], "arch": "hf", "dtype": "fp32"},  # fp32 master weights, as TRL
         "data": {"source": s["data"][f"{source}_aligner"], "num_eval_rows": 0, "seq_len": s["max_len"]},
         "train": {
             "out_dir": s["out_dir"],
@@ -235,6 +261,7 @@ def run_aligner(spec: dict) -> dict:
             "rewards": ["compare_trl:distinct_reward"],
             "mask_truncated": False,
             "accuracy_items": 0,
+            **({"engine": "vllm", "vllm_memory": 0.3} if s.get("vllm") else {}),
         }
     Path(s["out_dir"]).mkdir(parents=True, exist_ok=True)
     path = Path(s["out_dir"]) / f"{trainer}_aligner.yaml"
@@ -260,8 +287,7 @@ def run_trl(spec: dict) -> dict:
     import trl
 
     sys.path.insert(0, str(HERE))
-    base = rss_mib()
-    reset_peak()
+    base = memory_base(spec)
     s, trainer = spec, spec["trainer"]
     steps = s["warmup"] + s["steps"]
     ends, tokens, losses, peaks = [], [], [], []
@@ -269,7 +295,7 @@ def run_trl(spec: dict) -> dict:
     class Clock(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             ends.append(time.perf_counter())
-            peaks.append(peak_mib())
+            peaks.append(memory_peak(spec))
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -293,7 +319,7 @@ def run_trl(spec: dict) -> dict:
         seed=0,
         dataloader_num_workers=0,
         train_sampling_strategy="sequential",
-        use_cpu=True,
+        use_cpu=s.get("device", "cpu") == "cpu",
     )
     source = {"sft": "sft", "rm": "pref", "dpo": "pref", "grpo": "rl"}[trainer]
     dataset = datasets.load_dataset("json", data_files=s["data"][f"{source}_trl"], split="train")
@@ -324,6 +350,11 @@ def run_trl(spec: dict) -> dict:
             loss_type="dapo",
             scale_rewards="group",
             shuffle_dataset=False,
+            **(
+                {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3}
+                if s.get("vllm")
+                else {}
+            ),
             **common,
         )
         model = transformers.AutoModelForCausalLM.from_pretrained(s["model"])
@@ -353,9 +384,9 @@ def run_bare(spec: dict) -> dict:
     import torch.nn.functional as F
     import transformers
 
-    base = rss_mib()
-    reset_peak()
+    base = memory_base(spec)
     s, trainer = spec, spec["trainer"]
+    device = torch.device(s.get("device", "cpu"))
     tok = transformers.AutoTokenizer.from_pretrained(s["model"])
     source = {"sft": "sft", "rm": "pref", "dpo": "pref", "grpo": "rl"}[trainer]
     rows = [json.loads(line) for line in open(s["data"][f"{source}_trl"])]
@@ -383,16 +414,17 @@ def run_bare(spec: dict) -> dict:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(s["model"], num_labels=1)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(s["model"])
-    model.train()
+    model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    cast = torch.autocast("cpu", dtype=torch.bfloat16) if s["precision"] == "bf16" else contextlib.nullcontext()
+    bf16 = s["precision"] == "bf16"
+    cast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     ends, tokens, losses, peaks = [], [], [], []
     start = time.perf_counter()
     for step in range(s["warmup"] + s["steps"]):
         chunk = seqs[step * per_step : (step + 1) * per_step]
         width = max(map(len, chunk))
-        input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in chunk])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk])
+        input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in chunk]).to(device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk]).to(device)
         with cast:
             if trainer == "rm":
                 scores = model(input_ids=input_ids, attention_mask=mask).logits.float().view(-1, 2)
@@ -404,8 +436,10 @@ def run_bare(spec: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         ends.append(time.perf_counter())
-        peaks.append(peak_mib())
+        peaks.append(memory_peak(spec))
         if trainer == "grpo":
             tokens.append(s["new_tokens"] * len(chunk))
         else:
@@ -446,6 +480,12 @@ def main() -> None:
         default="on",
         help="gradient checkpointing in both (TRL's default: on)",
     )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--hidden", type=int, default=None, help="model width (CPU 256, GPU 1024)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (CPU 8, GPU 32)")
+    p.add_argument("--heads", type=int, default=None, help="query heads (CPU 4, GPU 16)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (CPU 2, GPU 4)")
+    p.add_argument("--vllm", action="store_true", help="GRPO generates with vLLM in both frameworks (GPU)")
     p.add_argument("--quick", action="store_true", help="tiny model, one timed step each: a smoke test")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -456,15 +496,24 @@ def main() -> None:
     if args.quick:
         args.vocab, args.steps, args.warmup, args.grpo_steps = [min(args.vocab)], 1, 1, 1
         args.batch, args.max_len, args.generations, args.new_tokens = 2, 192, 2, 8
+    gpu = args.device == "cuda"
+    shape = (
+        dict(hidden=1024, layers=32, heads=16, kv_heads=4) if gpu else dict(hidden=256, layers=8, heads=4, kv_heads=2)
+    )
+    for key, value in shape.items():
+        setattr(args, key, getattr(args, key) or value)
+    if gpu and "--max-len" not in sys.argv:
+        args.max_len = 1024
     if args.precision == "auto":
         from aligner.model.load import cpu_has_fast_bf16
 
-        args.precision = "bf16" if cpu_has_fast_bf16() else "fp32"
+        args.precision = "bf16" if gpu or cpu_has_fast_bf16() else "fp32"
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         rows = (args.warmup + max(args.steps, args.grpo_steps)) * args.batch
-        inputs = build_inputs(root, args.vocab, args.quick, rows)
+        shape = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "max_len")}
+        inputs = build_inputs(root, args.vocab, args.quick, rows, shape)
         for vocab in args.vocab:
             for trainer in args.trainers:
                 steps = args.grpo_steps if trainer == "grpo" else args.steps
@@ -479,7 +528,7 @@ def main() -> None:
                         "out_dir": str(root / "runs"),
                         "steps": steps,
                         **{k: getattr(args, k) for k in ("warmup", "batch", "max_len", "generations", "new_tokens")},
-                        **{k: getattr(args, k) for k in ("precision", "threads", "checkpointing")},
+                        **{k: getattr(args, k) for k in ("precision", "threads", "checkpointing", "device", "vllm")},
                     }
                     row[framework] = spawn(spec, root)
                     print(f"  {trainer} vocab {vocab} {framework}: {json.dumps(row[framework])}", file=sys.stderr)
@@ -503,9 +552,17 @@ def loss_parity(row: dict, precision: str) -> tuple[str, bool]:
     return " ".join(f"{x:.4f}/{y:.4f}" for x, y in zip(a, t)), same
 
 
+def device_name(args) -> str:
+    if args.device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"CPU, {args.threads} threads"
+
+
 def print_table(results: list[dict], args) -> None:
     print(
-        f"\naligner vs TRL {__import__('trl').__version__}, CPU, {args.threads} threads, {args.precision}; "
+        f"\naligner vs TRL {__import__('trl').__version__}, {device_name(args)}, {args.precision}; "
         f"batch {args.batch}, max length {args.max_len}; GRPO {args.generations} x {args.new_tokens} new tokens; "
         f"gradient checkpointing {args.checkpointing} (bare: off)"
     )

@@ -345,3 +345,28 @@ def test_task_world_encodings_do_not_move(qwen2_tok):
             assert ex["input_ids"].tolist() == ids[:-1]
             prompt = encode_prompt(tok, row["messages"][:-1])
             assert prompt == tok(render(tok, row["messages"][:-1], True), add_special_tokens=False)["input_ids"]
+
+
+def test_gpt2_pretokenizer_merges_newline_and_first_space(tmp_path):
+    """The case as found on a 135M-param instruct model: a GPT-2-style pre-tokenizer (`\\s+(?!\\S)`) makes
+    "\\n " one token "ĊĠ" before "Ġhello", straddling the reply's start; stripped, the mask is exact and
+    the generation prompt is a token prefix again."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's regex
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(["user\n  x\n  hello there\n  hi"] * 50, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": specials[1:]})
+    fast.chat_template = load_chat_template("chatml")
+    assert "ĊĠ" in fast.tokenize("assistant\n  hello")
+    messages = [Q1, {"role": "assistant", "content": "  hello there"}]
+    examples, report = encode_dataset([{"messages": messages}], fast, 512)
+    ids, mask = encode_conversation(fast, messages)
+    prompt = encode_prompt(fast, [Q1])
+    assert report.whitespace_stripped == 1 and ids[: len(prompt)] == prompt and mask.index(1) == len(prompt)
+    assert masked_runs(fast, ids, mask) == ["hello there<|im_end|>"]

@@ -290,6 +290,6 @@ def test_packed_pairs_give_the_padded_dpo_loss_and_gradients(bases, arch, monkey
         results.append((float(loss.detach()), stats, grads))
     assert "doc_ids" in trainer.collate(pairs) and results[0][0] == pytest.approx(results[1][0], abs=1e-5)
     for k, v in results[0][1].items():
-        assert results[1][1][k] == pytest.approx(v, abs=1e-4), k
+        assert float(results[1][1][k]) == pytest.approx(float(v), abs=1e-4), k
     for name, grad in results[0][2].items():
         assert torch.allclose(results[1][2][name], grad, atol=1e-5), name

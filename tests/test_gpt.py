@@ -290,3 +290,31 @@ def test_num_params_and_flops():
     assert tied.num_params(exclude_embeddings=True) == body
     assert tied.flops_per_token(64) == 6 * (body + V * D) + 12 * L * D * 64
     assert untied.flops_per_token(64) == tied.flops_per_token(64)
+
+
+def test_gqa_decoding_through_sdpa_with_gpu_strides(monkeypatch):
+    """The decoding branch GPUs take (grouped query heads through SDPA), run here on the CPU: with SDPA
+    returning its output in another memory layout, as CUDA's kernels do (the same values, strides of a
+    transposed tensor), padded batched decoding still equals the full forward. `.view` on that output
+    raised "view size is not compatible with input tensor's size and stride" on a GPU."""
+    import aligner.model.gpt as gpt
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def cuda_like(*args, **kw):
+        out = sdpa(*args, **kw)  # (B, heads, T, hd) -> the same values laid out as (B, T, heads, hd)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(gpt, "matmul_decoding", lambda device: False)
+    monkeypatch.setattr(gpt.F, "scaled_dot_product_attention", cuda_like)
+    for heads, kv in [(4, 2), (4, 1)]:
+        model = make_gpt(num_attention_heads=heads, num_key_value_heads=kv)
+        ids = random_ids(3, 10)
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            full = model(ids, position_ids=pos, attention_mask=mask)
+            for cache in (KVCache(model.config, 3, 10), KVCache(model.config, 3, 10, model=model)):  # plain, fused
+                steps = decode_in_steps(model, ids, mask, cache, prefill=4)
+                torch.testing.assert_close(steps[mask.bool()], full[mask.bool()], atol=1e-5, rtol=0)

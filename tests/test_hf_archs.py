@@ -19,6 +19,8 @@ from aligner.cli import main
 from aligner.model.gpt import GPTConfig
 from aligner.model.load import core_mismatch, is_gpt_checkpoint, load_model
 
+REPO = Path(__file__).resolve().parents[1]
+
 QUIET = ["--train.progress", "false", "--train.precision", "fp32", "--train.eval_every", "0"]
 QUIET += ["--train.save_every", "0", "--data.seq_len", "128"]
 
@@ -225,3 +227,68 @@ def test_attn_implementation_reaches_transformers(arch):
     if family == "gemma2":  # transformers refuses sdpa for Gemma-2 (no soft caps in sdpa): one line, not a traceback
         with pytest.raises(ConfigError, match="cannot load"):
             load_hf_model(str(path), attn_implementation="sdpa")
+
+
+def test_learning_rate_follows_the_model(bases, tmp_path, capsys):
+    """A pretrained model gets a rate for its size unless the user chose one; the task world's core (a core
+    checkpoint this toolkit wrote, with its recipe.yaml) keeps the recipe's."""
+    import doctest
+    import shutil
+
+    from aligner.config import load_recipe
+    from aligner.model.load import build_model
+    from aligner.trainers import sft
+    from aligner.trainers.sft import default_lr, resolve_lr
+
+    assert doctest.testmod(sft).failed == 0
+    assert default_lr("grpo", False, 7e9) == 5e-7 and default_lr("sft", True, 70e9) == 5e-5
+    chat = REPO / "recipes" / "chat.yaml"
+    ours = tmp_path / "ours"
+    shutil.copytree(bases / "gpt", ours)
+    (ours / "recipe.yaml").write_text("# written by a run\n")
+    for init, flags, lr in [
+        (bases / "llama", {}, 2e-5),  # a Hub-style model: recipes/chat.yaml's 3e-3 would wreck it
+        (bases / "gpt", {}, 2e-5),  # the core runs it, but this toolkit did not train it
+        (ours, {}, 3e-3),  # the task world's chain: the recipe's rate
+        (bases / "llama", {"lr": 1e-4}, 1e-4),  # chosen by a flag
+        (bases / "llama", {"lora.enabled": True}, 2e-4),
+    ]:
+        recipe = load_recipe(chat, {"model.init_from": str(init), **flags}, command="sft")
+        resolve_lr(recipe, build_model(recipe.model, None), "sft")
+        assert recipe.train.lr == pytest.approx(lr), (init, flags)
+    own = tmp_path / "own.yaml"
+    own.write_text(f"model: {{init_from: '{bases / 'llama'}'}}\ntrain: {{lr: 0.001}}\n")
+    recipe = load_recipe(own, command="sft")  # a recipe of the user's own: its rate stands
+    resolve_lr(recipe, build_model(recipe.model, None), "sft")
+    assert recipe.train.lr == 1e-3
+
+
+def test_eval_output_and_hub_names(tmp_path, monkeypatch):
+    from aligner.cli import check_checkpoint
+    from aligner.evaluate import default_output
+    from aligner.model.load import locate
+
+    monkeypatch.chdir(tmp_path)
+    assert default_output("runs/sft/final") == Path("runs/eval/sft--final.json")
+    assert default_output(str(tmp_path / "runs" / "grpo" / "final")) == Path("runs/eval/grpo--final.json")
+    assert default_output("Qwen/Qwen2.5-0.5B-Instruct") == Path("runs/eval/Qwen--Qwen2.5-0.5B-Instruct.json")
+    assert locate("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"  # a Hub name passes through
+    check_checkpoint("meta-llama/Llama-3.2-1B-Instruct")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="not a checkpoint directory"):
+        check_checkpoint("empty")
+
+
+def test_system_prompt_reaches_every_prompt(bases):
+    from aligner.data.formats import add_system_prompt
+    from aligner.model.load import load_tokenizer
+    from aligner.model.tokenizer import system_prompt
+    from aligner.trainers.online import encode_prompts
+
+    text = system_prompt("gsm8k_system.txt")
+    assert "\\boxed{}" in text and system_prompt("Be brief.") == "Be brief." and system_prompt(None) is None
+    rows = [{"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": [{"role": "system", "content": "x"}]}]
+    records, _ = encode_prompts(rows[:1], load_tokenizer(bases / "gpt"), 512, "rows", text)
+    assert records[0]["prompt"][0] == {"role": "system", "content": text} and records[0]["answer"] == "4"
+    kept = add_system_prompt([{"prompt": rows[1]["prompt"]}, {"messages": []}], text)
+    assert kept[0]["prompt"] == rows[1]["prompt"] and kept[1]["messages"] == []  # a system turn of its own stays

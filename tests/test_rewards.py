@@ -93,3 +93,28 @@ def test_reward_model_scorer_matches_score_conversations(bases, tmp_path):
         scorer.model, scorer.tokenizer, [prompt + [{"role": "assistant", "content": r}] for r in replies]
     )
     assert got == pytest.approx(want) and got[0] != got[1]
+
+
+def test_math_answer_reads_what_general_chat_models_write():
+    """gsm8k's reference solutions end in "#### N"; models box the answer, say "The answer is", or just end
+    on the number. Each form is read, numbers compare as numbers, and a wrong or missing answer scores 0."""
+    from aligner.rewards import extract_math_answer, math_answer
+
+    gold = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    replies = [
+        "In May she sold 24, so 48 + 24 = 72.\n\\boxed{72}",
+        "She sold 72 clips altogether. The answer is 72.",
+        "**Answer:** 72.0",
+        "48 + 24 = 72",
+        "The final answer is $\\boxed{\\text{72}}$",
+        "She sold 1,000 clips. The answer is 1,000.",
+        "The answer is 71",
+        "I cannot tell.",
+        "\\boxed{72} or maybe \\boxed{73}",  # the last box is the answer
+    ]
+    assert math_answer(["q"] * len(replies), replies, answer=[gold] * len(replies)) == [1, 1, 1, 1, 1, 0, 0, 0, 0]
+    assert math_answer(["q"], ["So it costs $18."], answer=["18"]) == [1.0]  # a bare reference
+    assert math_answer(["q"], ["\\boxed{0.5}"], answer=["\\boxed{\\frac{1}{2}}"]) == [0.0]  # LaTeX fractions: strings
+    assert math_answer(["q"], ["\\boxed{1/2}"], answer=["0.5"]) == [1.0]
+    assert extract_math_answer("The answer is -3.") == "-3" and extract_math_answer("") is None
+    assert resolve_reward("math_answer") is math_answer and "boxed_format" in REWARDS

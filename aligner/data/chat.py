@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aligner.errors import DataError
+from aligner.tracking import phase
 
 IGNORE_INDEX = -100
 
@@ -294,7 +295,7 @@ def encode_dataset(
         raise DataError(f"sft.overlong must be truncate, drop or error, got '{overlong}'")
     report = EncodeReport(conversations=len(records))
     examples = []
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(phase(records, f"encoding {source}", "conversation")):
         try:
             ids, mask = encode_conversation(tokenizer, rec["messages"], template, train_on, report=report)
         except DataError as e:
@@ -357,7 +358,7 @@ def encode_preferences(
     all counted in the report. keep_last: input_ids keep the final token (reward models read it)."""
     report = EncodeReport(conversations=len(records))
     out = []
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(phase(records, f"encoding {source}", "pair")):
         names = [k for k in REPLY_SIDES if k in rec]
         try:
             sides = [encode_reply(tokenizer, rec["prompt"], rec[k], template, report=report) for k in names]

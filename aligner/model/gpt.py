@@ -264,7 +264,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     grouped = q.reshape(B * KV, G, hd)  # (B * KV, G, hd): query head h belongs to key/value head h // G
     bias = bias.expand(B, KV, G, S).reshape(B * KV, G, S)
     scores = torch.baddbmm(bias, grouped, k.reshape(B * KV, S, hd).transpose(1, 2), alpha=hd**-0.5)  # (B*KV, G, S)
-    return torch.bmm(scores.softmax(-1), v.reshape(B * KV, S, hd)).view(B, H, 1, hd)
+    return torch.bmm(scores.softmax(-1), v.reshape(B * KV, S, hd)).reshape(B, H, 1, hd)
+
+
+def matmul_decoding(device: torch.device) -> bool:
+    """Whether one-token decoding uses `decode_attention` (batched matmuls: faster on the CPU) rather than
+    SDPA (GPUs). A function, so that tests can run the GPU branch on the CPU."""
+    return device.type == "cpu"
 
 
 class Attention(nn.Module):
@@ -296,14 +302,16 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd)
         gqa = self.n_heads != self.n_kv  # SDPA shares each key/value head among its query heads, no copy
-        if T == 1 and cache is not None and mask is not None and x.device.type == "cpu":  # decoding, additive mask
+        if T == 1 and cache is not None and mask is not None and matmul_decoding(x.device):  # additive mask
             y = decode_attention(q, k, v, mask)
         elif gqa and T == 1 and mask is not None:
             # one new token: the query heads of a key/value head become that head's queries, a plain
             # attention that SDPA runs faster than enable_gqa (same numbers: each query head still sees
-            # only its own key/value head, under the same (B, 1, 1, S) mask)
+            # only its own key/value head, under the same (B, 1, 1, S) mask). SDPA's output strides differ
+            # between kernels (CUDA's are not those of a contiguous tensor): reshape, never view
             grouped = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # (B, KV, H / KV, hd)
-            y = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).view(B, self.n_heads, T, self.head_dim)
+            y = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)  # (B, KV, H / KV, hd)
+            y = y.reshape(B, self.n_heads, T, self.head_dim)  # (B, H, 1, hd)
         elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -108,10 +109,16 @@ class Trainer:
         self.step = 0
         self._perm_cache: tuple[int, torch.Tensor] | None = None
 
+        if self.cfg.deterministic:  # before the first cuBLAS call, which reads the workspace setting
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         torch.manual_seed(self.cfg.seed)
         self.model = model
         if self.cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        if self.cfg.compile:  # in place: the module, its parameter names and checkpoints stay as they are
+            model.compile(dynamic=None)  # shapes that vary between batches become dynamic after one recompile
         self.optimizer = self.make_optimizer(model)
         self.total_steps = self.compute_total_steps()
         warmup = self.cfg.warmup_steps
@@ -212,10 +219,19 @@ class Trainer:
         return contextlib.nullcontext()
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        """The batch's tensors on the training device; to a GPU from pinned memory, so the copy does not
+        make the host wait (`non_blocking`)."""
+        pin = self.device.type == "cuda"
+        return {
+            k: (v.pin_memory() if pin and v.is_cpu else v).to(self.device, non_blocking=True)
+            if torch.is_tensor(v)
+            else v
+            for k, v in batch.items()
+        }
 
-    def reduce_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def reduce_sum(self, values: list) -> list[float]:
+        """Sums over processes of numbers or 0-d tensors, as floats (one copy to the host for all of them)."""
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(self.device) for v in values])
         if self.world > 1:
             t = self.accelerator.reduce(t, reduction="sum")
         return t.tolist()
@@ -249,10 +265,10 @@ class Trainer:
                 # DDP averages gradients over processes; scale so the result is sum / n_global.
                 self.accelerator.backward(loss_sum * (self.world / n_global))
             loss_sum_local += loss_sum.detach().double()
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * int(batch["n_loss"])
+            for k, v in stats.items():  # tensors stay on the device: one synchronisation per step, below
+                stats_sum[k] = stats_sum.get(k, 0.0) + v * int(batch["n_loss"])
         keys = sorted(stats_sum)
-        reduced = self.reduce_sum([loss_sum_local.item()] + [stats_sum[k] for k in keys])
+        reduced = self.reduce_sum([loss_sum_local] + [stats_sum[k] for k in keys])
         loss = reduced[0] / n_global
         if not math.isfinite(loss):
             raise TrainingError(self._stop_message(step, f"train/loss is {loss}"))

@@ -53,6 +53,7 @@ from aligner.errors import DataError
 from aligner.losses import PREFERENCE_LOSSES, REFERENCE_FREE, kto_loss, rpo_nll, summed_logps, summed_logps_by_doc
 from aligner.model.load import causal_lm_token_logprobs
 from aligner.model.tokenizer import system_prompt
+from aligner.tracking import phase
 from aligner.trainers.base import Trainer, prepare_run_dir
 
 
@@ -117,7 +118,7 @@ class DPOTrainer(Trainer):
         loss, stats = self.loss_fn(
             **kw, beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.simpo_gamma, lam=d.orpo_lambda
         )
-        stats["loss"] = float(loss.detach()) / chosen.numel()  # dpo/loss: the preference loss alone, per pair
+        stats["loss"] = loss.detach() / chosen.numel()  # dpo/loss: the preference loss alone, per pair
         if d.sft_weight:  # RPO: keep the chosen replies likely while pushing the pair apart
             nll, nll_stats = rpo_nll(chosen, chosen_len)
             loss = loss + d.sft_weight * nll
@@ -164,7 +165,8 @@ class DPOTrainer(Trainer):
         results = []
         for data in datasets:
             values = []
-            for start in range(0, len(data), self.cfg.micro_batch_size):
+            batches = range(0, len(data), self.cfg.micro_batch_size)
+            for start in phase(batches, "reference log-probs", "batch", min_items=10):
                 batch = self.to_device(self.collate(data[start : start + self.cfg.micro_batch_size]))
                 with self.autocast():
                     chosen, rejected = self.logps_of(reference, batch)[0].float().cpu().chunk(2)
@@ -221,7 +223,7 @@ def sample_replies(model, tokenizer, rows: list[dict], o, seed: int) -> list[dic
     greedy_params = dataclasses.replace(params, temperature=0.0, n=1)
     out = []
     batch = max(1, 256 // n)
-    for start in range(0, len(rows), batch):
+    for start in phase(range(0, len(rows), batch), f"sampling {n} replies per prompt", "batch", min_items=2):
         chunk = rows[start : start + batch]
         prompts = [encode_prompt(tokenizer, r["prompt"]) for r in chunk]
         completions = engine.generate(prompts, params)

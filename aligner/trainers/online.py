@@ -18,6 +18,7 @@ import torch
 from aligner.data.chat import pad_token_id, reply_stop_ids
 from aligner.rollout.engine import Completion, SamplingParams
 from aligner.rollout.torch_engine import TorchEngine
+from aligner.tracking import phase, tqdm_write
 from aligner.trainers.base import Trainer
 
 PROMPT_KEYS = ("prompt", "prompt_ids")  # the columns of a prompt record that are not handed to rewards
@@ -107,6 +108,8 @@ class OnlineTrainer(Trainer):
     def rollout_data(self, step: int):
         rollout = step // self.steps_per_rollout
         if self._rollout is None or self._rollout[0] != rollout:
+            if self._rollout is None and self.is_main and self.cfg.progress:  # the first: the bar has not moved yet
+                tqdm_write(f"{self.stage}: sampling rollout {rollout + 1} (up to {self.max_new_tokens} new tokens)")
             data, metrics = self.make_rollout(rollout)
             self._rollout = (rollout, data, metrics)
             self.on_rollout(metrics)
@@ -142,7 +145,7 @@ class OnlineTrainer(Trainer):
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0, stop_ids=self.stop_ids)
         sums = dict.fromkeys([self.total_name, *self.reward_set.names], 0.0)  # the same keys on every process
         engine = TorchEngine(self.policy(), pad_id=self.pad_id, compile=self.compile_rollouts)
-        for start in range(0, len(rows), 64):
+        for start in phase(range(0, len(rows), 64), "eval: greedy completions", "batch", min_items=4):
             _, _, totals, parts = self.complete_and_score(rows[start : start + 64], params, engine)
             for name, values in {self.total_name: totals, **parts}.items():
                 sums[name] += sum(values)
@@ -163,9 +166,10 @@ def encode_prompts(
     from aligner.data.chat import encode_prompt
     from aligner.data.formats import add_system_prompt, to_prompt_records
     from aligner.errors import DataError
+    from aligner.tracking import phase
 
     out, dropped = [], 0
-    for rec in add_system_prompt(to_prompt_records(rows, source), system):
+    for rec in phase(add_system_prompt(to_prompt_records(rows, source), system), f"encoding {source}", "prompt"):
         ids = encode_prompt(tokenizer, rec["prompt"])
         if len(ids) > max_prompt_len:
             dropped += 1

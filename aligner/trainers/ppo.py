@@ -254,12 +254,12 @@ class PPOTrainer(OnlineTrainer):
         loss = pg + self.p.vf_coef * vf
         with torch.no_grad():
             n = mask.sum().clamp(min=1)
-            stats.update(vstats, value_loss=float(vf / n), policy_loss=float(pg / n))
+            stats.update(vstats, value_loss=vf / n, policy_loss=pg / n)
         if self.p.entropy_coef:
             probs = logits.softmax(-1)
             entropy = -(probs * logits.log_softmax(-1)).sum(-1)  # (B, T)
             loss = loss - self.p.entropy_coef * (entropy * mask).sum()
-            stats["entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+            stats["entropy"] = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
         return loss, stats
 
 

@@ -39,6 +39,7 @@ from aligner.model.load import (
     load_tokenizer,
 )
 from aligner.model.tokenizer import load_chat_template, system_prompt, train_tokenizer
+from aligner.tracking import main_process
 from aligner.trainers.base import Trainer, prepare_run_dir
 
 
@@ -92,6 +93,9 @@ def load_splits(recipe: Recipe, world_kind: str) -> tuple[list[dict], list[dict]
     common = dict(seed=d.world_seed, levels=tuple(d.world_levels), world_kind=world_kind, text_field=d.text_field)
     common.update(streaming=d.streaming)
     own = dict(subset=d.subset, columns=d.columns)
+    if main_process():  # reading (or generating) a large dataset takes a while: say so first
+        what = ", ".join(m.source for m in d.mix) if d.mix else f"{d.source} ({d.split})"
+        print(f"data: reading {what}" + (f", {d.num_rows} rows" if d.num_rows else ""), flush=True)
     if d.mix:
         train = _mixed_rows(recipe, common)
     else:
@@ -269,7 +273,7 @@ def resolve_lr(recipe: Recipe, model: torch.nn.Module, stage: str) -> None:
     if lr != recipe.train.lr:
         print(
             f"{stage}: train.lr {lr:g} for {training_kind(recipe)} training of a {n / 1e6:.1f}M-param pretrained "
-            f"model (the recipe's {recipe.train.lr:g} is tuned for the task world's core); set --lr to choose"
+            f"model, instead of {recipe.train.lr:g} (a rate for the task world's core); set --lr to choose"
         )
     recipe.train.lr = lr
 
@@ -371,7 +375,7 @@ def final_accuracy(recipe: Recipe, model, tokenizer, items: int, max_new_tokens:
 
     d = recipe.data
     rows = world_rows("rl", "test", n=items, seed=d.world_seed, levels=tuple(d.world_levels))
-    acc = exact_match(model, tokenizer, rows, max_new_tokens=max_new_tokens)
+    acc = exact_match(model, tokenizer, rows, max_new_tokens=max_new_tokens, progress=True)
     summary = {k: v for k, v in acc.items() if k != "completions"} | {"split": "test"}
     (Path(run_dir) / "accuracy.json").write_text(json.dumps(summary, indent=1))
     return acc
