@@ -9,12 +9,16 @@ Layout of a run directory:
     runs/<name>/metrics.jsonl  one JSON object per logged step
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a crash leaves
-either the old checkpoint or the new one, never half of one. Loading never unpickles arbitrary
+either the old checkpoint or the new one, never half of one. Its last file is manifest.json, the size
+and SHA-256 of every other file: a checkpoint damaged later (a truncated copy, a full disk, bit rot)
+fails `verify` and `--resume` falls back to the newest intact one. Loading never unpickles arbitrary
 objects: weights come from safetensors and trainer state from `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
@@ -28,6 +32,7 @@ from aligner.model.gpt import read_safetensors
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
 
 
 def step_dir_name(step: int) -> str:
@@ -50,6 +55,47 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1][1] if ckpts else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record the size and SHA-256 of every file of a finished checkpoint, written last (atomically)."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    tmp = directory / f".{MANIFEST}"
+    tmp.write_text(json.dumps(entries, indent=1))
+    tmp.replace(directory / MANIFEST)
+
+
+def verify(directory: Path) -> str | None:
+    """Why the checkpoint in `directory` cannot be trusted (a file missing, of another size or content than
+    its manifest says), or None when it is intact. A checkpoint without a manifest (written before there
+    were manifests) is taken as it is."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "its manifest.json is unreadable"
+    for name, want in entries.items():
+        f = directory / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, {want['bytes']} were written"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not have the content that was written (checksum)"
+    return None
 
 
 def publish(tmp: Path, target: Path) -> None:

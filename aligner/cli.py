@@ -11,15 +11,19 @@
     aligner export runs/sft_lora/final out/merged  # merge a LoRA adapter into a full HF model
 
 Errors in the user's input print one line and exit with code 2; a run stopped by a non-finite loss
-exits with code 1. Nothing imports this module.
+exits with code 1, and so does any other exception, which is aligner's own bug: it shows its traceback
+and a line asking to report it. ALIGNER_DEBUG=1 shows the traceback of input errors too. Nothing
+imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
-from aligner.errors import AlignerError
+from aligner.errors import AlignerError, ConfigError
 
 TRAIN_COMMANDS = {
     "pretrain": "train the tokenizer and the GPT core on plain text (packed, every token in the loss)",
@@ -48,13 +52,34 @@ the key) or --train.lr 3e-4 (always). Boolean flags may omit the value: --resume
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as aligner reports every input error: one line, exit code 2."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def sampling_params(**kw):
+    """SamplingParams from command-line values; a value out of range is a one-line error naming its flag."""
+    from aligner.rollout.engine import SamplingParams
+
+    try:
+        return SamplingParams(**kw)
+    except ValueError as e:
+        name = str(e).split(" ", 1)[0]
+        flag = {"n": "-n"}.get(name, "--" + name.replace("_", "-"))
+        raise ConfigError(f"{flag}: {str(e).split(' ', 1)[1]}") from None
+
+
 def _usage() -> str:
     lines = "\n".join(f"  {name:<12} {text}" for name, text in TRAIN_COMMANDS.items())
     return USAGE.format(commands=lines)
 
 
 def run_training(command: str, argv: list[str]) -> int:
-    from aligner.config import default_recipe_path, load_recipe, parse_flags
+    from pathlib import Path
+
+    from aligner.config import check_writable, default_recipe_path, load_recipe, parse_flags
 
     recipe_path = None
     if argv and not argv[0].startswith("--"):
@@ -64,6 +89,7 @@ def run_training(command: str, argv: list[str]) -> int:
     recipe = load_recipe(recipe_path, parse_flags(argv), command=command)
     from aligner.tracking import main_process
 
+    check_writable(Path(recipe.train.out_dir) / recipe.train.name, "train.out_dir")  # before the data is read
     if main_process():  # at once, before the heavy imports and the data: the run has started
         m, d, t = recipe.model, recipe.data, recipe.train
         print(
@@ -99,9 +125,7 @@ def run_training(command: str, argv: list[str]) -> int:
 
 
 def run_eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="aligner eval", description="Evaluate a checkpoint on task specs (evals/*.yaml): table + JSON."
-    )
+    p = Parser(prog="aligner eval", description="Evaluate a checkpoint on task specs (evals/*.yaml): table + JSON.")
     p.add_argument("checkpoint", help="checkpoint directory (full model, adapter or reward model) or Hub model name")
     p.add_argument(
         "specs", nargs="*", default=["task_world"], help="spec files or names in evals/ (default: task_world)"
@@ -124,6 +148,9 @@ def run_eval(argv: list[str]) -> int:
     from aligner.evaluate import METRICS, evaluate, load_spec
     from aligner.model.tokenizer import load_chat_template
 
+    for flag, value in (("--items", args.items), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     check_checkpoint(args.checkpoint)
     specs = [load_spec(name) for name in args.specs]
     for spec in specs:
@@ -142,18 +169,26 @@ def run_eval(argv: list[str]) -> int:
         spec.reference = args.reference or spec.reference
         spec.reward_model = args.reward_model or spec.reward_model
     template = load_chat_template(args.template) if args.template else None
+    from pathlib import Path
+
+    from aligner.config import check_writable
+    from aligner.evaluate import default_output
+
+    check_writable(Path(args.out or default_output(args.checkpoint)).parent, "--out")
     evaluate(args.checkpoint, specs, template=template, out=args.out)
     return 0
 
 
 def run_export(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="aligner export", description="Merge a LoRA adapter into a full model.")
+    p = Parser(prog="aligner export", description="Merge a LoRA adapter into a full model.")
     p.add_argument("checkpoint", help="a checkpoint holding an adapter (runs/<name>/final)")
     p.add_argument("out_dir", help="where to write the merged model (HF format) and its tokenizer")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     args = p.parse_args(argv)
+    from aligner.config import check_writable
     from aligner.model.load import export_merged
 
+    check_writable(args.out_dir, "out_dir")
     out = export_merged(args.checkpoint, args.out_dir, overwrite=args.overwrite)
     print(f"merged model: {out}")
     return 0
@@ -173,7 +208,7 @@ def check_checkpoint(path: str) -> None:
 
 
 def run_generate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="aligner generate", description="Sample from a checkpoint.")
+    p = Parser(prog="aligner generate", description="Sample from a checkpoint.")
     p.add_argument("checkpoint", help="checkpoint directory (runs/<name>/final, a step dir, or an HF model dir)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
@@ -191,9 +226,11 @@ def run_generate(argv: list[str]) -> int:
     from aligner.data.chat import encode_prompt, pad_token_id, reply_stop_ids
     from aligner.errors import ConfigError
     from aligner.model.load import load_model, load_tokenizer
-    from aligner.rollout.engine import SamplingParams
     from aligner.rollout.torch_engine import TorchEngine
 
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    gen.update(min_p=args.min_p, n=args.n, seed=args.seed)
+    sampling_params(**gen)  # bad values are errors before anything is loaded
     check_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_model(args.checkpoint, arch=args.arch)
@@ -206,16 +243,7 @@ def run_generate(argv: list[str]) -> int:
     else:
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in args.prompt]
     engine = TorchEngine(model, pad_id=pad_token_id(tokenizer))
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        n=args.n,
-        stop_ids=tuple(reply_stop_ids(tokenizer)),
-        seed=args.seed,
-    )
+    params = sampling_params(**gen, stop_ids=tuple(reply_stop_ids(tokenizer)))
     outs = engine.generate(ids, params)
     for i, out in enumerate(outs):
         prompt = args.prompt[i // args.n]
@@ -225,7 +253,7 @@ def run_generate(argv: list[str]) -> int:
 
 
 def run_chat(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="aligner chat", description="Talk to a checkpoint; replies are streamed.")
+    p = Parser(prog="aligner chat", description="Talk to a checkpoint; replies are streamed.")
     p.add_argument("checkpoint", help="checkpoint directory (full model or adapter)")
     p.add_argument("--system", default="system.txt", help="system prompt: a file, a file in prompts/, or text")
     p.add_argument("--template", default=None, help="chat template file or prompts/ name (default: the tokenizer's)")
@@ -237,12 +265,13 @@ def run_chat(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from aligner.interactive import chat
 
+    sampling_params(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     check_checkpoint(args.checkpoint)
     return chat(args)
 
 
 def run_pipeline(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="aligner pipeline", description="Every stage, the eval, one table.")
+    p = Parser(prog="aligner pipeline", description="Every stage, the eval, one table.")
     p.add_argument("file", nargs="?", default="recipes/pipeline.yaml", help="the pipeline file")
     p.add_argument("--redo", nargs="+", default=[], help="stages to rerun (and those after them), or all")
     args = p.parse_args(argv)
@@ -253,7 +282,7 @@ def run_pipeline(argv: list[str]) -> int:
 
 
 def run_report(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="aligner report", description="PNG plots and a markdown summary of runs.")
+    p = Parser(prog="aligner report", description="PNG plots and a markdown summary of runs.")
     p.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
     p.add_argument("--out", default="runs/report", help="directory for the PNGs and report.md")
     args = p.parse_args(argv)
@@ -292,14 +321,24 @@ def main(argv: list[str] | None = None) -> int:
             return run_pipeline(rest)
         print(f"error: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
-    except AlignerError as e:
+    except AlignerError as e:  # the input's fault (or a run stopped by a non-finite loss: exit 1)
         from aligner.trainers.base import TrainingError
 
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("ALIGNER_DEBUG"):
+            traceback.print_exc()
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1 if isinstance(e, TrainingError) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # anything else is aligner's own bug: the traceback, and a line saying so
+        traceback.print_exc()
+        print(
+            "error: the traceback above is a bug in aligner, not a problem with your input; please report it "
+            "with the command that gave it",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -218,6 +218,7 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     recipe.path = str(path) if path is not None else None
+    recipe.train.resume = recipe.train.resume or recipe.train.resume_with_changes
     validate(recipe)
     return recipe
 
@@ -259,15 +260,16 @@ def parse_flags(args: list[str], bool_flags: set[str] | None = None) -> dict[str
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"unexpected argument '{arg}': flags look like --key value or --section.key value")
-        name = arg[2:].replace("-", "_")
-        if "=" in name:
+        name = arg[2:]
+        if "=" in name:  # --key=value: only the key's hyphens become underscores, never the value's
             name, text = name.split("=", 1)
+            name = name.replace("-", "_")
             i += 1
         elif i + 1 < len(args) and not (args[i + 1].startswith("--") and len(args[i + 1]) > 2):
-            text = args[i + 1]
+            name, text = name.replace("-", "_"), args[i + 1]
             i += 2
         else:
-            out[name] = True
+            out[name.replace("-", "_")] = True
             i += 1
             continue
         try:
@@ -331,6 +333,13 @@ def validate(recipe: Recipe) -> None:
             "grpo.max_new_tokens and num_iterations > 0",
         ),
         (recipe.grpo.temperature > 0, "grpo.temperature must be positive (the policy samples its rollouts)"),
+        (0 < recipe.grpo.top_p <= 1 and recipe.grpo.top_k >= 0, "grpo.top_p must be in (0, 1] and grpo.top_k >= 0"),
+        (0 <= recipe.grpo.min_p <= 1, "grpo.min_p must be in [0, 1]"),
+        (
+            recipe.ppo.max_new_tokens > 0 and recipe.ppo.rollout_prompts > 0,
+            "ppo.max_new_tokens and rollout_prompts > 0",
+        ),
+        (recipe.dpo.sample_tokens > 0, "dpo.sample_tokens must be positive"),
         (recipe.grpo.beta >= 0 and recipe.grpo.epsilon > 0, "grpo.beta must be >= 0 and grpo.epsilon positive"),
         (recipe.ppo.ppo_epochs > 0 and recipe.ppo.temperature > 0, "ppo.ppo_epochs and temperature must be positive"),
     ]
@@ -366,6 +375,46 @@ def _data_checks(d: DataConfig, source_given: bool) -> list[tuple[bool, str]]:
         checks.append((m.source.strip() != "", f"data.mix[{i}].source is empty"))
         checks.append((m.weight > 0, f"data.mix[{i}].weight must be positive, got {m.weight}"))
     return checks
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """A directory that can be created and written, checked before any work starts: the nearest part of
+    `path` that exists must be a writable directory. Raises ConfigError naming `what` otherwise."""
+    import os
+
+    for p in [Path(path), *Path(path).parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{what}: '{p}' is a file, so '{path}' cannot be a directory; choose another path")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ConfigError(
+                    f"{what}: '{p}' is not writable (a read-only mount, or not yours); choose another path"
+                )
+            return
+
+
+# fields that do not change what a run optimises (cadence, where and how it reports, end-of-run evals): a
+# resumed run may change them freely; a change to any other field needs train.resume_with_changes
+RESUME_FREE = {
+    "train": {"name", "out_dir", "eval_every", "save_every", "keep_checkpoints", "log_every", "trackers", "progress",
+              "resume", "resume_with_changes", "overwrite", "compile"},
+    "data": {"eval_source", "eval_split", "num_eval_rows", "streaming"},
+    "sft": {"accuracy_items", "accuracy_tokens", "samples", "sample_tokens"},
+    "dpo": {"accuracy_items", "accuracy_tokens", "ref_cache_dir"},
+    "grpo": {"accuracy_items", "accuracy_tokens", "compile_rollouts", "vllm_memory", "vllm_sleep"},
+    "ppo": {"accuracy_items", "accuracy_tokens", "compile_rollouts", "vllm_memory", "vllm_sleep"},
+}  # fmt: skip
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> dict[str, tuple]:
+    """{"section.key": (old value, new value)} for every field outside RESUME_FREE that differs."""
+    a, b = old.to_dict(), new.to_dict()
+    return {
+        f"{section}.{key}": (a[section][key], value)
+        for section in SECTIONS
+        for key, value in b[section].items()
+        if key not in RESUME_FREE.get(section, ()) and a[section].get(key) != value
+    }
 
 
 def save_recipe(recipe: Recipe, directory: Path) -> None:

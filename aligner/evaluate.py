@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,6 +343,13 @@ def load_spec(name_or_path: str) -> EvalSpec:
     sampling = build_section(SamplingSpec, values.pop("sampling", None) or {}, f"{path}: sampling")
     spec = build_section(EvalSpec, values, str(path))
     spec.data, spec.sampling = data, sampling
+    s = spec.sampling
+    if s.k < 1 or s.temperature < 0 or not 0 < s.top_p <= 1 or s.max_new_tokens < 1 or spec.data.items < 1:
+        raise ConfigError(
+            f"{path}: sampling needs k >= 1, temperature >= 0, top_p in (0, 1], max_new_tokens >= 1 and data.items "
+            f">= 1 (got k {s.k}, temperature {s.temperature}, top_p {s.top_p}, max_new_tokens {s.max_new_tokens}, "
+            f"items {spec.data.items})"
+        )
     bad = [m for m in spec.metrics if m not in METRICS]
     if not spec.metrics or bad:
         raise ConfigError(f"{path}: metrics: unknown metric '{bad[0] if bad else ''}' (use {', '.join(METRICS)})")
@@ -543,7 +549,7 @@ def evaluate(
     cache: dict = {}
     results = {}
     for spec in specs:
-        print(f"eval {spec.name}: {', '.join(spec.metrics)} on {spec.data.source} {spec.data.split}", file=sys.stderr)
+        print(f"eval {spec.name}: {', '.join(spec.metrics)} on {spec.data.source} {spec.data.split}", flush=True)
         results[spec.name] = run_spec(spec, checkpoint, template=template, cache=cache)
     print(f"{'eval':<18}{'metric':<18}value (95% interval)")
     for name, r in results.items():

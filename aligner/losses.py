@@ -238,6 +238,16 @@ def rpo_nll(chosen_logps, chosen_len, **_):
     return mean * chosen_logps.numel(), {"nll": mean.detach()}
 
 
+def batch_token_nll(chosen_logps, chosen_len, pairs, tokens):
+    """RPO's NLL term (Pang et al. 2024) as a token mean over the whole accumulated batch, in this module's
+    sum form over pairs: -sum(chosen_logps) * pairs / tokens, where `pairs` and `tokens` count the pairs and
+    the chosen replies' tokens of the whole step (all micro-batches and processes), so that the loop's
+    division by the step's pairs leaves -sum / tokens however the step is split. `rpo_nll` is the same
+    term averaged within one micro-batch (TRL's), which depends on the split. Logs the micro-batch's mean."""
+    nll_sum = -chosen_logps.sum()
+    return nll_sum * (pairs / max(tokens, 1)), {"nll": nll_sum.detach() / chosen_len.sum().clamp(min=1)}
+
+
 def kto_loss(
     logps,
     ref_logps,

@@ -121,6 +121,9 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)  # extra trackers: tensorboard, wandb
     progress: bool = True  # progress bar on stderr
     resume: bool = False  # continue from the newest checkpoint in the run dir
+    # resume although the recipe changed in what shapes the optimisation (lr, schedule, batch, seed, data): the
+    # new values apply from the checkpoint's step on, recorded in <run dir>/resume_changes.jsonl
+    resume_with_changes: bool = False
     overwrite: bool = False  # replace an existing run dir instead of refusing
 
 

@@ -42,11 +42,12 @@ class Tracker:
             self._wandb = wandb.init(project="aligner", name=Path(run_dir).name, config=config, dir=str(run_dir))
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step` (a resumed run re-logs the steps it repeats)."""
+        """Drop lines logged after `step` (a resumed run re-logs the steps it repeats), and a last line cut off
+        by a crash while it was written (with a notice)."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = [row for row in read_metrics(self.path.parent, notice=True) if row["step"] <= step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in keep))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -76,11 +77,25 @@ def _plain(v):
     return v
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path, notice: bool = False) -> list[dict]:
+    """The rows of <run_dir>/metrics.jsonl. A last line that is not whole JSON (the run was killed while
+    writing it) is left out, with a line on stderr when `notice`; a damaged line elsewhere is an error."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ConfigError(f"{path} line {i + 1} is not JSON; the run's metrics are damaged") from None
+            if notice:
+                print(
+                    f"{path}: its last line was cut off (the run stopped while writing it); dropped", file=sys.stderr
+                )
+    return rows
 
 
 class Progress:

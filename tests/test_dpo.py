@@ -54,6 +54,25 @@ def test_precomputed_reference_matches_and_is_reused(bases, tmp_path, capsys):
     assert [r["train/loss"] for r in metrics(tmp_path, "again")] == [r["train/loss"] for r in pre]
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_precomputed_reference_under_bf16_is_the_live_one_in_the_first_epoch(bases, tmp_path, lora):
+    """bf16 autocast: the cache is computed in the micro-batches the first epoch trains in, so step 1 (policy
+    = reference) is exactly ln 2 and every step of that epoch equals the live reference's run. A later
+    epoch batches pairs differently: its losses stay within bf16 rounding of the live run's (bounded here)."""
+    lora = {"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0}
+    train = {"precision": "bf16", "max_steps": 12, "micro_batch_size": 2, "grad_accum": 2}
+    recipe = dpo_recipe(tmp_path, bases / "gpt", train=train, lora=lora, data={"num_rows": 20, "num_eval_rows": 4})
+    assert main(["dpo", str(recipe), "--train.name", "live"]) == 0
+    assert main(["dpo", str(recipe), "--train.name", "pre", "--precompute_ref"]) == 0
+    live, pre = metrics(tmp_path, "live"), metrics(tmp_path, "pre")
+    assert pre[0]["train/loss"] == math.log(2) or abs(pre[0]["train/loss"] - math.log(2)) < 1e-7
+    per_epoch = math.ceil(20 / 4)  # 20 pairs (less the held-out eval ones) in steps of 4
+    for a, b in zip(live[: per_epoch - 1], pre[: per_epoch - 1]):  # the first epoch, but its last (wrapping) step
+        assert a["train/loss"] == b["train/loss"], a["step"]
+    for a, b in zip(live, pre):
+        assert abs(a["train/loss"] - b["train/loss"]) < 2e-2, a["step"]
+
+
 def test_reference_free_variants_run(bases, tmp_path):
     for loss in ("simpo", "orpo"):
         recipe = dpo_recipe(tmp_path, bases / "gpt", dpo={"loss": loss, "beta": 2.0})

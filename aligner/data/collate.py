@@ -133,7 +133,8 @@ def _two_sided(batch: dict, rows: Sequence[dict], examples: Sequence[dict]) -> d
 
 def pad_pairs(pairs: Sequence[dict], pad_id: int) -> dict:
     """Preference pairs -> one batch of 2B rows, chosen first then rejected (one forward for both), with
-    `lengths`, `n_loss` = B pairs, `ref_logps` as `_pad_two_sides` and, when pairs carry them, `margin` (B,)."""
+    `lengths`, `n_loss` = B pairs, `ref_logps` as `_pad_two_sides`, when pairs carry them `margin` (B,), and
+    `units` {"chosen_tokens": the chosen replies' loss tokens} (the units of an NLL term on them)."""
     return _with_margin(_pad_two_sides(pairs, pad_id, "chosen", "rejected"), pairs)
 
 
@@ -146,6 +147,8 @@ def pack_pairs(pairs: Sequence[dict], pad_id: int, row_len: int) -> dict:
 
 
 def _with_margin(batch: dict, pairs: Sequence[dict]) -> dict:
+    chosen = [torch.as_tensor(p["chosen"]["labels"]) for p in pairs]
+    batch["units"] = {"chosen_tokens": sum(int((labels != IGNORE_INDEX).sum()) for labels in chosen)}
     if all("margin" in p for p in pairs):
         batch["margin"] = torch.tensor([float(p["margin"]) for p in pairs])
     return batch

@@ -34,6 +34,7 @@ An empty (or blank) chosen, rejected or completion reply is an error naming the 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
@@ -157,6 +158,11 @@ def _check_messages(messages, where: str) -> list[dict]:
     out = [_message(m, where, f"message {j}") for j, m in enumerate(messages)]
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: conversation has no assistant turn to train on")
+    for j, m in enumerate(out):  # an empty reply would teach the model to end its turn at once
+        if m["role"] == "assistant" and not (
+            m["content"].strip() or m.get("tool_calls") or m.get("reasoning_content")
+        ):
+            raise DataError(f"{where}: message {j} is an empty assistant reply; fix the row or leave it out")
     return out
 
 
@@ -375,7 +381,9 @@ def to_preference_records(
                 {"prompt": row["prompt"], "chosen": row["completion"], "rejected": row["completion"]}, where
             )
             _check_reply(rec["chosen"], where, "completion")
-            records.append({"prompt": rec["prompt"], "completion": rec["chosen"], "label": bool(row["label"])})
+            records.append(
+                {"prompt": rec["prompt"], "completion": rec["chosen"], "label": _label(row["label"], where)}
+            )
             continue
         rec = _hh(row, where) if row_fmt == "hh" else _preference(row, where)
         if not allow_empty:  # a dataset's empty reply is a mistake; a sampled one (allow_empty) is a real reply
@@ -385,11 +393,29 @@ def to_preference_records(
             identical += 1
             continue
         if row.get("margin") is not None:
-            rec["margin"] = float(row["margin"])
+            rec["margin"] = _finite(row["margin"], where, "margin")
         records.append(rec)
     if not records:
         raise DataError(f"{source}: no usable pairs ({identical} of {len(rows)} have identical chosen and rejected)")
     return records, {"rows": len(rows), "kept": len(records), "identical": identical}
+
+
+def _label(value, where: str) -> bool:
+    """KTO's label: true / false (or 1 / 0); anything else (NaN, text) is an error naming the row."""
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise DataError(f"{where}: 'label' must be true or false (desirable or not), got {value!r}")
+
+
+def _finite(value, where: str, column: str) -> float:
+    """A number column's value as a float; NaN, infinities and non-numbers are errors naming the row."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: '{column}' must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise DataError(f"{where}: '{column}' is {x}; give a finite number (or leave the cell empty)")
+    return x
 
 
 def unpair(records: list[dict]) -> list[dict]:
@@ -428,6 +454,8 @@ def to_prompt_records(rows: list[dict], source: str = "dataset") -> list[dict]:
         bad = [m["role"] for m in turns if m.get("role") not in ROLES]
         if bad:
             raise DataError(f"{where}: prompt message with role '{bad[0]}' (use one of {', '.join(ROLES)})")
+        if not any(m["content"].strip() for m in turns):
+            raise DataError(f"{where}: empty prompt")
         if turns[-1]["role"] == "assistant":
             raise DataError(f"{where}: the prompt ends with an assistant turn; it should end where the reply starts")
         out.append({**row, "prompt": [_message(m, where, f"prompt message {j}") for j, m in enumerate(turns)]})

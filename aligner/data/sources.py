@@ -33,6 +33,7 @@ for which no row repeats. The mixed rows are shuffled together.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import itertools
 import json
@@ -205,8 +206,9 @@ def _read_file(path: Path, text_field: str, limit: int | None = None, streaming:
     if suffix in TEXT_SUFFIXES:
         try:
             text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"data source '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except UnicodeDecodeError:
+            _check_utf8(path)
+            raise
         docs = re.split(rf"^{re.escape(DOC_SEPARATOR)}[ \t]*$", text, flags=re.MULTILINE)
         return [{text_field: d.strip("\n")} for d in docs if d.strip()]
     if suffix not in BUILDERS:
@@ -218,13 +220,36 @@ def _read_file(path: Path, text_field: str, limit: int | None = None, streaming:
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(BUILDERS[suffix], data_files=str(path), split="train", streaming=streaming)
-        if streaming:
-            return [dict(row) for row in itertools.islice(ds, limit)]
-    except Exception as e:  # datasets raises many types for malformed files
+        return [dict(row) for row in itertools.islice(ds, limit)] if streaming else ds.to_list()
+    except Exception as e:  # datasets raises many types for malformed files, some only while rows are read
+        if suffix != ".parquet":
+            _check_utf8(path)
         if suffix == ".jsonl":
             _check_jsonl(path)
         raise DataError(f"data source '{path}' could not be read as {suffix[1:]}: {_first_line(e)}") from None
-    return ds.to_list()
+
+
+def _check_utf8(path: Path) -> None:
+    """Name the first byte of a text file that is not UTF-8, with its line (read in chunks, any size)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                at = offset - pending + e.start  # e.start counts the bytes held over from the last chunk too
+                line += chunk[: max(0, e.start - pending)].count(b"\n")
+                raise DataError(
+                    f"data source '{path}' is not UTF-8: byte {at} (line {line}) is 0x{e.object[e.start]:02x} "
+                    f"({e.reason}); save the file as UTF-8"
+                ) from None
+            if not chunk:
+                return
+            offset += len(chunk)
+            line += chunk.count(b"\n")
 
 
 def _check_jsonl(path: Path) -> None:

@@ -357,14 +357,18 @@ def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory: model.safetensors or a sharded index (never pickle)."""
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
+    files = [directory / "model.safetensors"]
     if index.is_file():
-        state = {}
-        for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(str(directory / f)))
-        return state
-    if (directory / "model.safetensors").is_file():
-        return load_file(str(directory / "model.safetensors"))
-    raise ValueError(f"{directory}: no model.safetensors (pickled checkpoints are not loaded)")
+        files = [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    elif not files[0].is_file():
+        raise ValueError(f"{directory}: no model.safetensors (pickled checkpoints are not loaded)")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # safetensors' own error type: a truncated or corrupt file
+            raise ValueError(f"{f} is damaged or incomplete ({str(e).splitlines()[0]})") from None
+    return state
 
 
 # --- the model ------------------------------------------------------------------------------------

@@ -170,11 +170,18 @@ def load_reward_model(path: str | Path) -> ScalarHeadModel:
     """The one way to load a saved reward model for scoring (PPO, evals): a full checkpoint, or a LoRA
     adapter (with its head) over the causal LM it was trained from, merged. Returned in eval mode."""
     from aligner.config import resolve_path
+    from aligner.model.load import loading
+
+    path = resolve_path(path)
+    with loading(path, "reward model"):
+        return _load_reward_model(path)
+
+
+def _load_reward_model(path: Path) -> ScalarHeadModel:
     from aligner.errors import ConfigError
     from aligner.model.gpt import read_safetensors
     from aligner.model.load import is_gpt_checkpoint, load_model
 
-    path = resolve_path(path)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 

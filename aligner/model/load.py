@@ -8,6 +8,7 @@ lazily, so `import aligner.losses` stays light. A checkpoint that holds an adapt
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from aligner.config import LoRAConfig, ModelConfig, resolve_path
-from aligner.errors import ConfigError
+from aligner.errors import AlignerError, ConfigError
 from aligner.model.gpt import GPT, GPTConfig
 from aligner.model.tokenizer import end_of_turn_ids
 
@@ -25,6 +26,22 @@ from aligner.model.tokenizer import end_of_turn_ids
 def vocab_padded(n: int, multiple: int = 64) -> int:
     """Embedding rows for a tokenizer of n tokens, rounded up for faster matmuls."""
     return (n + multiple - 1) // multiple * multiple
+
+
+@contextlib.contextmanager
+def loading(source, what: str = "model.init_from"):
+    """Errors while reading a model from disk or the Hub (a missing or truncated file, a config that does not
+    fit its weights, an unknown architecture) become one line naming `what` and the source."""
+    try:
+        yield
+    except AlignerError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as e:
+        raise ConfigError(f"{what}: cannot load '{source}': {' '.join(str(e).split()) or type(e).__name__}") from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":  # safetensors' own error: a damaged file
+            raise
+        raise ConfigError(f"{what}: '{source}' has a damaged weights file ({str(e).splitlines()[0]})") from None
 
 
 def core_mismatch(path: str | Path) -> str | None:
@@ -107,12 +124,8 @@ def build_model(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
         path = Path(locate(cfg.init_from))
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.init_from: '{cfg.init_from}' is not a checkpoint directory (no config.json)")
-        try:
+        with loading(cfg.init_from):
             return GPT.from_pretrained(path, dtype=dtype)
-        except ValueError as e:
-            raise ConfigError(
-                f"model.init_from: {e}; set model.arch auto or hf to load it with transformers"
-            ) from None
     eos = end_of_turn_ids(tokenizer)
     gpt_cfg = GPTConfig(
         vocab_size=vocab_padded(len(tokenizer)),
@@ -135,16 +148,15 @@ def load_hf_model(
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "auto",
+    what: str = "model.init_from",
 ):
-    """Any causal LM through transformers' AutoModelForCausalLM; errors are one line naming the source."""
+    """Any causal LM through transformers' AutoModelForCausalLM; errors are one line naming `what` and the source."""
     from transformers import AutoModelForCausalLM
 
-    target = locate(name_or_path)
+    target = locate(name_or_path, what)
     kw = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
-    try:
+    with loading(name_or_path, what):  # missing files, offline, unknown architecture, bad kernel name, damaged weights
         return AutoModelForCausalLM.from_pretrained(target, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
-    except (OSError, ValueError, ImportError) as e:  # missing files, offline, unknown architecture, bad kernel name
-        raise ConfigError(f"model.init_from: cannot load '{name_or_path}': {str(e).strip().splitlines()[0]}") from None
 
 
 def load_model(
@@ -160,8 +172,11 @@ def load_model(
         mismatch = core_mismatch(local) if local.is_dir() else f"'{source}' is not a local directory"
         if mismatch is not None:
             raise ConfigError(f"{source}: --arch gpt, but the GPT core cannot run it exactly ({mismatch}); use auto")
-        return GPT.from_pretrained(local, dtype=resolve_dtype(dtype))
-    return load_hf_model(source, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation)
+        with loading(source, "checkpoint"):
+            return GPT.from_pretrained(local, dtype=resolve_dtype(dtype))
+    return load_hf_model(
+        source, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation, what="checkpoint"
+    )
 
 
 # --- LoRA / QLoRA ------------------------------------------------------------------------------------
@@ -351,7 +366,8 @@ def load_adapter_model(path: str | Path, merge: bool = False, dtype: str = "auto
         raise ConfigError(f"{path}/adapter_config.json does not say which base model the adapter belongs to")
     # apply_lora gives the GPT core a plain PeftModel (no task type) and HF models a causal-LM one
     base = load_model(base_path, arch="hf" if config.get("task_type") == "CAUSAL_LM" else "gpt", dtype=dtype)
-    model = PeftModel.from_pretrained(base, str(path))
+    with loading(path, "checkpoint"):
+        model = PeftModel.from_pretrained(base, str(path))
     return model.merge_and_unload() if merge else model
 
 

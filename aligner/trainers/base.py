@@ -10,7 +10,10 @@ Loss normalisation. `compute_loss` returns the *sum* of per-unit losses of its m
 tokens for SFT, pairs for DPO), and each micro-batch carries `n_loss`, its number of units. One
 optimizer step divides by the units of the whole accumulated batch on all processes, so
 micro-batch 8 x accumulation 1 and micro-batch 2 x accumulation 4 give the same update even when
-micro-batches hold different numbers of loss tokens.
+micro-batches hold different numbers of loss tokens. A loss with a term of other units (DPO's RPO term
+and the reward model's LM term are token means over the chosen replies) has its micro-batches carry
+`units` ({"chosen_tokens": k}); the loop sums those over the accumulated batch and processes too and
+hands them to `compute_loss` as `self.units`, so that term is normalised over the whole batch as well.
 
 Data order is a pure function of (seed, step): the examples of step s are the s-th slice of a stream
 of seeded per-epoch permutations, split across processes and micro-batches. Resuming at step s
@@ -107,6 +110,7 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         self.run_dir = Path(self.cfg.out_dir) / self.cfg.name
         self.step = 0
+        self.units: dict[str, float] = {}  # the current step's unit counts, over the accumulated batch (see above)
         self._perm_cache: tuple[int, torch.Tensor] | None = None
 
         if self.cfg.deterministic:  # before the first cuBLAS call, which reads the workspace setting
@@ -134,6 +138,11 @@ class Trainer:
     def collate(self, examples: list) -> dict:
         """Turn examples into a micro-batch dict of tensors with `n_loss` (int) and `n_tokens` (int)."""
         raise NotImplementedError
+
+    def batch_units(self, batch: dict) -> dict:
+        """The unit counts a loss term normalises by: the whole step's inside the loop, else (a direct call)
+        the batch's own."""
+        return self.units or {"n_loss": batch["n_loss"], **batch.get("units", {})}
 
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         """Return (sum of per-unit losses over the micro-batch, stats of floats averaged over units)."""
@@ -184,6 +193,27 @@ class Trainer:
         for pos in range(start, start + self.global_batch):
             out.append(int(self._permutation(pos // n)[pos % n]))
         return out
+
+    def first_epoch_batches(self) -> list[list[int]]:
+        """The dataset indices of every micro-batch training makes (of every process, in step order) until
+        each example has appeared once: the batches a per-example precomputation should use to reproduce
+        the first epoch's numbers exactly."""
+        n, mb, seen, out, step = len(self.train_data), self.cfg.micro_batch_size, set(), [], 0
+        while len(seen) < n:
+            idx = self.step_indices(step)
+            for k in range(self.cfg.grad_accum * self.world):
+                chunk = idx[k * mb : (k + 1) * mb]
+                if not seen.issuperset(chunk):
+                    out.append(chunk)
+                    seen.update(chunk)
+            step += 1
+        return out
+
+    def batching(self) -> list:
+        """What decides how examples are grouped into micro-batches, and the precision they run in."""
+        c = self.cfg
+        packing = [getattr(self, "packing", False), getattr(self, "row_len", 0)]
+        return [c.seed, c.micro_batch_size, c.grad_accum, self.world, self.precision, *packing]
 
     def micro_batches(self, step: int) -> list[dict]:
         """This process's `grad_accum` micro-batches for optimizer step `step`.
@@ -244,7 +274,10 @@ class Trainer:
         micro = self.micro_batches(step)
         n_local = sum(int(b["n_loss"]) for b in micro)
         tokens_local = sum(int(b.get("n_tokens", 0)) for b in micro)
-        n_global, tokens_global = self.reduce_sum([n_local, tokens_local])
+        extra = sorted({k for b in micro for k in b.get("units", {})})  # counts of other loss terms' units
+        units_local = [sum(int(b.get("units", {}).get(k, 0)) for b in micro) for k in extra]
+        n_global, tokens_global, *units_global = self.reduce_sum([n_local, tokens_local, *units_local])
+        self.units = {"n_loss": n_global, **dict(zip(extra, units_global))}
         if n_global == 0:
             if not self.empty_steps_ok:
                 raise DataError(
@@ -252,6 +285,7 @@ class Trainer:
                 )
             lr = self.scheduler.get_last_lr()[0]  # nothing to learn from (RL: every completion masked): no update
             self.scheduler.step()
+            self.units = {}
             return {"train/loss": 0.0, "train/lr": lr, "train/grad_norm": 0.0, "train/tokens": tokens_global}
         loss_sum_local = torch.zeros((), dtype=torch.float64, device=self.device)
         stats_sum: dict[str, float] = {}
@@ -284,6 +318,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.units = {}
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens": tokens_global}
         metrics.update({f"{self.stage}/{k}": v / n_global for k, v in zip(keys, reduced[1:])})  # dpo/rewards/...
         return metrics
@@ -354,6 +389,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         target = self.run_dir / name
         if self.is_main:
+            ckpt.write_manifest(tmp)  # last: a checkpoint whose files match it is whole
             ckpt.publish(tmp, target)
             ckpt.prune(self.run_dir, self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()
@@ -371,25 +407,93 @@ class Trainer:
         return final
 
     def resume(self) -> None:
-        last = ckpt.latest_checkpoint(self.run_dir)
-        if last is None:
+        """Continue from the newest intact checkpoint: one whose files do not match its manifest, or whose
+        state cannot be read, is skipped with a line saying so. The recipe must not have changed in what
+        shapes the optimisation (`aligner.config.recipe_changes`) unless train.resume_with_changes, which
+        applies the new values and records them in <run dir>/resume_changes.jsonl."""
+        found = ckpt.list_checkpoints(self.run_dir)
+        for _, path in reversed(found):
+            problem = ckpt.verify(path)
+            state = None
+            if problem is None:
+                try:
+                    state = ckpt.load_trainer_state(path)
+                except Exception as e:  # a damaged pickle raises any of several types
+                    problem = f"{ckpt.STATE_FILE} cannot be read ({type(e).__name__})"
+            if problem is None:
+                changes = self.check_recipe(path)
+                if state.get("world_size", 1) != self.world:
+                    raise ConfigError(
+                        f"{path} was written by {state.get('world_size')} processes; resume it with the same number "
+                        f"(this run has {self.world}) so the data order stays the same"
+                    )
+                try:
+                    self.load_weights(path)
+                    self.optimizer.load_state_dict(state["optimizer"])
+                    self.scheduler.load_state_dict(state["scheduler"])
+                except Exception as e:  # weights that do not fit: a damaged or foreign checkpoint
+                    problem = f"its weights or optimizer state cannot be loaded ({type(e).__name__})"
+            if problem is not None:
+                if self.is_main:
+                    print(f"{self.stage}: --resume skips {path}: {problem}")
+                continue
+            self.step = int(state["step"])
+            ckpt.load_rng(path, self.rank)
+            self.load_extra(path)
+            if changes:
+                self.apply_changes(changes)
             if self.is_main:
-                print(f"{self.stage}: --resume given but {self.run_dir} has no checkpoint; starting from step 0")
+                print(f"{self.stage}: resumed from {path} at step {self.step}")
             return
-        state = ckpt.load_trainer_state(last)
-        if state.get("world_size", 1) != self.world:
+        if found:
             raise ConfigError(
-                f"{last} was written by {state.get('world_size')} processes; resume it with the same number "
-                f"(this run has {self.world}) so the data order stays the same"
+                f"--resume: no intact checkpoint in {self.run_dir} (each one above is damaged); start the run "
+                "again with --overwrite"
             )
-        self.load_weights(last)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        ckpt.load_rng(last, self.rank)
-        self.load_extra(last)
         if self.is_main:
-            print(f"{self.stage}: resumed from {last} at step {self.step}")
+            print(f"{self.stage}: --resume given but {self.run_dir} has no checkpoint; starting from step 0")
+
+    def check_recipe(self, path: Path) -> dict:
+        """The changes from the checkpoint's recipe that matter to the optimisation; an error unless
+        train.resume_with_changes."""
+        from aligner.config import load_recipe, recipe_changes
+
+        saved = Path(path) / "recipe.yaml"
+        if not saved.is_file():
+            return {}
+        changes = recipe_changes(load_recipe(saved), self.recipe)
+        if changes and not self.cfg.resume_with_changes:
+            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            raise ConfigError(
+                f"--resume: the recipe differs from {saved} in {listed}; resume as it was, or pass "
+                "--resume-with-changes to apply the new values from here on"
+            )
+        return changes
+
+    def apply_changes(self, changes: dict) -> None:
+        """After a resume with changes: the new learning rate, schedule and AdamW settings replace those the
+        optimizer and scheduler state carried (batch, data and seed changes apply by themselves), and the
+        change is recorded in the run directory."""
+        groups = self.optimizer.param_groups
+        for group, decay in zip(groups, (self.cfg.weight_decay, 0.0)):
+            group.update(weight_decay=decay, betas=(self.cfg.beta1, self.cfg.beta2), initial_lr=self.cfg.lr)
+        self.scheduler.base_lrs = [self.cfg.lr] * len(groups)
+        for group, fn in zip(groups, self.scheduler.lr_lambdas):
+            group["lr"] = self.cfg.lr * fn(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in groups]
+        if self.is_main:
+            import json
+
+            row = {
+                "step": self.step,
+                "time": round(time.time(), 3),
+                "changes": {k: list(v) for k, v in changes.items()},
+            }
+            with (self.run_dir / "resume_changes.jsonl").open("a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+            print(
+                f"{self.stage}: resumed with changes: " + ", ".join(f"{k} -> {b!r}" for k, (_, b) in changes.items())
+            )
 
     # --- the loop ------------------------------------------------------------------------------------
 
@@ -399,12 +503,13 @@ class Trainer:
         self.model.train()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.resume:  # before the run's recipe.yaml is written: resume compares with the checkpoint's
+            self.resume()
+        if self.is_main:
             save_recipe(self.recipe, self.run_dir)
         tracker = Tracker(self.run_dir, self.cfg.trackers, enabled=self.is_main, config=self.recipe.to_dict())
-        if self.cfg.resume:
-            self.resume()
-            if self.is_main:
-                tracker.truncate_after(self.step)
+        if self.cfg.resume and self.is_main:
+            tracker.truncate_after(self.step)
         progress = Progress(self.total_steps, self.step, enabled=self.is_main and self.cfg.progress, desc=self.stage)
         last_eval: dict = {}
         saved_at = None

@@ -50,10 +50,17 @@ from aligner.data.chat import REPLY_SIDES, encode_preferences, pad_token_id
 from aligner.data.collate import pack_pairs, pad_pairs, pad_unpaired
 from aligner.data.formats import add_system_prompt, to_preference_records, unpair, with_kl_partners
 from aligner.errors import DataError
-from aligner.losses import PREFERENCE_LOSSES, REFERENCE_FREE, kto_loss, rpo_nll, summed_logps, summed_logps_by_doc
+from aligner.losses import (
+    PREFERENCE_LOSSES,
+    REFERENCE_FREE,
+    batch_token_nll,
+    kto_loss,
+    summed_logps,
+    summed_logps_by_doc,
+)
 from aligner.model.load import causal_lm_token_logprobs
 from aligner.model.tokenizer import system_prompt
-from aligner.tracking import phase
+from aligner.tracking import main_process, phase
 from aligner.trainers.base import Trainer, prepare_run_dir
 
 
@@ -120,7 +127,8 @@ class DPOTrainer(Trainer):
         )
         stats["loss"] = loss.detach() / chosen.numel()  # dpo/loss: the preference loss alone, per pair
         if d.sft_weight:  # RPO: keep the chosen replies likely while pushing the pair apart
-            nll, nll_stats = rpo_nll(chosen, chosen_len)
+            units = self.batch_units(batch)
+            nll, nll_stats = batch_token_nll(chosen, chosen_len, units["n_loss"], units["chosen_tokens"])
             loss = loss + d.sft_weight * nll
             stats.update(nll_stats)
         return loss, stats
@@ -150,10 +158,14 @@ class DPOTrainer(Trainer):
     def precompute_reference(self, datasets: list[list[dict]], reference, cache_dir: Path) -> bool:
         """Attach "ref_logps" (chosen, rejected) to every pair, from the disk cache when it has them.
 
-        The key hashes the reference's weights and the token ids of every pair, so a cache entry is
-        reused only for the same reference and the same data. Returns True when it was read from disk.
+        The training pairs are scored in the very micro-batches the first epoch trains them in (the same
+        composition, padding or packing and precision), so under bf16 too the cached values are the numbers
+        the live reference would give in that epoch (step 1's loss is ln 2, as with a live reference); eval
+        pairs in the eval's batches. The key hashes the reference's weights, the token ids of every pair and
+        that batching, so an entry is reused only for the same reference, data and batches. Returns True
+        when it was read from disk.
         """
-        key = _cache_key(reference, datasets)
+        key = _cache_key(reference, datasets, self.batching())
         path = Path(cache_dir) / f"ref_logps_{key}.pt"
         if path.is_file():
             cached = torch.load(path, weights_only=True)
@@ -163,17 +175,23 @@ class DPOTrainer(Trainer):
             return True
         reference.eval()
         results = []
-        for data in datasets:
-            values = []
-            batches = range(0, len(data), self.cfg.micro_batch_size)
-            for start in phase(batches, "reference log-probs", "batch", min_items=10):
-                batch = self.to_device(self.collate(data[start : start + self.cfg.micro_batch_size]))
+        for k, data in enumerate(datasets):
+            mb = self.cfg.micro_batch_size
+            batches = (
+                self.first_epoch_batches()
+                if k == 0
+                else [list(range(i, min(i + mb, len(data)))) for i in range(0, len(data), mb)]
+            )
+            values: dict[int, torch.Tensor] = {}
+            for idx in phase(batches, "reference log-probs", "batch", min_items=10):
+                batch = self.to_device(self.collate([data[i] for i in idx]))
                 with self.autocast():
                     chosen, rejected = self.logps_of(reference, batch)[0].float().cpu().chunk(2)
-                values.extend(torch.stack([chosen, rejected], dim=1))  # (B, 2)
-            for pair, v in zip(data, values):
-                pair["ref_logps"] = v
-            results.append(torch.stack(values) if values else torch.zeros(0, 2))
+                for i, c, r in zip(idx, chosen, rejected):
+                    values.setdefault(i, torch.stack([c, r]))  # (2,): as first seen, in its training batch
+            for i, pair in enumerate(data):
+                pair["ref_logps"] = values[i]
+            results.append(torch.stack([values[i] for i in range(len(data))]) if data else torch.zeros(0, 2))
         if self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -190,8 +208,9 @@ def _weights_hash(model: torch.nn.Module) -> hashlib._Hash:
     return h
 
 
-def _cache_key(model: torch.nn.Module, datasets: list[list[dict]]) -> str:
+def _cache_key(model: torch.nn.Module, datasets: list[list[dict]], batching: list) -> str:
     h = _weights_hash(model)
+    h.update(json.dumps(batching).encode())
     for data in datasets:
         for pair in data:
             for side in [k for k in REPLY_SIDES if k in pair]:
@@ -356,6 +375,8 @@ def encode_pairs(
     system = system_prompt(d.system_prompt)
     records, counts = to_preference_records(train_rows, d.format, where, allow_empty=bool(sampled))
     records = add_system_prompt(records, system)
+    if any("margin" in r for r in records) and main_process():
+        print("dpo: the rows' margin column is not used by DPO (the reward model, aligner rm, reads it)")
     unpaired = "completion" in records[0]
     if unpaired and o.loss != "kto":
         raise DataError(f"{where} holds unpaired rows (prompt, completion, label); train on them with --loss kto")

@@ -33,7 +33,7 @@ from aligner.data.chat import encode_preferences, pad_token_id
 from aligner.data.collate import pack_pairs, pad_examples, pad_pairs
 from aligner.data.formats import add_system_prompt, to_preference_records
 from aligner.errors import DataError
-from aligner.losses import IGNORE_INDEX, bradley_terry_loss, rpo_nll, summed_logps, summed_logps_by_doc
+from aligner.losses import IGNORE_INDEX, batch_token_nll, bradley_terry_loss, summed_logps, summed_logps_by_doc
 from aligner.model.heads import last_token_values
 from aligner.model.tokenizer import system_prompt
 from aligner.trainers.base import Trainer, prepare_run_dir
@@ -76,8 +76,9 @@ class RewardTrainer(Trainer):
             rewards = rewards + r.likelihood_coef * sums
         chosen, rejected = rewards.chunk(2)  # (B,), (B,)
         loss, stats = bradley_terry_loss(chosen, rejected, batch.get("margin"), r.center_coef)
-        if r.lm_coef:
-            nll, nll_stats = rpo_nll(sums[:pairs], counts[:pairs])
+        if r.lm_coef:  # a token mean over the accumulated batch's chosen replies
+            units = self.batch_units(batch)
+            nll, nll_stats = batch_token_nll(sums[:pairs], counts[:pairs], units["n_loss"], units["chosen_tokens"])
             loss = loss + r.lm_coef * nll
             stats.update(nll_stats)
         return loss, stats
