@@ -245,7 +245,8 @@ def batch_token_nll(chosen_logps, chosen_len, pairs, tokens):
     division by the step's pairs leaves -sum / tokens however the step is split. `rpo_nll` is the same
     term averaged within one micro-batch (TRL's), which depends on the split. Logs the micro-batch's mean."""
     nll_sum = -chosen_logps.sum()
-    return nll_sum * (pairs / max(tokens, 1)), {"nll": nll_sum.detach() / chosen_len.sum().clamp(min=1)}
+    # in rpo_nll's order of operations, so a step of one micro-batch gives its numbers to the last bit
+    return nll_sum / max(tokens, 1) * pairs, {"nll": nll_sum.detach() / chosen_len.sum().clamp(min=1)}
 
 
 def kto_loss(

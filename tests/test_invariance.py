@@ -91,3 +91,15 @@ def test_grpo_default_recipe(at_chain):  # dapo: a token sum over the whole batc
 def test_ppo_default_recipe(at_chain):
     args = ["--data.num_rows", "32", "--data.num_eval_rows", "0", "--accuracy_items", "0", "--max_new_tokens", "16"]
     same_steps(at_chain, "ppo", [(8, 1), (4, 2)], [*args, "--rollout_prompts", "16"])
+
+
+def test_rpo_term_of_a_one_micro_batch_step_is_trls_to_the_bit():
+    """With the whole step in one micro-batch, the batch-normalised NLL term is rpo_nll's (TRL's) exactly."""
+    from aligner.losses import batch_token_nll, rpo_nll
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        lengths = torch.randint(1, 60, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g)
+        logps = -torch.rand(len(lengths), generator=g) * lengths * 3
+        ours = batch_token_nll(logps, lengths, float(len(lengths)), float(lengths.sum()))[0]
+        assert torch.equal(ours, rpo_nll(logps, lengths)[0])
