@@ -16,9 +16,13 @@ examples from the same weights and the first two steps' losses must agree (SFT, 
 within 2e-5 in fp32 (the test suite runs --quick --precision fp32), 2e-3 relative under bf16 autocast;
 a mismatch fails the run. GRPO samples, so its loss is not compared; its tokens are the completion tokens
 sampled and trained on per second (generation included, as a user sees it). Each run is a process of
-its own (`--child`), so its peak memory is its own: the peak resident memory while the trainer is
-built and trains, above the resident memory once the libraries are imported (glibc is told to return
-freed blocks at once so the figure follows live tensors). "bare" is the model's own forward, backward
+its own (`--child`). Each framework runs `--repeats` times (default 3), aligner and TRL alternating
+which goes first, and the table gives the medians with their min-max ranges. Peak memory comes from one
+more, short run of each: the peak resident memory while the trainer is built and trains, above the
+resident memory once the libraries are imported, with glibc told to return freed blocks at once so the
+figure follows live tensors. That setting makes every large allocation a system call (over half of a
+run's CPU time then goes to the kernel, differently for each framework), so it never applies to the
+runs that are timed. "bare" is the model's own forward, backward
 and AdamW step on the same batches (right-padded, the model's own loss), with no trainer: the
 throughput ceiling each trainer's figure reads against. On a GPU (`--device cuda`) the memory is CUDA's
 peak allocated memory of the run (torch.cuda.max_memory_allocated), both frameworks keep fp32 master
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -414,6 +419,8 @@ def run_bare(spec: dict) -> dict:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(s["model"], num_labels=1)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(s["model"])
+    if s["checkpointing"] == "on":  # the ceiling at the frameworks' own setting
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     bf16 = s["precision"] == "bf16"
@@ -451,10 +458,16 @@ def run_bare(spec: dict) -> dict:
 # --- the driver -----------------------------------------------------------------------------------
 
 
-def spawn(spec: dict, root: Path) -> dict:
+def spawn(spec: dict, root: Path, memory: bool = False) -> dict:
+    """One run in a process of its own. A timing run keeps glibc's default allocator; a memory run
+    (`memory`) makes glibc return freed blocks at once, so the peak resident memory follows live tensors,
+    which costs a system call per large allocation (over half the run's CPU time went to the kernel): its
+    speed is not a figure."""
     path = root / f"spec_{spec['trainer']}_{spec['framework']}_{spec['vocab']}.json"
     path.write_text(json.dumps(spec))
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if memory:
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     proc = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"{spec['trainer']} / {spec['framework']} / vocab {spec['vocab']} failed:\n{proc.stderr[-4000:]}")
@@ -466,6 +479,7 @@ def main() -> None:
     p.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=TRAINERS)
     p.add_argument("--vocab", nargs="+", type=int, default=[8192, 32768])
     p.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
+    p.add_argument("--repeats", type=int, default=3, help="timing runs per framework (medians and ranges)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=8, help="sequences (pairs; GRPO: prompts) per step")
     p.add_argument("--max-len", type=int, default=256)
@@ -494,7 +508,7 @@ def main() -> None:
         print(json.dumps(child(json.loads(Path(args.child).read_text()))))
         return
     if args.quick:
-        args.vocab, args.steps, args.warmup, args.grpo_steps = [min(args.vocab)], 1, 1, 1
+        args.vocab, args.steps, args.warmup, args.grpo_steps, args.repeats = [min(args.vocab)], 1, 1, 1, 1
         args.batch, args.max_len, args.generations, args.new_tokens = 2, 192, 2, 8
     gpu = args.device == "cuda"
     shape = (
@@ -518,8 +532,9 @@ def main() -> None:
             for trainer in args.trainers:
                 steps = args.grpo_steps if trainer == "grpo" else args.steps
                 row = {"trainer": trainer, "vocab": vocab, "params": inputs["models"][vocab]["params"]}
-                for framework in FRAMEWORKS:
-                    spec = {
+
+                def spec(framework: str, trainer=trainer, vocab=vocab, steps=steps, **changes) -> dict:
+                    return {
                         "trainer": trainer,
                         "framework": framework,
                         "vocab": vocab,
@@ -529,9 +544,22 @@ def main() -> None:
                         "steps": steps,
                         **{k: getattr(args, k) for k in ("warmup", "batch", "max_len", "generations", "new_tokens")},
                         **{k: getattr(args, k) for k in ("precision", "threads", "checkpointing", "device", "vllm")},
+                        **changes,
                     }
-                    row[framework] = spawn(spec, root)
-                    print(f"  {trainer} vocab {vocab} {framework}: {json.dumps(row[framework])}", file=sys.stderr)
+
+                runs = {framework: [] for framework in FRAMEWORKS}
+                for r in range(args.repeats):  # aligner and TRL alternate who goes first
+                    for framework in ("bare", "aligner", "trl") if r % 2 == 0 else ("bare", "trl", "aligner"):
+                        runs[framework].append(spawn(spec(framework), root))
+                        print(
+                            f"  {trainer} {vocab} {framework} #{r + 1}: {json.dumps(runs[framework][-1])}",
+                            file=sys.stderr,
+                        )
+                for framework in FRAMEWORKS:
+                    row[framework] = summary(runs[framework])
+                    if args.device == "cpu":  # peak memory from a run of its own (see `spawn`), 2 steps
+                        memory = spawn(spec(framework, warmup=1, steps=1), root, memory=True)["peak_mib"]
+                        row[framework]["peak_mib"] = memory
                 results.append(row)
     print_table(results, args)
     if args.json:
@@ -539,6 +567,21 @@ def main() -> None:
     failed = [r for r in results if not loss_parity(r, args.precision)[1]]
     if failed:
         sys.exit("first-step losses differ: " + ", ".join(f"{r['trainer']} vocab {r['vocab']}" for r in failed))
+
+
+def summary(runs: list[dict]) -> dict:
+    """The median run's figures with the spread over the repeats: tokens/s as median and (min, max)."""
+    speeds = sorted(r["tokens_per_s"] for r in runs)
+    middle = statistics.median(speeds)
+    best = min(runs, key=lambda r: abs(r["tokens_per_s"] - middle))
+    return {
+        **best,
+        "tokens_per_s": middle,
+        "tokens_per_s_range": [speeds[0], speeds[-1]],
+        "repeats": [r["tokens_per_s"] for r in runs],
+        "peak_mib": statistics.median(r["peak_mib"] for r in runs),
+        "losses": runs[0]["losses"],
+    }
 
 
 def loss_parity(row: dict, precision: str) -> tuple[str, bool]:
@@ -557,37 +600,37 @@ def device_name(args) -> str:
         import torch
 
         return torch.cuda.get_device_name()
-    return f"CPU, {args.threads} threads"
+    name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    return f"CPU {name or '?'} ({os.cpu_count()} cores), {args.threads} threads"
+
+
+def spread(f: dict) -> str:
+    low, high = f["tokens_per_s_range"]
+    return f"{f['tokens_per_s']:,.0f} ({low:,.0f}-{high:,.0f})"
 
 
 def print_table(results: list[dict], args) -> None:
+    """Medians over the repeats with their (min-max) ranges; the ratio's range pairs the repeats in order."""
     print(
-        f"\naligner vs TRL {__import__('trl').__version__}, {device_name(args)}, {args.precision}; "
-        f"batch {args.batch}, max length {args.max_len}; GRPO {args.generations} x {args.new_tokens} new tokens; "
-        f"gradient checkpointing {args.checkpointing} (bare: off)"
+        f"\naligner vs TRL {__import__('trl').__version__}, {device_name(args)}, "
+        f"{args.precision}, {time.strftime('%Y-%m-%d')}; batch {args.batch}, max length {args.max_len}; GRPO "
+        f"{args.generations} x {args.new_tokens} new tokens; gradient checkpointing {args.checkpointing} (bare too); "
+        f"{args.repeats} repeats, medians (min-max)"
     )
-    head = (
-        f"{'trainer':<6}{'vocab':>7}{'params':>8}{'aligner tok/s':>15}{'TRL tok/s':>11}{'ratio':>7}"
-        f"{'bare tok/s':>12}{'al/bare':>8}{'TRL/bare':>9}{'al MiB':>8}{'TRL MiB':>9}{'mem ratio':>10}"
-        f"   {'loss steps 1, 2 (aligner/TRL)'}"
+    print(
+        "| trainer | vocab | aligner tokens/s | TRL tokens/s | ratio | bare tokens/s | aligner / bare | aligner MiB "
+        "| TRL MiB | memory ratio | loss steps 1, 2 (aligner / TRL) |"
     )
-    print(head)
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         a, t, b = r["aligner"], r["trl"], r["bare"]
+        ratios = sorted(x / y for x, y in zip(a["repeats"], t["repeats"]))
         print(
-            f"{r['trainer']:<6}{r['vocab']:>7}{r['params'] / 1e6:>7.1f}M{a['tokens_per_s']:>15.0f}"
-            f"{t['tokens_per_s']:>11.0f}{a['tokens_per_s'] / t['tokens_per_s']:>7.2f}{b['tokens_per_s']:>12.0f}"
-            f"{a['tokens_per_s'] / b['tokens_per_s']:>8.2f}{t['tokens_per_s'] / b['tokens_per_s']:>9.2f}"
-            f"{a['peak_mib']:>8.0f}{t['peak_mib']:>9.0f}{a['peak_mib'] / t['peak_mib']:>10.2f}"
-            f"   {loss_parity(r, args.precision)[0]}"
+            f"| {r['trainer']} | {r['vocab'] // 1024}k | {spread(a)} | {spread(t)} | "
+            f"**{a['tokens_per_s'] / t['tokens_per_s']:.2f}x** ({ratios[0]:.2f}-{ratios[-1]:.2f}) | {spread(b)} | "
+            f"{a['tokens_per_s'] / b['tokens_per_s']:.2f} | {a['peak_mib']:,.0f} | {t['peak_mib']:,.0f} | "
+            f"**{a['peak_mib'] / t['peak_mib']:.2f}** | {loss_parity(r, args.precision)[0]} |"
         )
-    print(
-        "steps/s (aligner / TRL): "
-        + ", ".join(
-            f"{r['trainer']}@{r['vocab']} {r['aligner']['steps_per_s']:.2f} / {r['trl']['steps_per_s']:.2f}"
-            for r in results
-        )
-    )
 
 
 if __name__ == "__main__":

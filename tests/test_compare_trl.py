@@ -33,4 +33,8 @@ def test_quick_mode_runs_all_trainers_with_equal_losses(tmp_path):
             assert len(r["aligner"]["losses"]) == 2
             for a, t in zip(r["aligner"]["losses"], r["trl"]["losses"]):
                 assert a == pytest.approx(t, abs=2e-5)
-    assert "ratio" in proc.stdout and "bare tok/s" in proc.stdout
+    assert "| ratio |" in proc.stdout and "| bare tokens/s |" in proc.stdout and "1 repeats, medians" in proc.stdout
+    for r in results:  # the protocol's figures: medians with their ranges, memory from a run of its own
+        for framework in ("bare", "aligner", "trl"):
+            low, high = r[framework]["tokens_per_s_range"]
+            assert low <= r[framework]["tokens_per_s"] <= high and len(r[framework]["repeats"]) == 1
