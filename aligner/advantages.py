@@ -1,27 +1,15 @@
 """Advantages and KL terms for online RL (PPO, GRPO): pure torch, no model code.
 
 Shapes: per-token tensors are (B, T) over completion positions with a 0/1 `mask` (1 on completion
-tokens, 0 on padding after EOS). Formulas follow ../shared/REFERENCE.md (PPO, GRPO).
+tokens, 0 on padding after EOS). GAE: Schulman et al. 2016, eq. 16; group advantages: Shao et al. 2024
+(DeepSeekMath), eq. 3 and Dr. GRPO (Liu et al. 2025) for the unscaled variant.
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman's estimators):
-    k1 = logp - ref (unbiased, can be negative); k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased, >= 0)."""
-    if kind == "k1":
-        return logps - ref_logps
-    if kind == "k3":
-        d = ref_logps - logps
-        return torch.exp(d) - d - 1
-    raise ValueError(f"KL estimator must be k1 or k3, got '{kind}'")
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+from aligner.logprobs import masked_mean
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from aligner.model.gpt import read_safetensors
+from safetensors.torch import load_file
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.pt"
@@ -178,6 +177,24 @@ def load_rng(directory: Path, rank: int) -> None:
 
 
 # --- weights ----------------------------------------------------------------------------------------
+
+
+def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory: model.safetensors or a sharded index (never pickle)."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    files = [directory / "model.safetensors"]
+    if index.is_file():
+        files = [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    elif not files[0].is_file():
+        raise ValueError(f"{directory}: no model.safetensors (pickled checkpoints are not loaded)")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # safetensors' own error type: a truncated or corrupt file
+            raise ValueError(f"{f} is damaged or incomplete ({str(e).splitlines()[0]})") from None
+    return state
 
 
 def load_weights(model: torch.nn.Module, directory: Path) -> None:

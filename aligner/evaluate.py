@@ -173,8 +173,9 @@ def pass_at_k(
 @torch.no_grad()
 def perplexity(model, tokenizer, conversations: list[list[dict]], template=None, batch_size: int = 16) -> dict:
     """exp(mean NLL per token) of the assistant tokens (end-of-turn included) of each conversation."""
-    from aligner.data.collate import IGNORE_INDEX, pad_examples
-    from aligner.model.load import causal_lm_token_logprobs
+    from aligner.data.collate import pad_examples
+    from aligner.logprobs import IGNORE_INDEX
+    from aligner.model.forward import causal_lm_token_logprobs
 
     nll, tokens = 0.0, 0
     for start in range(0, len(conversations), batch_size):
@@ -193,7 +194,7 @@ def perplexity(model, tokenizer, conversations: list[list[dict]], template=None,
 
 def reward_accuracy(reward_model, tokenizer, pairs: list[dict]) -> dict:
     """Share of pairs {"prompt", "chosen", "rejected"} (message lists) the reward model ranks right."""
-    from aligner.trainers.rm import score_conversations
+    from aligner.rewards import score_conversations
 
     chosen = score_conversations(reward_model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
     rejected = score_conversations(reward_model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
@@ -207,7 +208,7 @@ def reward_accuracy(reward_model, tokenizer, pairs: list[dict]) -> dict:
 def log_ratios(model, reference, examples: list[dict], pad_id: int) -> list[float]:
     """sum over each example's labelled tokens of log p(token) - log p_ref(token), in batches of 16."""
     from aligner.data.collate import pad_examples
-    from aligner.model.load import causal_lm_token_logprobs
+    from aligner.model.forward import causal_lm_token_logprobs
 
     out = []
     for start in range(0, len(examples), 16):
@@ -235,7 +236,7 @@ def implicit_reward_accuracy(model, reference, tokenizer, pairs: list[dict], tem
 
 def win_rate(replies: list[str], reference_replies: list[str], rows, reward_model, tokenizer) -> dict:
     """Share of prompts where the reward model scores `replies` above the reference's (a tie counts half)."""
-    from aligner.trainers.rm import score_conversations
+    from aligner.rewards import score_conversations
 
     def convs(texts):
         return [r["prompt"] + [{"role": "assistant", "content": t.strip()}] for r, t in zip(rows, texts)]
@@ -254,7 +255,7 @@ def win_rate(replies: list[str], reference_replies: list[str], rows, reward_mode
 def kl_to_reference(model, reference, tokenizer, rows, *, max_new_tokens=160, template=None, seed=0) -> dict:
     """Mean over prompts of sum_t [log p(y_t) - log p_ref(y_t)] on one T = 1 sample y of the model per
     prompt: an unbiased estimate of the sequence KL(model || reference), with its standard error."""
-    from aligner.data.collate import IGNORE_INDEX
+    from aligner.logprobs import IGNORE_INDEX
 
     params = _params(tokenizer, template, max_new_tokens, temperature=1.0, seed=seed)
     outs = _engine(model, tokenizer).generate([encode_prompt(tokenizer, r["prompt"], template) for r in rows], params)

@@ -14,120 +14,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from aligner.logprobs import IGNORE_INDEX, kl_estimate
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """Log-probability of each label under `logits`, computed in fp32.
-
-    logits: (B, T, V) scores for the token at each position; labels: (B, T) token ids (any value
-    where the position is not used; IGNORE_INDEX is fine). Returns (B, T) fp32 log-probs.
-    Rows are processed in chunks so the fp32 (B, T, V) log-softmax is never held at once.
-    """
-    safe = labels.clamp(min=0)
-    flat_logits = logits.reshape(-1, logits.size(-1))  # (B*T, V)
-    flat_labels = safe.reshape(-1)  # (B*T,)
-    out = torch.empty(flat_labels.shape, dtype=torch.float32, device=logits.device)
-    for start in range(0, flat_labels.numel(), chunk_size):
-        rows = flat_logits[start : start + chunk_size].float()
-        picked = rows.gather(-1, flat_labels[start : start + chunk_size, None]).squeeze(-1)
-        out[start : start + chunk_size] = picked - torch.logsumexp(rows, dim=-1)
-    return out.view_as(labels)
-
-
-def _chunk_rows(vocab: int) -> int:
-    """Rows per chunk so that one (rows, V) fp32 block is about 32 MiB."""
-    return max(16, (32 << 20) // (4 * vocab))
-
-
-class _LinearLogprobs(torch.autograd.Function):
-    """log_softmax(hidden @ weight.T / temperature)[label] chunk by chunk; backward recomputes each chunk's
-    logits, so no (N, V) tensor is ever held: memory O(chunk x V) instead of O(N x V)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature: float, compute_dtype: torch.dtype):
-        n, vocab = hidden.size(0), weight.size(0)
-        step = _chunk_rows(vocab)
-        w = weight.to(compute_dtype)
-        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        for s in range(0, n, step):
-            logits = (hidden[s : s + step].to(compute_dtype) @ w.T).float() / temperature  # (rows, V)
-            lse[s : s + step] = torch.logsumexp(logits, dim=-1)
-            out[s : s + step] = logits.gather(-1, labels[s : s + step, None]).squeeze(-1) - lse[s : s + step]
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.temperature, ctx.compute_dtype = temperature, compute_dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        t, cd = ctx.temperature, ctx.compute_dtype
-        step = _chunk_rows(weight.size(0))
-        w = weight.to(cd)
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        )
-        for s in range(0, hidden.size(0), step):
-            h = hidden[s : s + step].to(cd)
-            g = grad_out[s : s + step].float()
-            probs = torch.exp((h @ w.T).float() / t - lse[s : s + step, None])  # softmax, (rows, V)
-            d = probs.mul_(-g[:, None])  # d logp[label] / d logits = onehot - softmax
-            d.scatter_add_(-1, labels[s : s + step, None], g[:, None])
-            d = (d / t).to(cd)
-            if grad_h is not None:
-                grad_h[s : s + step] = (d @ w).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w += (d.T @ h).float()
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
-
-
-def linear_token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """Log-probability of each label under logits = hidden @ weight.T / temperature, without materialising
-    the logits: the LM head and the log-softmax run together in chunks of rows, forward and backward.
-
-    hidden: (..., D) final hidden states; weight: (V, D) the LM head; labels: (...) token ids, IGNORE_INDEX
-    where not needed (those rows are skipped entirely and get log-prob 0). Returns (...) fp32 log-probs.
-    The matmuls run in the autocast dtype when autocast is on (as the LM head would), the softmax in fp32.
-    """
-    dev = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
-    keep = (labels != IGNORE_INDEX).reshape(-1)
-    idx = keep.nonzero().squeeze(-1)
-    rows = hidden.reshape(-1, hidden.size(-1)).index_select(0, idx)  # (N, D): loss rows only
-    with torch.autocast(dev, enabled=False):
-        picked = _LinearLogprobs.apply(rows, weight, labels.reshape(-1)[idx], float(temperature), compute_dtype)
-    out = torch.zeros(keep.numel(), dtype=torch.float32, device=hidden.device)
-    return out.index_put((idx,), picked).view(labels.shape)
-
-
-def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum()
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `values` where `mask` is 1 (over all elements, or along `dim`)."""
-    mask = mask.to(values.dtype)
-    if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1)
-    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def sft_loss(logps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Summed next-token cross-entropy over loss tokens (SFT and pretraining).
 
-    logits: (B, T, V) predictions for position t+1 made at position t, i.e. already aligned with
-    `labels` (B, T), where labels == IGNORE_INDEX marks tokens outside the loss (prompt, padding).
-    Returns (sum of token NLL in nats, {"tokens": number of loss tokens}). Divide by the number of
-    loss tokens of the whole accumulated batch to get the token-mean cross-entropy.
+    logps: (B, T) log-probs of `labels` (B, T) under the model (`aligner.logprobs`: from logits, or fused
+    with the LM head), where labels == IGNORE_INDEX marks tokens outside the loss (prompt, padding).
+    Returns (sum of token NLL in nats, {"tokens": number of loss tokens}). The loop divides by the loss
+    tokens of the whole accumulated batch: the token-mean cross-entropy.
     """
     mask = labels != IGNORE_INDEX
-    nll = -token_logprobs(logits, labels)  # (B, T)
-    loss = (nll * mask).sum()
-    return loss, {"tokens": int(mask.sum())}
+    return -(logps * mask).sum(), {"tokens": mask.sum()}
 
 
 # --- preference losses -------------------------------------------------------------------------------
@@ -310,32 +209,6 @@ PREFERENCE_LOSSES = {
 REFERENCE_FREE = {"simpo", "orpo"}
 
 
-def summed_logps(token_logps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """((B,), (B,)): each row's log-probs (B, T) summed over its loss tokens, and their number."""
-    mask = labels != IGNORE_INDEX
-    return (token_logps * mask).sum(-1), mask.sum(-1).to(token_logps.dtype)
-
-
-def summed_logps_by_doc(
-    token_logps: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor, n: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`summed_logps` for packed rows: ((n,), (n,)) sums and counts of loss tokens per document, where
-    doc_ids (R, T) holds each position's document index (-1 for padding)."""
-    mask = (labels != IGNORE_INDEX) & (doc_ids >= 0)
-    docs = doc_ids[mask]
-    sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, docs, token_logps[mask])
-    counts = torch.bincount(docs, minlength=n).to(token_logps.dtype)
-    return sums, counts
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of each row's loss tokens and their number: ((B,), (B,)) from logits (B, T, V)
-    aligned with labels (B, T) (IGNORE_INDEX outside the completion)."""
-    mask = labels != IGNORE_INDEX
-    logps = token_logprobs(logits, labels) * mask  # (B, T)
-    return logps.sum(-1), mask.sum(-1).to(logps.dtype)
-
-
 # --- online RL (PPO, GRPO) -------------------------------------------------------------------------------
 # Per-token tensors are (B, T) over completion positions with a 0/1 float mask.
 
@@ -401,7 +274,7 @@ def grpo_loss(
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
     stats = {}
     if beta:
-        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        kl = kl_estimate(logps, ref_logps, "k3")
         per_token = per_token + beta * kl
         stats["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
     token_sum = (per_token * mask).sum(-1)  # (B,)

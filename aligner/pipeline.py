@@ -193,7 +193,7 @@ def evaluate_policy(cfg: PipelineConfig, stage: str) -> dict:
     from aligner.evaluate import exact_match, kl_to_reference, unique_rows
     from aligner.model.heads import load_reward_model
     from aligner.model.load import load_model, load_tokenizer
-    from aligner.trainers.rm import score_conversations
+    from aligner.rewards import score_conversations
 
     e = cfg.eval
     rows = world_rows("rl", "test", n=e.items, seed=e.seed)

@@ -26,6 +26,8 @@ import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
+import torch
+
 from aligner.data.world import extract_answer, is_correct
 from aligner.errors import ConfigError, DataError
 
@@ -214,13 +216,33 @@ class RewardModelScorer:
         self.__name__ = f"reward_model({path})"
 
     def __call__(self, prompts, completions, **_) -> list[float]:
-        from aligner.trainers.rm import score_conversations
-
         conversations = []
         for prompt, completion in zip(prompts, completions):
             turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
             conversations.append(list(turns) + [{"role": "assistant", "content": completion}])
         return score_conversations(self.model, self.tokenizer, conversations, self.batch_size)
+
+
+@torch.inference_mode()
+def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> list[float]:
+    """Reward of each conversation (a message list ending with the assistant reply), rendered with the
+    tokenizer's chat template exactly as in training. Batches are cut from the conversations sorted by
+    length, so a batch pads little; the scores come back in the given order."""
+    from aligner.data.chat import encode_conversation, pad_token_id, shifted_example
+    from aligner.data.collate import pad_examples
+
+    device = next(model.parameters()).device
+    rows = [shifted_example(*encode_conversation(tokenizer, m), keep_last=True) for m in conversations]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    scores = [0.0] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = pad_examples([rows[i] for i in chunk], pad_token_id(tokenizer))
+        lengths = torch.tensor([len(rows[i]["input_ids"]) for i in chunk])
+        values = model.sequence_scores(batch["input_ids"].to(device), batch["labels"].to(device), lengths)
+        for i, v in zip(chunk, values.tolist()):
+            scores[i] = v
+    return scores
 
 
 def resolve_reward(name: str) -> RewardFn:

@@ -519,7 +519,7 @@ def main() -> None:
     if gpu and "--max-len" not in sys.argv:
         args.max_len = 1024
     if args.precision == "auto":
-        from aligner.model.load import cpu_has_fast_bf16
+        from aligner.model.quant import cpu_has_fast_bf16
 
         args.precision = "bf16" if gpu or cpu_has_fast_bf16() else "fp32"
     results = []

@@ -15,7 +15,7 @@ from aligner.config import DataConfig, MixSource, Recipe
 from aligner.data.formats import to_preference_records, to_prompt_records, to_records
 from aligner.data.sources import load_rows, mix_rows, mix_shares
 from aligner.errors import DataError
-from aligner.trainers.sft import load_splits
+from aligner.trainers.setup import load_splits
 
 
 @pytest.fixture(scope="module")

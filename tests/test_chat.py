@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import FAMILIES, chat_tokenizer
 
-from aligner.data.chat import IGNORE_INDEX, encode_conversation, encode_dataset, encode_prompt, render, reply_stop_ids
+from aligner.data.chat import encode_conversation, encode_dataset, encode_prompt, render, reply_stop_ids
 from aligner.errors import DataError
+from aligner.logprobs import IGNORE_INDEX
 from aligner.model.tokenizer import load_chat_template
 
 SYSTEM = {"role": "system", "content": "Be brief."}

@@ -139,7 +139,7 @@ def test_pass_at_one_greedy_is_exact_match(bases):
 
 def test_reward_accuracy_counts_the_pairs_ranked_right(bases, reward_ckpt):
     from aligner.data.world import world_rows
-    from aligner.trainers.rm import score_conversations
+    from aligner.rewards import score_conversations
 
     rm, tok = load_reward_model(reward_ckpt), load_tokenizer(reward_ckpt)
     pairs = world_rows("preference", "val", n=8)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aligner.losses import IGNORE_INDEX, linear_token_logprobs, token_logprobs
+from aligner.logprobs import IGNORE_INDEX, linear_token_logprobs, token_logprobs
+from aligner.model.forward import causal_lm_logits, causal_lm_token_logprobs, fused_head
 from aligner.model.gpt import GPT, GPTConfig
-from aligner.model.load import causal_lm_logits, causal_lm_token_logprobs, fused_head
 
 
 def _labels(B=3, T=11, V=300, seed=0):
@@ -35,7 +35,7 @@ def test_linear_token_logprobs_matches_log_softmax_by_hand():
 
 
 def test_chunks_cover_every_row(monkeypatch):
-    import aligner.losses as losses
+    import aligner.logprobs as losses
 
     monkeypatch.setattr(losses, "_chunk_rows", lambda vocab: 3)  # many chunks, a ragged last one
     torch.manual_seed(1)
@@ -120,7 +120,7 @@ def test_lora_head_falls_back_to_full_logits():
 
 @pytest.mark.parametrize("make", [lambda: _gpt(True), _llama], ids=["gpt", "llama"])
 def test_gradient_checkpointing_gives_the_same_gradients(make):
-    from aligner.model.load import enable_gradient_checkpointing
+    from aligner.model.forward import enable_gradient_checkpointing
 
     ids, labels = torch.randint(0, 300, (3, 11)), _labels()
     grads = []

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from aligner.model.gpt import GPT, GPTConfig, KVCache, decode_attention
+from aligner.model.attention import decode_attention
+from aligner.model.gpt import GPT, GPTConfig, KVCache
 from aligner.model.kv_cache import fuse_layer
 
 VOCAB = 64
@@ -297,7 +298,7 @@ def test_gqa_decoding_through_sdpa_with_gpu_strides(monkeypatch):
     returning its output in another memory layout, as CUDA's kernels do (the same values, strides of a
     transposed tensor), padded batched decoding still equals the full forward. `.view` on that output
     raised "view size is not compatible with input tensor's size and stride" on a GPU."""
-    import aligner.model.gpt as gpt
+    import aligner.model.attention as attention
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -305,8 +306,8 @@ def test_gqa_decoding_through_sdpa_with_gpu_strides(monkeypatch):
         out = sdpa(*args, **kw)  # (B, heads, T, hd) -> the same values laid out as (B, T, heads, hd)
         return out.transpose(1, 2).contiguous().transpose(1, 2)
 
-    monkeypatch.setattr(gpt, "matmul_decoding", lambda device: False)
-    monkeypatch.setattr(gpt.F, "scaled_dot_product_attention", cuda_like)
+    monkeypatch.setattr(attention, "matmul_decoding", lambda device: False)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", cuda_like)
     for heads, kv in [(4, 2), (4, 1)]:
         model = make_gpt(num_attention_heads=heads, num_key_value_heads=kv)
         ids = random_ids(3, 10)

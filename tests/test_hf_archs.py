@@ -238,7 +238,7 @@ def test_learning_rate_follows_the_model(bases, tmp_path, capsys):
     from aligner.config import load_recipe
     from aligner.model.load import build_model
     from aligner.trainers import sft
-    from aligner.trainers.sft import default_lr, resolve_lr
+    from aligner.trainers.setup import default_lr, resolve_lr
 
     assert doctest.testmod(sft).failed == 0
     assert default_lr("grpo", False, 7e9) == 5e-7 and default_lr("sft", True, 70e9) == 5e-5

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import chat_tokenizer, tiny_llama
 
-from aligner.losses import PREFERENCE_LOSSES, token_logprobs
+from aligner.logprobs import token_logprobs
+from aligner.losses import PREFERENCE_LOSSES
 
 trl = pytest.importorskip("trl")
 

@@ -1,6 +1,6 @@
 """QLoRA (bitsandbytes NF4 base + LoRA) on the GPT core and a transformers Llama, on the CPU.
 
-The trap (REFERENCE.md, LoRA / QLoRA): on CPUs with AVX-512 BF16, bitsandbytes repacks a 4-bit
+The trap: on CPUs with AVX-512 BF16, bitsandbytes repacks a 4-bit
 weight for inference the first time the layer runs in eval mode without grad, and from then on LoRA
 adapters on it get zero gradients. These tests train after an eval pass and a generation, and check
 that the guard keeps the repacking from happening even where bitsandbytes believes the CPU has
@@ -14,7 +14,9 @@ from conftest import sft_recipe
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA tests need the qlora extra (bitsandbytes)")
 
 from aligner.config import LoRAConfig, ModelConfig, load_recipe  # noqa: E402
-from aligner.model.load import build_qlora_model, causal_lm_logits, load_model  # noqa: E402
+from aligner.model.forward import causal_lm_logits  # noqa: E402
+from aligner.model.load import load_model  # noqa: E402
+from aligner.model.quant import build_qlora_model  # noqa: E402
 from aligner.rollout.engine import SamplingParams  # noqa: E402
 from aligner.rollout.torch_engine import TorchEngine  # noqa: E402
 
@@ -38,7 +40,8 @@ def four_bit_layers(model):
 
 @pytest.mark.parametrize("arch", ["gpt", "hf"])
 def test_adapters_train_after_eval_and_generate_base_frozen(bases, tmp_path, arch):
-    from aligner.trainers.sft import SFTTrainer, encode_conversations, sft_tokenizer
+    from aligner.trainers.setup import sft_tokenizer
+    from aligner.trainers.sft import SFTTrainer, encode_conversations
 
     model, tok, path = qlora_model(bases, arch)
     layers = four_bit_layers(model)

@@ -79,8 +79,7 @@ def test_reward_model_scorer_matches_score_conversations(bases, tmp_path):
     from aligner.model.gpt import GPT
     from aligner.model.heads import ScalarHeadModel
     from aligner.model.load import load_tokenizer
-    from aligner.rewards import RewardModelScorer
-    from aligner.trainers.rm import score_conversations
+    from aligner.rewards import RewardModelScorer, score_conversations
 
     model = ScalarHeadModel.from_causal_lm(GPT.from_pretrained(bases / "gpt"))
     model.save_pretrained(tmp_path / "rm")

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from aligner.advantages import AdaptiveKLController, gae, group_advantages, kl_penalty, whiten
+from aligner.advantages import AdaptiveKLController, gae, group_advantages, whiten
+from aligner.logprobs import kl_estimate as kl_penalty
 from aligner.losses import grpo_loss, ppo_policy_loss, ppo_value_loss
 
 

@@ -12,7 +12,7 @@ from aligner.data.world import world_rows
 from aligner.model.gpt import GPT
 from aligner.model.heads import ScalarHeadModel, last_token_values, load_reward_model
 from aligner.model.load import load_hf_model, load_tokenizer
-from aligner.trainers.rm import score_conversations
+from aligner.rewards import score_conversations
 
 
 def rm_recipe(tmp_path, base, arch="gpt", **sections):

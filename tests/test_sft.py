@@ -11,8 +11,9 @@ from conftest import chat_tokenizer, tiny_gpt, tiny_hf, tiny_llama
 from aligner.data.chat import encode_conversation, encode_dataset
 from aligner.data.collate import pack_examples, pad_examples
 from aligner.data.world import world_rows
+from aligner.logprobs import token_logprobs
 from aligner.losses import sft_loss
-from aligner.model.load import causal_lm_logits
+from aligner.model.forward import causal_lm_logits
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_loss_equals_trl_sft_trainer(tok, examples, tmp_path):
     trl_loss = trainer.compute_loss(model, batch)
 
     ours = pad_examples(examples, tok.pad_token_id)
-    total, stats = sft_loss(causal_lm_logits(model, ours["input_ids"]), ours["labels"])
+    total, stats = sft_loss(token_logprobs(causal_lm_logits(model, ours["input_ids"]), ours["labels"]), ours["labels"])
     assert stats["tokens"] == ours["n_loss"]
     assert abs(float(total / ours["n_loss"]) - float(trl_loss)) < 1e-5
 
@@ -82,7 +83,8 @@ def test_packed_equals_padded_loss_and_grads(tok, examples, kind):
 
     def loss_and_grads(batch):
         model.zero_grad()
-        loss, _ = sft_loss(causal_lm_logits(model, batch["input_ids"], batch.get("position_ids")), batch["labels"])
+        logits = causal_lm_logits(model, batch["input_ids"], batch.get("position_ids"))
+        loss, _ = sft_loss(token_logprobs(logits, batch["labels"]), batch["labels"])
         (loss / batch["n_loss"]).backward()
         return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -98,8 +100,11 @@ def test_packing_without_the_document_mask_would_differ(tok, examples):
     model = tiny_gpt(vocab=len(tok))
     packed = pack_examples(examples, tok.pad_token_id, row_len=400)
     with torch.no_grad():
-        right, _ = sft_loss(causal_lm_logits(model, packed["input_ids"], packed["position_ids"]), packed["labels"])
-        wrong, _ = sft_loss(causal_lm_logits(model, packed["input_ids"]), packed["labels"])
+        labels = packed["labels"]
+        right, _ = sft_loss(
+            token_logprobs(causal_lm_logits(model, packed["input_ids"], packed["position_ids"]), labels), labels
+        )
+        wrong, _ = sft_loss(token_logprobs(causal_lm_logits(model, packed["input_ids"]), labels), labels)
     assert abs(float(right - wrong)) / packed["n_loss"] > 1e-4  # ten times the tolerance above
 
 

@@ -10,7 +10,8 @@ from conftest import launch_two_processes, sft_recipe
 
 from aligner.cli import main
 from aligner.config import LoRAConfig, load_recipe
-from aligner.model.load import apply_lora, causal_lm_logits, load_adapter_model, load_model
+from aligner.model.forward import causal_lm_logits
+from aligner.model.load import apply_lora, load_adapter_model, load_model
 
 
 def test_sft_gpt_core_full(bases, tmp_path, capsys):
@@ -60,7 +61,8 @@ def test_lora_leaves_base_weights_unchanged(bases, tmp_path, arch):
     """After an eval pass and a generation, a train step moves every adapter weight and no base weight."""
     from aligner.rollout.engine import SamplingParams
     from aligner.rollout.torch_engine import TorchEngine
-    from aligner.trainers.sft import SFTTrainer, encode_conversations, sft_tokenizer
+    from aligner.trainers.setup import sft_tokenizer
+    from aligner.trainers.sft import SFTTrainer, encode_conversations
 
     base_dir = bases / ("gpt" if arch == "gpt" else "llama")
     recipe = load_recipe(sft_recipe(tmp_path, base_dir, arch, lora={"enabled": True}))

@@ -70,7 +70,7 @@ def test_vllm_greedy_equals_the_torch_engine(checkpoint, engine):
 
 
 def test_sampling_logprobs_equal_teacher_forcing(checkpoint, engine):
-    from aligner.losses import token_logprobs
+    from aligner.logprobs import token_logprobs
     from aligner.model.gpt import GPT
     from aligner.rollout.engine import SamplingParams
 

@@ -37,9 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aligner.errors import DataError
+from aligner.logprobs import IGNORE_INDEX
 from aligner.tracking import phase
-
-IGNORE_INDEX = -100
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, template: str | None = None) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-IGNORE_INDEX = -100  # same value as aligner.losses.IGNORE_INDEX (data/ must not import trainers)
+from aligner.logprobs import IGNORE_INDEX
 
 
 class PackedText(Sequence):

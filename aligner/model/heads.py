@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aligner.losses import linear_token_logprobs, summed_logps
+from aligner.logprobs import linear_token_logprobs, summed_logps
 from aligner.model.gpt import GPT, GPTConfig
 
 
@@ -178,8 +178,8 @@ def load_reward_model(path: str | Path) -> ScalarHeadModel:
 
 
 def _load_reward_model(path: Path) -> ScalarHeadModel:
+    from aligner.checkpoint import read_safetensors
     from aligner.errors import ConfigError
-    from aligner.model.gpt import read_safetensors
     from aligner.model.load import is_gpt_checkpoint, load_model
 
     if (path / "adapter_config.json").is_file():

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from aligner.model.rope import rope_cos_sin
+
 if TYPE_CHECKING:
     from aligner.model.gpt import GPT, Block, GPTConfig
 
@@ -79,7 +81,6 @@ class KVCache:
         self.rope_table = self._rope_table(dtype)  # RoPE's cos and sin (max_len, hd) of every position
 
     def _rope_table(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        from aligner.model.gpt import rope_cos_sin
 
         positions = torch.arange(self.max_len, device=self.keys[0].device)[None]  # (1, max_len)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)

@@ -9,8 +9,6 @@ lazily, so `import aligner.losses` stays light. A checkpoint that holds an adapt
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import json
 import re
 from pathlib import Path
@@ -227,131 +225,12 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig, base_path: str | None = 
     return get_peft_model(model, config)
 
 
-def _bitsandbytes():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise ConfigError("lora.quantize nf4 (QLoRA) needs bitsandbytes: pip install 'aligner[qlora]'") from None
-    return bnb
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where oneDNN has native bf16 kernels (AVX-512 BF16 / AMX). On AVX2-only CPUs bf16
-    matmuls are emulated and several times slower than fp32, so autocast would hurt."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _compute_dtype(cfg: LoRAConfig) -> torch.dtype:
-    """bf16 as QLoRA prescribes, except under `auto` on CPUs without native bf16 (AVX2-only), where
-    bf16 matmuls are emulated and about ten times slower than fp32."""
-    if cfg.compute_dtype == "auto":
-        fast = torch.cuda.is_available() or cpu_has_fast_bf16()
-        return torch.bfloat16 if fast else torch.float32
-    return torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32
-
-
-def _quant_device() -> torch.device:
-    import os
-
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference (REFERENCE.md, LoRA / QLoRA).
-
-    On CPUs with AVX-512 BF16, bitsandbytes' Linear4bit converts its weight in place, the first time
-    it runs in eval mode without grad (an eval pass, generation), to a layout whose kernel has no
-    autograd; from then on LoRA adapters on that layer get zero gradients without any error. The
-    conversion is gated by a per-layer flag, which this clears on every 4-bit layer.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def quantize_linear_4bit(model: torch.nn.Module, cfg: LoRAConfig, device: torch.device) -> torch.nn.Module:
-    """Replace every linear projection of a plain nn.Module (the GPT core) except the output head by a
-    bitsandbytes NF4 Linear4bit holding the same weights, quantized on `device`."""
-    bnb = _bitsandbytes()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not head
-    ]
-    for name, lin in targets:
-        q = bnb.nn.Linear4bit(
-            lin.in_features,
-            lin.out_features,
-            bias=lin.bias is not None,
-            compute_dtype=_compute_dtype(cfg),
-            compress_statistics=cfg.double_quant,
-            quant_type="nf4",
-            device="meta",
-        )
-        q.weight = bnb.nn.Params4bit(
-            lin.weight.data.float().contiguous(),
-            requires_grad=False,
-            quant_type="nf4",
-            compress_statistics=cfg.double_quant,
-            module=q,
-        )
-        if lin.bias is not None:
-            q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-        q = q.to(device)  # Params4bit quantizes when first moved to a device
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
-    model.to(device)
-    model.is_loaded_in_4bit = True  # peft wraps 4-bit layers with its bnb LoRA layers only when this is set
-    return model
-
-
-def build_qlora_model(model_cfg: ModelConfig, cfg: LoRAConfig, tokenizer) -> torch.nn.Module:
-    """QLoRA: the base model frozen in 4-bit NF4 (double quantization, bf16 compute) plus LoRA adapters."""
-    return apply_lora(build_quantized_model(model_cfg, cfg, tokenizer), cfg, base_path=adapter_base(model_cfg))
-
-
 def adapter_base(model_cfg: ModelConfig) -> str | None:
     """What an adapter records as its base model: the absolute path of a local model, or the Hub name."""
     if not model_cfg.init_from:
         return None
     source = locate(model_cfg.init_from)
     return str(Path(source).resolve()) if Path(source).is_dir() else source
-
-
-def build_quantized_model(model_cfg: ModelConfig, cfg: LoRAConfig, tokenizer) -> torch.nn.Module:
-    """The base model frozen in 4-bit NF4 (QLoRA's half before the adapters)."""
-    bnb = _bitsandbytes()  # noqa: F841 (fail early with the install hint)
-    device = _quant_device()
-    if not uses_core(model_cfg):
-        from peft import prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=cfg.double_quant,
-            bnb_4bit_compute_dtype=_compute_dtype(cfg),
-        )
-        kw = {} if model_cfg.attn_implementation == "auto" else {"attn_implementation": model_cfg.attn_implementation}
-        model = AutoModelForCausalLM.from_pretrained(
-            locate(model_cfg.init_from),
-            quantization_config=quant,
-            device_map={"": device},
-            dtype=torch.float32,
-            trust_remote_code=model_cfg.trust_remote_code,
-            **kw,
-        )
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    else:
-        model = quantize_linear_4bit(build_model(model_cfg, tokenizer), cfg, device)
-    keep_4bit_layers_trainable(model)
-    return model
 
 
 def load_adapter_model(path: str | Path, merge: bool = False, dtype: str = "auto") -> torch.nn.Module:
@@ -388,119 +267,6 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, wh
 def has_tokenizer(path: str | Path) -> bool:
     p = resolve_path(path)
     return (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()
-
-
-def logits_of(output) -> torch.Tensor:
-    """Logits from the GPT core (a tensor) or an HF model (an output object)."""
-    return output if torch.is_tensor(output) else output.logits
-
-
-def base_config(model: torch.nn.Module):
-    """The config of the model inside any wrappers (DDP's .module, peft's base model)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.config
-
-
-def causal_lm_logits(model: torch.nn.Module, input_ids: torch.Tensor, position_ids=None) -> torch.Tensor:
-    """Logits (B, T, V) of the GPT core or an HF model, wrapped or not; position_ids may pack rows."""
-    if isinstance(base_config(model), GPTConfig):
-        return model(input_ids, position_ids=position_ids)
-    # no cache and no attention mask: transformers reads restarting position_ids as packed documents
-    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-
-
-def _innermost(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP's .module and peft's wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each decoder layer's activations in backward instead of keeping them (GPT core, HF models,
-    reward/value models over either; through DDP and peft wrappers). Non-reentrant, so frozen
-    embeddings under LoRA need no input-grad hook."""
-    inner = _innermost(model)
-    if hasattr(inner, "policy"):  # PPO's policy + critic
-        for part in (inner.policy, getattr(inner, "critic", None)):
-            if part is not None:
-                enable_gradient_checkpointing(part)
-        return
-    gpt = inner if isinstance(inner, GPT) else getattr(inner, "_gpt", None)
-    if gpt is not None:
-        gpt.gradient_checkpointing = True
-        return
-    body = inner if hasattr(inner, "gradient_checkpointing_enable") else getattr(inner, "model", None)
-    if body is None or not hasattr(body, "gradient_checkpointing_enable"):
-        raise ConfigError(f"train.gradient_checkpointing: {type(inner).__name__} does not support it")
-    body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-@functools.cache
-def _forward_parameters(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.forward).parameters)
-
-
-def forward_takes(model: torch.nn.Module, name: str) -> bool:
-    """Whether the model's forward has a parameter `name` (transformers' arguments change across releases)."""
-    return name in _forward_parameters(type(model))
-
-
-def skips_head(model: torch.nn.Module) -> bool:
-    """Whether a transformers model's forward can compute the LM head on the last positions only."""
-    return forward_takes(model, "logits_to_keep")
-
-
-def fused_head(model: torch.nn.Module) -> torch.Tensor | None:
-    """The LM head's weight when log-probs may be computed from the final hidden states with it
-    (`linear_token_logprobs`): a plain bias-free Linear head with no logit soft-capping or scaling and a
-    forward that can skip the head (GPT core: return_hidden; transformers: logits_to_keep). Else None."""
-    inner = _innermost(model)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or head.bias is not None:
-        return None  # e.g. a LoRA-wrapped or quantized head: the full path applies it properly
-    cfg = inner.config
-    if isinstance(cfg, GPTConfig):
-        return head.weight
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
-        return None
-    return head.weight if skips_head(inner) else None
-
-
-def causal_lm_token_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, position_ids=None, temperature: float = 1.0
-) -> torch.Tensor:
-    """Log-prob (B, T) fp32 of each label (0 where labels == IGNORE_INDEX) under the model, wrapped or not.
-
-    Where the head allows (`fused_head`), the model runs without its LM head and the head and log-softmax
-    run together over the label positions only, in chunks (no (B, T, V) logits, forward or backward);
-    otherwise from the full logits, chunked in fp32.
-    """
-    from aligner.losses import IGNORE_INDEX, linear_token_logprobs, token_logprobs
-
-    weight = fused_head(model)
-    if weight is None:
-        logits = causal_lm_logits(model, input_ids, position_ids)
-        if temperature != 1.0:
-            logits = logits.float() / temperature
-        return token_logprobs(logits, labels) * (labels != IGNORE_INDEX)
-    if isinstance(base_config(model), GPTConfig):
-        hidden = model(input_ids, position_ids=position_ids, return_hidden=True)
-    else:  # the head runs on one position only; the last hidden state is the final norm's output
-        out = model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            use_cache=False,
-            logits_to_keep=1,
-            output_hidden_states=True,
-        )
-        hidden = out.hidden_states[-1]
-    return linear_token_logprobs(hidden, weight, labels, temperature)
 
 
 def export_merged(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:

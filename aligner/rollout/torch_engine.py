@@ -31,8 +31,8 @@ import functools
 
 import torch
 
+from aligner.model.forward import forward_takes, skips_head
 from aligner.model.gpt import GPT, GPTConfig, KVCache
-from aligner.model.load import forward_takes, skips_head
 from aligner.rollout.engine import Completion, SamplingParams, check_prompts
 
 # --- sampling -------------------------------------------------------------------------------------

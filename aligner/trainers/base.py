@@ -37,7 +37,8 @@ from accelerate import Accelerator
 from aligner import checkpoint as ckpt
 from aligner.config import Recipe, save_recipe
 from aligner.errors import AlignerError, ConfigError, DataError
-from aligner.model.load import cpu_has_fast_bf16, enable_gradient_checkpointing
+from aligner.model.forward import enable_gradient_checkpointing
+from aligner.model.quant import cpu_has_fast_bf16
 from aligner.tracking import Progress, Tracker, plot_metrics
 
 

@@ -50,15 +50,9 @@ from aligner.data.chat import REPLY_SIDES, encode_preferences, pad_token_id
 from aligner.data.collate import pack_pairs, pad_pairs, pad_unpaired
 from aligner.data.formats import add_system_prompt, to_preference_records, unpair, with_kl_partners
 from aligner.errors import DataError
-from aligner.losses import (
-    PREFERENCE_LOSSES,
-    REFERENCE_FREE,
-    batch_token_nll,
-    kto_loss,
-    summed_logps,
-    summed_logps_by_doc,
-)
-from aligner.model.load import causal_lm_token_logprobs
+from aligner.logprobs import summed_logps, summed_logps_by_doc
+from aligner.losses import PREFERENCE_LOSSES, REFERENCE_FREE, batch_token_nll, kto_loss
+from aligner.model.forward import causal_lm_token_logprobs
 from aligner.model.tokenizer import system_prompt
 from aligner.tracking import main_process, phase
 from aligner.trainers.base import Trainer, prepare_run_dir
@@ -361,7 +355,7 @@ def encode_pairs(
     """Train and eval pairs (KTO: unpaired rows with their KL partners), tokenized with the chat template,
     and a one-line report. With dpo.sample_pairs the training pairs are sampled from `model`. `share`
     (k, n): only the k-th of n equal parts of the training rows (a round of iterative DPO)."""
-    from aligner.trainers.sft import load_splits
+    from aligner.trainers.setup import load_splits
 
     d, o = recipe.data, recipe.dpo
     train_rows, eval_rows = load_splits(recipe, "preference")
@@ -405,13 +399,12 @@ def encode_pairs(
 def dpo(recipe: Recipe, share: tuple[int, int] = (1, 1)) -> dict:
     """Preference optimisation from the recipe's model (default: the SFT run); returns eval metrics.
     `share`: train on the k-th of n parts of the training prompts (see `iterative_dpo`)."""
-    from aligner.trainers.sft import prepare_model, sft_tokenizer, train_and_score
+    from aligner.trainers.setup import prepare_model, sft_tokenizer, train_and_score
 
     o = recipe.dpo
     if o.rounds > 1:
         return iterative_dpo(recipe)
-    recipe.sft.chat_template = o.chat_template or recipe.sft.chat_template
-    tokenizer = sft_tokenizer(recipe)
+    tokenizer = sft_tokenizer(recipe, "dpo")
     model = prepare_model(recipe, tokenizer, stage="dpo")
     train_data, eval_data, report = encode_pairs(recipe, tokenizer, model, share)
     needs_ref = o.loss not in REFERENCE_FREE

@@ -33,11 +33,11 @@ import torch
 
 from aligner.advantages import group_advantages
 from aligner.config import Recipe
-from aligner.data.chat import IGNORE_INDEX
 from aligner.data.collate import pad_examples
 from aligner.errors import ConfigError
+from aligner.logprobs import IGNORE_INDEX
 from aligner.losses import grpo_loss
-from aligner.model.load import causal_lm_token_logprobs
+from aligner.model.forward import causal_lm_token_logprobs
 from aligner.rollout.engine import SamplingParams
 from aligner.tracking import tqdm_write
 from aligner.trainers.base import prepare_run_dir
@@ -229,7 +229,7 @@ class GRPOTrainer(OnlineTrainer):
 
 def grpo(recipe: Recipe) -> dict:
     """GRPO from the recipe's model (default: the SFT run); returns eval metrics and held-out accuracy."""
-    from aligner.trainers.sft import prepare_model, train_and_score, training_kind
+    from aligner.trainers.setup import prepare_model, train_and_score, training_kind
 
     g, t = recipe.grpo, recipe.train
     if (t.micro_batch_size * t.grad_accum) % g.num_generations:
@@ -239,7 +239,7 @@ def grpo(recipe: Recipe) -> dict:
         )
     if g.oversample < 1:
         raise ConfigError(f"{recipe.path or 'recipe'}: grpo.oversample must be 1 or more (got {g.oversample})")
-    tokenizer, reward_set, prompts, evals, note = setup(recipe, g)
+    tokenizer, reward_set, prompts, evals, note = setup(recipe, "grpo")
     model = prepare_model(recipe, tokenizer, stage="grpo")
     ref_model = None
     if g.beta > 0 and not recipe.lora.enabled:

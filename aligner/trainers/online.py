@@ -194,19 +194,17 @@ def reward_set_of(names: list[str], weights: list[float], reward_model: str | No
     return RewardSet(fns, weights or None, labels)
 
 
-def setup(recipe, section) -> tuple:
-    """Tokenizer (with the section's chat template), reward set and encoded train/eval prompts for an
+def setup(recipe, name: str) -> tuple:
+    """Tokenizer (with the chat template of section `name`), reward set and encoded train/eval prompts for an
     online-RL command, all checked before anything is written: (tokenizer, rewards, prompts, evals, note)."""
     from aligner.errors import ConfigError
     from aligner.model.tokenizer import system_prompt
-    from aligner.trainers.sft import load_splits, sft_tokenizer
+    from aligner.trainers.setup import load_splits, sft_tokenizer
 
-    d = recipe.data
-    recipe.sft.chat_template = section.chat_template or recipe.sft.chat_template
-    tokenizer = sft_tokenizer(recipe)
+    d, section = recipe.data, getattr(recipe, name)
+    tokenizer = sft_tokenizer(recipe, name)
     if not reply_stop_ids(tokenizer):
         raise ConfigError("the tokenizer has no end-of-turn or EOS token, so completions could never stop; add one")
-    name = "grpo" if recipe.grpo is section else "ppo"
     weights = section.reward_weights
     if f"{name}.rewards" in recipe.explicit and f"{name}.reward_weights" not in recipe.explicit and weights:
         print(f"{name}: rewards {', '.join(section.rewards)} given without weights: each weighs 1")

@@ -29,15 +29,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from aligner import checkpoint as ckpt
-from aligner.advantages import AdaptiveKLController, gae, kl_penalty, whiten
+from aligner.advantages import AdaptiveKLController, gae, whiten
 from aligner.config import Recipe
-from aligner.data.chat import IGNORE_INDEX
 from aligner.data.collate import pad_examples
 from aligner.errors import ConfigError
-from aligner.losses import ppo_policy_loss, ppo_value_loss, token_logprobs
+from aligner.logprobs import IGNORE_INDEX, kl_estimate, token_logprobs
+from aligner.losses import ppo_policy_loss, ppo_value_loss
+from aligner.model.forward import base_config, causal_lm_logits
 from aligner.model.gpt import GPTConfig
 from aligner.model.heads import ScalarHeadModel, is_reward_checkpoint, load_reward_model
-from aligner.model.load import base_config, causal_lm_logits, load_model
+from aligner.model.load import load_model
 from aligner.rollout.engine import SamplingParams
 from aligner.trainers.base import prepare_run_dir
 from aligner.trainers.online import OnlineTrainer, setup
@@ -157,7 +158,7 @@ class PPOTrainer(OnlineTrainer):
         mask = (batch["labels"] != IGNORE_INDEX).float()  # (B, T)
         logps, values = self._chunked(lambda b: self.token_logps_values(self.model, b), batch)
         ref_logps = self._chunked(lambda b: (self.reference_logps(b),), batch)[0]
-        kl = kl_penalty(logps, ref_logps, self.p.kl_estimator) * mask  # (B, T)
+        kl = kl_estimate(logps, ref_logps, self.p.kl_estimator) * mask  # (B, T)
         last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # the final completion token
         rewards = -self.kl_coef * kl + last.float() * scores.to(kl.device)[:, None]
         advantages, returns = gae(rewards, values * mask, mask, self.p.gamma, self.p.lam)
@@ -281,7 +282,7 @@ def make_critic(recipe: Recipe, policy: nn.Module) -> ScalarHeadModel:
 
 def ppo(recipe: Recipe) -> dict:
     """PPO from the recipe's model (default: the SFT run) against its reward model; returns eval metrics."""
-    from aligner.trainers.sft import prepare_model, train_and_score, training_kind
+    from aligner.trainers.setup import prepare_model, train_and_score, training_kind
 
     p, t = recipe.ppo, recipe.train
     if p.rollout_prompts % (t.micro_batch_size * t.grad_accum):
@@ -289,7 +290,7 @@ def ppo(recipe: Recipe) -> dict:
             f"{recipe.path or 'recipe'}: ppo.rollout_prompts must be a multiple of train.micro_batch_size x "
             f"grad_accum ({t.micro_batch_size * t.grad_accum}, one minibatch per process)"
         )
-    tokenizer, reward_set, prompts, evals, note = setup(recipe, p)
+    tokenizer, reward_set, prompts, evals, note = setup(recipe, "ppo")
     policy = prepare_model(recipe, tokenizer, stage="ppo")
     ref_model = None if recipe.lora.enabled else copy.deepcopy(policy).requires_grad_(False)
     critic = make_critic(recipe, policy) if p.value_model == "separate" else None

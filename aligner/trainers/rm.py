@@ -30,10 +30,11 @@ import torch
 
 from aligner.config import Recipe
 from aligner.data.chat import encode_preferences, pad_token_id
-from aligner.data.collate import pack_pairs, pad_examples, pad_pairs
+from aligner.data.collate import pack_pairs, pad_pairs
 from aligner.data.formats import add_system_prompt, to_preference_records
 from aligner.errors import DataError
-from aligner.losses import IGNORE_INDEX, batch_token_nll, bradley_terry_loss, summed_logps, summed_logps_by_doc
+from aligner.logprobs import IGNORE_INDEX, summed_logps, summed_logps_by_doc
+from aligner.losses import batch_token_nll, bradley_terry_loss
 from aligner.model.heads import last_token_values
 from aligner.model.tokenizer import system_prompt
 from aligner.trainers.base import Trainer, prepare_run_dir
@@ -84,27 +85,6 @@ class RewardTrainer(Trainer):
         return loss, stats
 
 
-@torch.inference_mode()
-def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> list[float]:
-    """Reward of each conversation (a message list ending with the assistant reply), rendered with the
-    tokenizer's chat template exactly as in training. Batches are cut from the conversations sorted by
-    length, so a batch pads little; the scores come back in the given order."""
-    from aligner.data.chat import encode_conversation, shifted_example
-
-    device = next(model.parameters()).device
-    rows = [shifted_example(*encode_conversation(tokenizer, m), keep_last=True) for m in conversations]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    scores = [0.0] * len(rows)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = pad_examples([rows[i] for i in chunk], pad_token_id(tokenizer))
-        lengths = torch.tensor([len(rows[i]["input_ids"]) for i in chunk])
-        values = model.sequence_scores(batch["input_ids"].to(device), batch["labels"].to(device), lengths)
-        for i, v in zip(chunk, values.tolist()):
-            scores[i] = v
-    return scores
-
-
 def encode_reward_pairs(
     rows: list[dict], tokenizer, max_len: int, fmt=None, overlong="truncate", source="dataset", system=None
 ):
@@ -123,11 +103,10 @@ def encode_reward_pairs(
 
 def rm(recipe: Recipe) -> dict:
     """Train a reward model from the recipe's model (default: the SFT run); returns eval metrics."""
-    from aligner.trainers.sft import load_splits, prepare_model, sft_tokenizer, training_kind
+    from aligner.trainers.setup import load_splits, prepare_model, sft_tokenizer, training_kind
 
     d, r = recipe.data, recipe.rm
-    recipe.sft.chat_template = r.chat_template or recipe.sft.chat_template
-    tokenizer = sft_tokenizer(recipe)
+    tokenizer = sft_tokenizer(recipe, "rm")
     train_rows, eval_rows = load_splits(recipe, "preference")
     where = f"data.source '{d.source}'"
     system = system_prompt(d.system_prompt)

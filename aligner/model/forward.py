@@ -1,0 +1,126 @@
+"""Forward passes of any causal LM, the GPT core or a transformers model, wrapped or not (DDP, peft):
+logits, per-token log-probs of labels (the LM head fused with the log-softmax where it can be), and
+gradient checkpointing. Torch only: transformers models are used through their forward's arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+from aligner.errors import ConfigError
+from aligner.logprobs import IGNORE_INDEX, linear_token_logprobs, token_logprobs
+from aligner.model.gpt import GPT, GPTConfig
+
+
+def logits_of(output) -> torch.Tensor:
+    """Logits from the GPT core (a tensor) or an HF model (an output object)."""
+    return output if torch.is_tensor(output) else output.logits
+
+
+def base_config(model: torch.nn.Module):
+    """The config of the model inside any wrappers (DDP's .module, peft's base model)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.config
+
+
+def causal_lm_logits(model: torch.nn.Module, input_ids: torch.Tensor, position_ids=None) -> torch.Tensor:
+    """Logits (B, T, V) of the GPT core or an HF model, wrapped or not; position_ids may pack rows."""
+    if isinstance(base_config(model), GPTConfig):
+        return model(input_ids, position_ids=position_ids)
+    # no cache and no attention mask: transformers reads restarting position_ids as packed documents
+    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+def _innermost(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP's .module and peft's wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (GPT core, HF models,
+    reward/value models over either; through DDP and peft wrappers). Non-reentrant, so frozen
+    embeddings under LoRA need no input-grad hook."""
+    inner = _innermost(model)
+    if hasattr(inner, "policy"):  # PPO's policy + critic
+        for part in (inner.policy, getattr(inner, "critic", None)):
+            if part is not None:
+                enable_gradient_checkpointing(part)
+        return
+    gpt = inner if isinstance(inner, GPT) else getattr(inner, "_gpt", None)
+    if gpt is not None:
+        gpt.gradient_checkpointing = True
+        return
+    body = inner if hasattr(inner, "gradient_checkpointing_enable") else getattr(inner, "model", None)
+    if body is None or not hasattr(body, "gradient_checkpointing_enable"):
+        raise ConfigError(f"train.gradient_checkpointing: {type(inner).__name__} does not support it")
+    body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@functools.cache
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def forward_takes(model: torch.nn.Module, name: str) -> bool:
+    """Whether the model's forward has a parameter `name` (transformers' arguments change across releases)."""
+    return name in _forward_parameters(type(model))
+
+
+def skips_head(model: torch.nn.Module) -> bool:
+    """Whether a transformers model's forward can compute the LM head on the last positions only."""
+    return forward_takes(model, "logits_to_keep")
+
+
+def fused_head(model: torch.nn.Module) -> torch.Tensor | None:
+    """The LM head's weight when log-probs may be computed from the final hidden states with it
+    (`linear_token_logprobs`): a plain bias-free Linear head with no logit soft-capping or scaling and a
+    forward that can skip the head (GPT core: return_hidden; transformers: logits_to_keep). Else None."""
+    inner = _innermost(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None  # e.g. a LoRA-wrapped or quantized head: the full path applies it properly
+    cfg = inner.config
+    if isinstance(cfg, GPTConfig):
+        return head.weight
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    return head.weight if skips_head(inner) else None
+
+
+def causal_lm_token_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, position_ids=None, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-prob (B, T) fp32 of each label (0 where labels == IGNORE_INDEX) under the model, wrapped or not.
+
+    Where the head allows (`fused_head`), the model runs without its LM head and the head and log-softmax
+    run together over the label positions only, in chunks (no (B, T, V) logits, forward or backward);
+    otherwise from the full logits, chunked in fp32.
+    """
+    weight = fused_head(model)
+    if weight is None:
+        logits = causal_lm_logits(model, input_ids, position_ids)
+        if temperature != 1.0:
+            logits = logits.float() / temperature
+        return token_logprobs(logits, labels) * (labels != IGNORE_INDEX)
+    if isinstance(base_config(model), GPTConfig):
+        hidden = model(input_ids, position_ids=position_ids, return_hidden=True)
+    else:  # the head runs on one position only; the last hidden state is the final norm's output
+        out = model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=1,
+            output_hidden_states=True,
+        )
+        hidden = out.hidden_states[-1]
+    return linear_token_logprobs(hidden, weight, labels, temperature)
