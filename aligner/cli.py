@@ -23,16 +23,8 @@ import os
 import sys
 import traceback
 
+from aligner.config import ALGORITHMS  # every registered algorithm (the built-in ones by aligner.sections)
 from aligner.errors import AlignerError, ConfigError
-
-TRAIN_COMMANDS = {
-    "pretrain": "train the tokenizer and the GPT core on plain text (packed, every token in the loss)",
-    "sft": "supervised fine-tuning on conversations (assistant-only loss), full, LoRA or QLoRA",
-    "dpo": "preference optimisation (DPO, cDPO, robust, hinge, IPO, SimPO, ORPO, KTO) from the SFT model",
-    "rm": "Bradley-Terry reward model (scalar head on the last token) from the SFT model",
-    "grpo": "GRPO: online RL with reward functions (G samples per prompt, group-relative advantages)",
-    "ppo": "PPO with a KL penalty: value model, GAE, clipped losses, scored by a reward model",
-}
 
 USAGE = """usage: aligner <command> [RECIPE] [--flag value ...]
 
@@ -72,7 +64,7 @@ def sampling_params(**kw):
 
 
 def _usage() -> str:
-    lines = "\n".join(f"  {name:<12} {text}" for name, text in TRAIN_COMMANDS.items())
+    lines = "\n".join(f"  {name:<12} {alg.help}" for name, alg in ALGORITHMS.items())
     return USAGE.format(commands=lines)
 
 
@@ -97,19 +89,7 @@ def run_training(command: str, argv: list[str]) -> int:
             f"data {d.source}{f' ({d.split})' if not d.source.startswith('world') else ''} -> {t.out_dir}/{t.name}",
             flush=True,
         )
-    if command == "pretrain":
-        from aligner.trainers.sft import pretrain as run
-    elif command == "sft":
-        from aligner.trainers.sft import sft as run
-    elif command == "rm":
-        from aligner.trainers.rm import rm as run
-    elif command == "grpo":
-        from aligner.trainers.grpo import grpo as run
-    elif command == "ppo":
-        from aligner.trainers.ppo import ppo as run
-    else:
-        from aligner.trainers.dpo import dpo as run
-    result = run(recipe)
+    result = ALGORITHMS[command].command()(recipe)
     if not result["is_main"]:
         return 0
     if result["metrics"]:
@@ -300,11 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     try:
-        if command in TRAIN_COMMANDS:
+        if command in ALGORITHMS:
             if "-h" in rest or "--help" in rest:
                 from aligner.help import command_help
 
-                print(command_help(command, rest, TRAIN_COMMANDS[command]))
+                print(command_help(command, rest, ALGORITHMS[command].help))
                 return 0
             return run_training(command, rest)
         if command == "generate":

@@ -22,9 +22,8 @@ from typing import Any
 import yaml
 
 from aligner.errors import ConfigError
+from aligner.registry import ALGORITHMS  # filled by aligner.sections (imported below) and by plug-ins
 from aligner.sections import (  # noqa: F401  (re-exported: the sections are part of this module's API)
-    DEFAULT_RECIPE,
-    OWN_SECTION,
     SECTIONS,
     DataConfig,
     DPOConfig,
@@ -35,6 +34,7 @@ from aligner.sections import (  # noqa: F401  (re-exported: the sections are par
     PPOConfig,
     Recipe,
     RMConfig,
+    RolloutConfig,
     SFTConfig,
     TokenizerConfig,
     TrainConfig,
@@ -168,7 +168,7 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def default_recipe_path(command: str) -> Path | None:
-    name = DEFAULT_RECIPE.get(command)
+    name = ALGORITHMS[command].recipe if command in ALGORITHMS else None
     if name is None:
         return None
     for base in (Path("recipes"), REPO_ROOT / "recipes"):
@@ -233,7 +233,7 @@ def resolve_flag(flag: str, command: str) -> tuple[str, str]:
         if key not in names:
             raise ConfigError(f"unknown flag '--{flag}'{_closest(key, [f'{section}.{n}' for n in names])}")
         return section, key
-    own = OWN_SECTION.get(command)
+    own = ALGORITHMS[command].section if command in ALGORITHMS else None
     if own and flag in {f.name for f in _public_fields(SECTIONS[own])}:
         return own, flag
     hits = [name for name, cls in SECTIONS.items() if flag in {f.name for f in _public_fields(cls)}]
@@ -303,46 +303,11 @@ def validate(recipe: Recipe) -> None:
         (recipe.lora.r > 0 and recipe.lora.alpha > 0, "lora.r and lora.alpha must be positive"),
         (0 <= recipe.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
         (recipe.lora.quantize == "none" or recipe.lora.enabled, "lora.quantize nf4 (QLoRA) needs lora.enabled: true"),
-        (recipe.sft.accuracy_items >= 0, "sft.accuracy_items must be 0 or more"),
-        (recipe.dpo.beta > 0, "dpo.beta must be positive"),
-        (0 <= recipe.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
-        (
-            min(recipe.dpo.kto_desirable_weight, recipe.dpo.kto_undesirable_weight) > 0,
-            "dpo.kto_*_weight must be positive",
-        ),
-        (recipe.rm.center_coef >= 0, "rm.center_coef must be 0 or more"),
-        (
-            min(recipe.rm.lm_coef, recipe.rm.likelihood_coef) >= 0,
-            "rm.lm_coef and rm.likelihood_coef must be 0 or more",
-        ),
-        (
-            not (recipe.rm.likelihood_coef and recipe.lora.enabled),
-            "rm.likelihood_coef needs full fine-tuning (lora.enabled: false): an adapter checkpoint does not keep it",
-        ),
-        (recipe.dpo.sft_weight >= 0, "dpo.sft_weight must be 0 or more"),
-        (recipe.dpo.sample_pairs >= 0 and recipe.dpo.sample_temperature > 0, "dpo.sample_* must be positive"),
-        (recipe.dpo.pairs_per_prompt >= 1, "dpo.pairs_per_prompt must be at least 1"),
-        (recipe.dpo.rounds >= 1, "dpo.rounds must be at least 1"),
-        (
-            recipe.dpo.rounds == 1 or (recipe.dpo.sample_pairs > 0 and not recipe.lora.enabled),
-            "dpo.rounds > 1 needs on-policy pairs (dpo.sample_pairs > 0) and full fine-tuning (lora.enabled: false)",
-        ),
-        (recipe.grpo.num_generations >= 2, "grpo.num_generations must be at least 2 (advantages compare a group)"),
-        (
-            recipe.grpo.max_new_tokens > 0 and recipe.grpo.num_iterations > 0,
-            "grpo.max_new_tokens and num_iterations > 0",
-        ),
-        (recipe.grpo.temperature > 0, "grpo.temperature must be positive (the policy samples its rollouts)"),
-        (0 < recipe.grpo.top_p <= 1 and recipe.grpo.top_k >= 0, "grpo.top_p must be in (0, 1] and grpo.top_k >= 0"),
-        (0 <= recipe.grpo.min_p <= 1, "grpo.min_p must be in [0, 1]"),
-        (
-            recipe.ppo.max_new_tokens > 0 and recipe.ppo.rollout_prompts > 0,
-            "ppo.max_new_tokens and rollout_prompts > 0",
-        ),
-        (recipe.dpo.sample_tokens > 0, "dpo.sample_tokens must be positive"),
-        (recipe.grpo.beta >= 0 and recipe.grpo.epsilon > 0, "grpo.beta must be >= 0 and grpo.epsilon positive"),
-        (recipe.ppo.ppo_epochs > 0 and recipe.ppo.temperature > 0, "ppo.ppo_epochs and temperature must be positive"),
     ]
+    for name in SECTIONS:  # each section's own checks (the algorithms', the rollout's)
+        own = getattr(getattr(recipe, name), "checks", None)
+        if own is not None:
+            checks += own(recipe)
     checks += _data_checks(d, "data.source" in recipe.explicit)
     for ok, message in checks:
         if not ok:
@@ -401,8 +366,9 @@ RESUME_FREE = {
     "data": {"eval_source", "eval_split", "num_eval_rows", "streaming"},
     "sft": {"accuracy_items", "accuracy_tokens", "samples", "sample_tokens"},
     "dpo": {"accuracy_items", "accuracy_tokens", "ref_cache_dir"},
-    "grpo": {"accuracy_items", "accuracy_tokens", "compile_rollouts", "vllm_memory", "vllm_sleep"},
-    "ppo": {"accuracy_items", "accuracy_tokens", "compile_rollouts", "vllm_memory", "vllm_sleep"},
+    "grpo": {"accuracy_items", "accuracy_tokens"},
+    "ppo": {"accuracy_items", "accuracy_tokens"},
+    "rollout": {"engine", "compile", "vllm_memory", "vllm_sleep"},
 }  # fmt: skip
 
 

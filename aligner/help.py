@@ -3,7 +3,7 @@
     aligner dpo --help                                # values of the default recipe (recipes/dpo.yaml)
     aligner sft recipes/sft_lora.yaml --lr 1e-4 -h    # that recipe's values, the flags applied
 
-Fields are grouped by section as `aligner.sections.COMMAND_SECTIONS` lists them; each shows its flag (and
+Fields are grouped by section as the registered `reads` of the command list them; each shows its flag (and
 the bare form where that resolves to it), its type, its resolved value (with the built-in default when they
 differ) and the one-line comment written beside it in `aligner/sections.py`, read from the source.
 """
@@ -23,6 +23,7 @@ from typing import Any
 
 from aligner import sections
 from aligner.errors import ConfigError
+from aligner.registry import ALGORITHMS
 
 HELP_FLAGS = ("-h", "--help")
 
@@ -40,11 +41,12 @@ def command_help(command: str, args: list[str], description: str = "") -> str:
     default_path = default_recipe_path(command)
     recipe = load_recipe(recipe_path or default_path, flags, command=command)
     width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 100))
-    own = sections.OWN_SECTION.get(command)
+    algorithm = ALGORITHMS[command]
+    own = algorithm.section
     shown = recipe_path or default_path or "the built-in defaults"
     applied = " with the flags given" if flags else ""
     intro = [
-        f"default recipe: recipes/{sections.DEFAULT_RECIPE[command]}",
+        f"default recipe: recipes/{algorithm.recipe}",
         f"values: {shown}{applied}; (default X) marks a value that differs from the built-in default",
         f"flags: --section.key VALUE; a bare --key looks in the {own} section first, then in the one section "
         "that has it (shown beside each field it reaches)",
@@ -76,9 +78,9 @@ def command_help(command: str, args: list[str], description: str = "") -> str:
 
 
 def _entries(command: str) -> list[tuple[str, list[str]]]:
-    """COMMAND_SECTIONS[command] as (section, keys) in order; keys [] = the whole section."""
+    """The command's `reads` as (section, keys) in order; keys [] = the whole section."""
     out: dict[str, list[str]] = {}
-    for entry in sections.COMMAND_SECTIONS[command]:
+    for entry in ALGORITHMS[command].reads:
         section, _, key = entry.partition(".")
         keys = out.setdefault(section, [])
         if key:
@@ -219,7 +221,6 @@ def field_comments(cls: type) -> dict[str, str]:
     return out
 
 
-@functools.cache
 def _section_summaries() -> dict[str, str]:
     """The one-line description of each section from the table in aligner.sections' docstring."""
     out = {}
@@ -227,4 +228,8 @@ def _section_summaries() -> dict[str, str]:
         name, sep, text = line.strip().partition(":")
         if sep and name in sections.SECTIONS and text.strip():
             out[name] = text.strip()
+    for name, cls in sections.SECTIONS.items():  # a section registered elsewhere: its class's docstring
+        doc = (cls.__doc__ or "").strip()
+        if name not in out and doc and not doc.startswith(f"{cls.__name__}("):
+            out[name] = doc.splitlines()[0].rstrip(".")
     return out

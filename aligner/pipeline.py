@@ -29,6 +29,7 @@ With `parallel: 1` (the default) the jobs run one after another in this process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -40,12 +41,17 @@ from pathlib import Path
 
 import yaml
 
+from aligner.config import ALGORITHMS  # every registered algorithm is a stage, in registration order
 from aligner.errors import AlignerError, ConfigError
 
-STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "grpo")
-STARTS_FROM = {"sft": "pretrain", "rm": "sft", "dpo": "sft", "ppo": "sft", "grpo": "sft"}
-NEEDS = {"ppo": ("sft", "rm")}  # beyond the stage it starts from
-POLICIES = ("sft", "dpo", "ppo", "grpo")
+
+def stages() -> list[str]:
+    return list(ALGORITHMS)
+
+
+def policies() -> list[str]:
+    """The stages whose models the eval step scores (not the base model or the reward model)."""
+    return [name for name, alg in ALGORITHMS.items() if alg.policy]
 
 
 @dataclass
@@ -89,13 +95,13 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     values = dict(values) if isinstance(values, dict) else {"stages": values}
-    stages = values.pop("stages", None)
-    if not isinstance(stages, dict) or not stages:
-        raise ConfigError(f"{p}: 'stages' must map stage names ({', '.join(STAGES)}) to {{recipe: FILE}}")
+    entries = values.pop("stages", None)
+    if not isinstance(entries, dict) or not entries:
+        raise ConfigError(f"{p}: 'stages' must map stage names ({', '.join(stages())}) to {{recipe: FILE}}")
     built = {}
-    for name, stage in stages.items():
-        if name not in STAGES:
-            raise ConfigError(f"{p}: unknown stage '{name}' (use {', '.join(STAGES)})")
+    for name, stage in entries.items():
+        if name not in ALGORITHMS:
+            raise ConfigError(f"{p}: unknown stage '{name}' (use {', '.join(stages())})")
         if not isinstance(stage, dict) or "recipe" not in stage:
             raise ConfigError(f"{p}: stages.{name} needs a 'recipe' file")
         stage = dict(stage)
@@ -120,7 +126,7 @@ def downstream(stages: set[str]) -> set[str]:
     """`stages` and every stage that starts from or needs one of them."""
     out = set(stages)
     while True:
-        more = {s for s in STAGES if set(needs_of(s)) & out and s not in out}
+        more = {s for s in ALGORITHMS if set(needs_of(s)) & out and s not in out}
         if not more:
             return out
         out |= more
@@ -144,7 +150,8 @@ def start_order(stages: list[str]) -> list[str]:
 
 def needs_of(stage: str) -> list[str]:
     """The stages `stage` needs: the one it starts from, and any others (PPO's reward model)."""
-    return [n for n in (STARTS_FROM.get(stage), *NEEDS.get(stage, ())) if n]
+    alg = ALGORITHMS[stage]
+    return list(dict.fromkeys(n for n in (alg.starts_from, *alg.wires.values()) if n))
 
 
 def is_done(run_dir: Path) -> bool:
@@ -158,12 +165,13 @@ def stage_recipe(cfg: PipelineConfig, stage: str, redo: bool):
 
     overrides = dict(cfg.stages[stage].flags)
     overrides.update({"train.out_dir": cfg.out_dir, "train.name": f"{cfg.prefix}{stage}", "train.overwrite": redo})
-    if stage in STARTS_FROM:
-        overrides["model.init_from"] = str(cfg.run_dir(STARTS_FROM[stage]) / "final")
-    if stage == "ppo":
-        overrides["ppo.reward_model"] = str(cfg.run_dir("rm") / "final")
-    if stage in POLICIES:  # each policy's own section: the eval step scores every policy alike
-        overrides[f"{stage}.accuracy_items"] = 0
+    alg = ALGORITHMS[stage]
+    if alg.starts_from:
+        overrides["model.init_from"] = str(cfg.run_dir(alg.starts_from) / "final")
+    for key, source in alg.wires.items():  # PPO's reward model, say
+        overrides[key] = str(cfg.run_dir(source) / "final")
+    if alg.policy and "accuracy_items" in {f.name for f in dataclasses.fields(alg.config)}:
+        overrides[f"{alg.section}.accuracy_items"] = 0  # the eval step scores every policy alike
     try:
         return load_recipe(cfg.stages[stage].recipe, overrides, command=stage)
     except ConfigError as e:
@@ -171,17 +179,7 @@ def stage_recipe(cfg: PipelineConfig, stage: str, redo: bool):
 
 
 def run_stage(stage: str, recipe) -> None:
-    from aligner.trainers import dpo, grpo, ppo, rm, sft
-
-    commands = {
-        "pretrain": sft.pretrain,
-        "sft": sft.sft,
-        "rm": rm.rm,
-        "dpo": dpo.dpo,
-        "ppo": ppo.ppo,
-        "grpo": grpo.grpo,
-    }
-    commands[stage](recipe)
+    ALGORITHMS[stage].command()(recipe)
 
 
 def evaluate_policy(cfg: PipelineConfig, stage: str) -> dict:
@@ -358,9 +356,9 @@ def pipeline(path: str | Path, redo: list[str] | None = None) -> dict:
 
     cfg = load_pipeline(path)
     redo = list(redo or [])
-    unknown = [s for s in redo if s != "all" and s not in STAGES]
+    unknown = [s for s in redo if s != "all" and s not in ALGORITHMS]
     if unknown:
-        raise ConfigError(f"--redo: unknown stage '{unknown[0]}' (use all or {', '.join(STAGES)})")
+        raise ConfigError(f"--redo: unknown stage '{unknown[0]}' (use all or {', '.join(stages())})")
     asked = set(cfg.stages) if "all" in redo else downstream(set(redo))
     active = start_order([s for s in cfg.stages if cfg.stages[s].enabled])
     for s in active:
@@ -376,25 +374,25 @@ def pipeline(path: str | Path, redo: list[str] | None = None) -> dict:
             continue
         recipe = stage_recipe(cfg, stage, redo=stage in asked or run_dir.exists())  # every recipe checked first
         jobs.append(Job(stage, [n for n in needs_of(stage) if n not in walls], stage, recipe))
-    policies = [s for s in POLICIES if s in active]
-    for stage in policies:
+    scored = [s for s in policies() if s in active]
+    for stage in scored:
         needs = [n for n in (stage, "sft", "rm") if n in active and n not in walls]
         jobs.append(Job(f"eval {stage}", list(dict.fromkeys(needs)), stage))
     print(
-        f"pipeline: {len(jobs) - len(policies)} stage(s) to run, then "
+        f"pipeline: {len(jobs) - len(scored)} stage(s) to run, then "
         + ("the distinct questions of " if cfg.eval.unique else "")
         + f"{cfg.eval.items} held-out items per policy"
         + (f"; {cfg.parallel} jobs at a time" if cfg.parallel > 1 else "")
     )
     start = time.perf_counter()
     times = run_jobs(cfg, jobs)
-    walls.update({k: v for k, v in times.items() if k in STAGES})
-    rows = [json.loads((cfg.run_dir(s) / "pipeline_eval.json").read_text()) for s in policies]
+    walls.update({k: v for k, v in times.items() if k in ALGORITHMS})
+    rows = [json.loads((cfg.run_dir(s) / "pipeline_eval.json").read_text()) for s in scored]
     text = table(rows, walls)
     print(text)
     print(f"pipeline: {(time.perf_counter() - start) / 60:.1f} min")
     report_dir = Path(cfg.out_dir) / f"{cfg.prefix}report"
-    write_report([cfg.run_dir(s) for s in STAGES if s in active], report_dir)
+    write_report([cfg.run_dir(s) for s in ALGORITHMS if s in active], report_dir)
     md = report_dir / "report.md"
     evals = sum(v for k, v in times.items() if k.startswith("eval "))
     md.write_text(f"# Pipeline: {cfg.path}\n\n{text}\n\nEval: {evals:.0f} s in all.\n\n" + md.read_text())

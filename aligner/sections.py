@@ -4,13 +4,16 @@
     tokenizer: where the tokenizer comes from, or how to train one
     data:      where rows come from and how they become sequences
     train:     the shared training loop (optimizer, schedule, batch, precision, cadence, run dir)
-    sft:       supervised fine-tuning / pretraining options (chat template, loss mask, packing)
     lora:      LoRA / QLoRA adapters instead of full fine-tuning
-    dpo:       direct preference optimisation and its variants (and KTO on unpaired rows)
+    rollout:   how the online trainers sample (engine, length, temperature and filters, vLLM)
+and one section per algorithm, each registered beside its dataclass (aligner.registry):
+    sft:       supervised fine-tuning / pretraining options (chat template, loss mask, packing)
     rm:        Bradley-Terry reward models
-    grpo:      group relative policy optimisation (online RL with reward functions)
+    dpo:       direct preference optimisation and its variants (and KTO on unpaired rows)
     ppo:       PPO with a KL penalty, a value model and GAE (online RL with a reward model)
+    grpo:      group relative policy optimisation (online RL with reward functions)
 
+A section's `checks(recipe)` returns (condition, message) pairs that `aligner.config.validate` enforces.
 `aligner.config` loads them from YAML and flags, strictly, and re-exports everything here.
 """
 
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from aligner.registry import SECTIONS, Algorithm, register
 
 
 def choice(default: Any, *choices: Any) -> Any:
@@ -138,6 +143,9 @@ class SFTConfig:
     samples: int = 3  # sample generations printed at the end of the run
     sample_tokens: int = 48  # max new tokens per printed sample
 
+    def checks(self, recipe) -> list[tuple[bool, str]]:
+        return [(self.accuracy_items >= 0, "sft.accuracy_items must be 0 or more")]
+
 
 @dataclass
 class LoRAConfig:
@@ -149,6 +157,40 @@ class LoRAConfig:
     quantize: str = choice("none", "none", "nf4")  # nf4 = QLoRA: frozen base in 4-bit NF4 (bitsandbytes)
     double_quant: bool = True  # QLoRA: quantize the quantization constants too
     compute_dtype: str = choice("auto", "auto", "bf16", "fp32")  # QLoRA matmul dtype; auto = bf16 where it is fast
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = choice("torch", "torch", "vllm")  # built-in KV-cache engine, or vLLM in the training process
+    max_new_tokens: int = 160  # longest completion
+    temperature: float = 1.0  # sampling temperature (the loss's log-probs use the same one)
+    top_p: float = 1.0  # nucleus sampling; 1 = off
+    top_k: int = 0  # top-k sampling; 0 = off
+    min_p: float = 0.0  # min-p sampling; 0 = off
+    compile: bool = False  # torch engine: torch.compile its decoding step (~20 s once; ~1.1x tokens/s)
+    vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on its CPU backend: the share of CPU memory)
+    vllm_sleep: bool = False  # free vLLM's GPU memory while training (CUDA sleep mode)
+
+    def checks(self, recipe) -> list[tuple[bool, str]]:
+        return [
+            (self.max_new_tokens > 0, "rollout.max_new_tokens must be positive"),
+            (self.temperature > 0, "rollout.temperature must be positive (the policy samples its rollouts)"),
+            (0 < self.top_p <= 1 and self.top_k >= 0, "rollout.top_p must be in (0, 1] and rollout.top_k >= 0"),
+            (0 <= self.min_p <= 1, "rollout.min_p must be in [0, 1]"),
+        ]
+
+
+SECTIONS.update(
+    model=ModelConfig,
+    tokenizer=TokenizerConfig,
+    data=DataConfig,
+    train=TrainConfig,
+    lora=LoRAConfig,
+    rollout=RolloutConfig,
+)
+# the sections every training command reads besides its own (`aligner <command> --help` lists them)
+COMMON = ("lora", "model", "tokenizer.path", "data", "train")
+ONLINE = ("rollout", "sft.chat_template", *COMMON)  # the online trainers also sample
 
 
 @dataclass
@@ -176,6 +218,22 @@ class DPOConfig:
     accuracy_items: int = 500  # held-out task-world items for exact-match accuracy at the end; 0 = skip
     accuracy_tokens: int = 160  # max new tokens per answer in that eval
 
+    def checks(self, recipe) -> list[tuple[bool, str]]:
+        return [
+            (self.beta > 0, "dpo.beta must be positive"),
+            (0 <= self.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
+            (min(self.kto_desirable_weight, self.kto_undesirable_weight) > 0, "dpo.kto_*_weight must be positive"),
+            (self.sft_weight >= 0, "dpo.sft_weight must be 0 or more"),
+            (self.sample_pairs >= 0 and self.sample_temperature > 0, "dpo.sample_* must be positive"),
+            (self.sample_tokens > 0, "dpo.sample_tokens must be positive"),
+            (self.pairs_per_prompt >= 1, "dpo.pairs_per_prompt must be at least 1"),
+            (self.rounds >= 1, "dpo.rounds must be at least 1"),
+            (
+                self.rounds == 1 or (self.sample_pairs > 0 and not recipe.lora.enabled),
+                "dpo.rounds > 1 needs on-policy pairs (dpo.sample_pairs > 0) and full fine-tuning (no lora)",
+            ),
+        ]
+
 
 @dataclass
 class RMConfig:
@@ -188,15 +246,20 @@ class RMConfig:
     chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
     overlong: str = choice("truncate", "truncate", "drop", "error")  # pairs over data.seq_len tokens
 
+    def checks(self, recipe) -> list[tuple[bool, str]]:
+        return [
+            (self.center_coef >= 0, "rm.center_coef must be 0 or more"),
+            (min(self.lm_coef, self.likelihood_coef) >= 0, "rm.lm_coef and rm.likelihood_coef must be 0 or more"),
+            (
+                not (self.likelihood_coef and recipe.lora.enabled),
+                "rm.likelihood_coef needs full fine-tuning (no lora): an adapter checkpoint does not keep it",
+            ),
+        ]
+
 
 @dataclass
 class GRPOConfig:
     num_generations: int = 8  # G completions per prompt; train.micro_batch_size x grad_accum x processes counts them
-    max_new_tokens: int = 160  # longest completion
-    temperature: float = 1.0  # sampling temperature (the loss's log-probs use the same one)
-    top_p: float = 1.0  # nucleus sampling; 1 = off
-    top_k: int = 0  # top-k sampling; 0 = off
-    min_p: float = 0.0  # min-p sampling; 0 = off
     rewards: list[str] = field(default_factory=lambda: ["correct_answer", "format_reward"])  # names or module:fn
     reward_weights: list[float] = field(default_factory=list)  # one per reward (reward_model's first); [] = all 1
     reward_model: str | None = None  # a reward-model checkpoint, scored as one more reward (the first)
@@ -207,16 +270,20 @@ class GRPOConfig:
     beta: float = 0.0  # k3 KL to the reference; 0 = no reference model is loaded
     num_iterations: int = 1  # optimizer steps per rollout batch (old log-probs recomputed when > 1)
     importance: str = choice("token", "token", "sequence")  # sequence = GSPO's sequence-level ratio
-    mask_truncated: bool = True  # completions that hit max_new_tokens get no loss
+    mask_truncated: bool = True  # completions that hit rollout.max_new_tokens get no loss
     skip_zero_advantage: bool = True  # no forward/backward for advantage-0 completions (exact at beta 0, not bnpo)
     oversample: int = 1  # DAPO's dynamic sampling: sample k x the prompts, train on groups whose rewards differ
-    engine: str = choice("torch", "torch", "vllm")  # rollout engine: built-in KV cache, or vLLM in this process
-    compile_rollouts: bool = False  # torch engine: torch.compile its decoding step (~20 s once; ~1.1x tokens/s)
-    vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on its CPU backend: the share of CPU memory)
-    vllm_sleep: bool = False  # free vLLM's GPU memory while training (CUDA sleep mode)
     chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
     accuracy_items: int = 500  # held-out task-world items for exact-match accuracy at the end; 0 = skip
     accuracy_tokens: int = 160  # max new tokens per answer in that eval
+
+    def checks(self, recipe) -> list[tuple[bool, str]]:
+        return [
+            (self.num_generations >= 2, "grpo.num_generations must be at least 2 (advantages compare a group)"),
+            (self.num_iterations > 0, "grpo.num_iterations must be positive"),
+            (self.beta >= 0 and self.epsilon > 0, "grpo.beta must be >= 0 and grpo.epsilon positive"),
+            (self.oversample >= 1, "grpo.oversample must be 1 or more"),
+        ]
 
 
 @dataclass
@@ -228,8 +295,6 @@ class PPOConfig:
     value_init: str | None = None  # critic start (separate): a reward-model or LM checkpoint; None = reward_model
     rollout_prompts: int = 64  # prompts per rollout (all processes); one completion each
     ppo_epochs: int = 4  # passes over each rollout, in minibatches of the loop's global batch
-    max_new_tokens: int = 160  # longest completion
-    temperature: float = 1.0  # sampling temperature (the loss's log-probs use the same one)
     kl_coef: float = 0.05  # per-token KL penalty in the reward: r_t = -kl_coef * KL_t (+ score at the end)
     kl_estimator: str = choice("k1", "k1", "k3")  # per-token KL estimate in the reward
     kl_target: float | None = None  # adaptive KL controller (Ziegler et al.) toward this KL per sequence; None = off
@@ -242,44 +307,119 @@ class PPOConfig:
     vf_coef: float = 0.1  # weight of the value loss
     entropy_coef: float = 0.0  # entropy bonus (0 = off)
     missing_eos_penalty: float = 1.0  # subtracted from the score of a completion that never ends
-    engine: str = choice("torch", "torch", "vllm")  # rollout engine: built-in KV cache, or vLLM in this process
-    compile_rollouts: bool = False  # torch engine: torch.compile its decoding step (~20 s once; ~1.1x tokens/s)
-    vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on its CPU backend: the share of CPU memory)
-    vllm_sleep: bool = False  # free vLLM's GPU memory while training (CUDA sleep mode)
     chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
     accuracy_items: int = 500  # held-out task-world items for exact-match accuracy at the end; 0 = skip
     accuracy_tokens: int = 160  # max new tokens per answer in that eval
 
-
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "tokenizer": TokenizerConfig,
-    "data": DataConfig,
-    "train": TrainConfig,
-    "sft": SFTConfig,
-    "lora": LoRAConfig,
-    "dpo": DPOConfig,
-    "rm": RMConfig,
-    "grpo": GRPOConfig,
-    "ppo": PPOConfig,
-}
+    def checks(self, recipe) -> list[tuple[bool, str]]:
+        return [
+            (
+                self.ppo_epochs > 0 and self.rollout_prompts > 0,
+                "ppo.ppo_epochs and ppo.rollout_prompts must be positive",
+            )
+        ]
 
 
-@dataclass
+# --- the algorithms (in the pipeline's order) --------------------------------------------------------------
+
+register(Algorithm(
+    name="pretrain",
+    section="sft",
+    config=SFTConfig,
+    run="aligner.trainers.sft:pretrain",
+    trainer="aligner.trainers.sft:SFTTrainer",
+    recipe="pretrain.yaml",
+    help="train the tokenizer and the GPT core on plain text (packed, every token in the loss)",
+    reads=("model", "tokenizer", "data", "train", "sft.samples", "sft.sample_tokens"),
+    policy=False,
+))  # fmt: skip
+
+register(Algorithm(
+    name="sft",
+    section="sft",
+    config=SFTConfig,
+    run="aligner.trainers.sft:sft",
+    trainer="aligner.trainers.sft:SFTTrainer",
+    recipe="chat.yaml",
+    help="supervised fine-tuning on conversations (assistant-only loss), full, LoRA or QLoRA",
+    reads=("sft", *COMMON),
+    starts_from="pretrain",
+))  # fmt: skip
+
+register(Algorithm(
+    name="rm",
+    section="rm",
+    config=RMConfig,
+    run="aligner.trainers.rm:rm",
+    trainer="aligner.trainers.rm:RewardTrainer",
+    recipe="reward.yaml",
+    help="Bradley-Terry reward model (scalar head on the last token) from the SFT model",
+    reads=("rm", "sft.chat_template", *COMMON),
+    starts_from="sft",
+    policy=False,
+))  # fmt: skip
+
+register(Algorithm(
+    name="dpo",
+    section="dpo",
+    config=DPOConfig,
+    run="aligner.trainers.dpo:dpo",
+    trainer="aligner.trainers.dpo:DPOTrainer",
+    recipe="dpo.yaml",
+    help="preference optimisation (DPO, cDPO, robust, hinge, IPO, SimPO, ORPO, KTO) from the SFT model",
+    reads=("dpo", "sft.chat_template", *COMMON),
+    starts_from="sft",
+))  # fmt: skip
+
+register(Algorithm(
+    name="ppo",
+    section="ppo",
+    config=PPOConfig,
+    run="aligner.trainers.ppo:ppo",
+    trainer="aligner.trainers.ppo:PPOTrainer",
+    recipe="ppo.yaml",
+    help="PPO with a KL penalty: value model, GAE, clipped losses, scored by a reward model",
+    reads=("ppo", *ONLINE),
+    starts_from="sft",
+    wires={"ppo.reward_model": "rm"},
+))  # fmt: skip
+
+register(Algorithm(
+    name="grpo",
+    section="grpo",
+    config=GRPOConfig,
+    run="aligner.trainers.grpo:grpo",
+    trainer="aligner.trainers.grpo:GRPOTrainer",
+    recipe="grpo.yaml",
+    help="GRPO: online RL with reward functions (G samples per prompt, group-relative advantages)",
+    reads=("grpo", *ONLINE),
+    starts_from="sft",
+))  # fmt: skip
+
+
 class Recipe:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    rm: RMConfig = field(default_factory=RMConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    path: str | None = field(default=None, metadata={"internal": True})  # where it was loaded from
-    # "section.key"s the user set: by a flag, or in a recipe file other than the command's default recipe
-    explicit: set[str] = field(default_factory=set, metadata={"internal": True})
+    """A resolved recipe: one dataclass instance per section of `SECTIONS` (`recipe.train.lr`), where it was
+    loaded from (`path`) and the "section.key"s the user set, by a flag or in a recipe file other than the
+    command's default recipe (`explicit`). A section registered after the recipe was made reads its defaults."""
+
+    def __init__(self, path: str | None = None, explicit: set[str] | None = None, **sections):
+        unknown = sorted(set(sections) - set(SECTIONS))
+        if unknown:
+            raise TypeError(f"Recipe got unknown sections {unknown}")
+        for name, cls in SECTIONS.items():
+            setattr(self, name, sections[name] if name in sections else cls())
+        self.path = path
+        self.explicit = set(explicit or ())
+
+    def __getattr__(self, name: str):
+        if name in SECTIONS:  # registered after this recipe was made: its defaults
+            value = SECTIONS[name]()
+            setattr(self, name, value)
+            return value
+        raise AttributeError(f"'Recipe' has no section '{name}'")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Recipe) and self.to_dict() == other.to_dict()
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data (what gets saved next to every checkpoint)."""
@@ -288,27 +428,3 @@ class Recipe:
     def to_yaml(self) -> str:
         header = f"# resolved recipe (from {self.path or 'built-in defaults'})\n"
         return header + yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# Which section a bare flag (`--lr`) looks at first, per command.
-OWN_SECTION = {"pretrain": "sft", "sft": "sft", "dpo": "dpo", "rm": "rm", "grpo": "grpo", "ppo": "ppo"}
-# Default recipe per command (recipes/<file>), used when no recipe path is given.
-DEFAULT_RECIPE = {
-    "pretrain": "pretrain.yaml",
-    "sft": "chat.yaml",
-    "dpo": "dpo.yaml",
-    "rm": "reward.yaml",
-    "grpo": "grpo.yaml",
-    "ppo": "ppo.yaml",
-}
-# What each training command reads (`aligner CMD --help` lists exactly these): whole sections, or single keys
-# as "section.key". dpo, rm, grpo and ppo use sft.chat_template when their own chat_template is null; only
-# pretrain can train a tokenizer, the others read tokenizer.path alone.
-COMMAND_SECTIONS = {
-    "pretrain": ("model", "tokenizer", "data", "train", "sft.samples", "sft.sample_tokens"),
-    "sft": ("sft", "lora", "model", "tokenizer.path", "data", "train"),
-    "dpo": ("dpo", "sft.chat_template", "lora", "model", "tokenizer.path", "data", "train"),
-    "rm": ("rm", "sft.chat_template", "lora", "model", "tokenizer.path", "data", "train"),
-    "grpo": ("grpo", "sft.chat_template", "lora", "model", "tokenizer.path", "data", "train"),
-    "ppo": ("ppo", "sft.chat_template", "lora", "model", "tokenizer.path", "data", "train"),
-}

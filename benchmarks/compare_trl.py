@@ -262,10 +262,12 @@ def run_aligner(spec: dict) -> dict:
     else:
         recipe["grpo"] = {
             "num_generations": s["generations"],
-            "max_new_tokens": s["new_tokens"],
             "rewards": ["compare_trl:distinct_reward"],
             "mask_truncated": False,
             "accuracy_items": 0,
+        }
+        recipe["rollout"] = {
+            "max_new_tokens": s["new_tokens"],
             **({"engine": "vllm", "vllm_memory": 0.3} if s.get("vllm") else {}),
         }
     Path(s["out_dir"]).mkdir(parents=True, exist_ok=True)

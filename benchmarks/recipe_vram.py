@@ -79,7 +79,7 @@ CASES = {  # name: (command, recipe, extra flags)
     "sft_qwen (LoRA)": ("sft", "sft_qwen.yaml", ["--lora.enabled", "true"]),
     "sft_qwen (QLoRA)": ("sft", "sft_qwen.yaml", ["--lora.enabled", "true", "--lora.quantize", "nf4"]),
     "dpo_ultrafeedback (full)": ("dpo", "dpo_ultrafeedback.yaml", []),
-    "grpo_gsm8k (full, torch engine)": ("grpo", "grpo_gsm8k.yaml", ["--grpo.max_new_tokens", "512"]),
+    "grpo_gsm8k (full, torch engine)": ("grpo", "grpo_gsm8k.yaml", ["--rollout.max_new_tokens", "512"]),
 }
 
 

@@ -245,7 +245,7 @@ def test_empty_or_nan_fields(scratch, capsys, command, rows, named):
     "argv,named",
     [(["eval", "runs/sft/final", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
      (["eval", "runs/sft/final", "--items", "-3"], "--items must be at least 1"),
-     (["grpo", "--grpo.top_p", "0"], "grpo.top_p must be in (0, 1]"),
+     (["grpo", "--rollout.top_p", "0"], "rollout.top_p must be in (0, 1]"),
      (["dpo", "--dpo.sample_tokens", "0"], "dpo.sample_tokens must be positive")],
 )  # fmt: skip
 def test_sampling_settings_out_of_range(scratch, capsys, argv, named):

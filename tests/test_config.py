@@ -6,6 +6,7 @@ import pytest
 
 from aligner import config as C
 from aligner.errors import ConfigError
+from aligner.registry import Algorithm
 
 
 def write(tmp_path, text, name="r.yaml"):
@@ -106,7 +107,8 @@ def test_unknown_and_ambiguous_flags(monkeypatch):
     monkeypatch.setitem(C.SECTIONS, "other", Other)
     with pytest.raises(ConfigError, match=r"ambiguous flag '--seed': use one of --train\.seed, --other\.seed"):
         C.resolve_flag("seed", "pretrain")
-    monkeypatch.setitem(C.OWN_SECTION, "other_cmd", "other")
+    other = Algorithm("other_cmd", "other", Other, "m:f", "m:C", None, "another algorithm")
+    monkeypatch.setitem(C.ALGORITHMS, "other_cmd", other)
     assert C.resolve_flag("seed", "other_cmd") == ("other", "seed")
 
 

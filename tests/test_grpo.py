@@ -16,7 +16,8 @@ from aligner.trainers.grpo import informative_first
 def grpo_recipe(tmp_path, base, **sections):
     recipe = {
         "model": {"init_from": str(base)},
-        "grpo": {"num_generations": 4, "max_new_tokens": 12, "accuracy_items": 0},
+        "grpo": {"num_generations": 4, "accuracy_items": 0},
+        "rollout": {"max_new_tokens": 12},
         "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 4, "seq_len": 256},
         "train": {"name": "g", "lr": 1e-2, "warmup_steps": 1, "micro_batch_size": 8},
         "sft": {"chat_template": "chatml"},
@@ -97,7 +98,7 @@ def test_skipping_zero_advantage_completions_leaves_the_steps_unchanged(bases, t
 
 
 def test_compiled_rollouts_take_the_same_steps(bases, tmp_path, id_reward, monkeypatch):
-    """grpo.compile_rollouts: the torch engine's compiled decoding step samples the same completions from
+    """rollout.compile: the torch engine's compiled decoding step samples the same completions from
     the same seeds (its logits differ from eager ones by rounding only), so the run takes the same steps."""
     import aligner.rollout.torch_engine as te
 
@@ -105,8 +106,8 @@ def test_compiled_rollouts_take_the_same_steps(bases, tmp_path, id_reward, monke
     monkeypatch.setattr(te, "compiled_decode_step", lambda: (calls.append(1), real())[1])
     for name, compiled in (("eager", False), ("compiled", True)):
         calls.clear()
-        grpo = {"rewards": [id_reward], "mask_truncated": False, "compile_rollouts": compiled}
-        recipe = grpo_recipe(tmp_path, bases / "gpt", grpo=grpo, train={"name": name})
+        grpo = {"rewards": [id_reward], "mask_truncated": False}
+        recipe = grpo_recipe(tmp_path, bases / "gpt", grpo=grpo, rollout={"compile": compiled}, train={"name": name})
         assert main(["grpo", str(recipe), "--max_steps", "3"]) == 0
         assert bool(calls) == compiled  # the compiled step decoded only when asked
     a, b = metrics(tmp_path, "eager"), metrics(tmp_path, "compiled")
@@ -208,8 +209,9 @@ def test_bad_inputs_are_one_line_errors(bases, tmp_path, monkeypatch, capsys):
 
 def test_a_step_whose_completions_are_all_truncated_skips_its_update(bases, tmp_path, id_reward):
     """mask_truncated: completions that never stop carry no loss; a step with only those changes nothing."""
-    grpo = {"rewards": [id_reward], "max_new_tokens": 1}  # one token: a reply that ends needs <|im_end|> first
-    recipe = grpo_recipe(tmp_path, bases / "gpt", grpo=grpo, train={"max_steps": 1})
+    grpo = {"rewards": [id_reward]}
+    rollout = {"max_new_tokens": 1}  # one token: a reply that ends needs <|im_end|> first
+    recipe = grpo_recipe(tmp_path, bases / "gpt", grpo=grpo, rollout=rollout, train={"max_steps": 1})
     assert main(["grpo", str(recipe)]) == 0
     row = metrics(tmp_path)[0]
     assert row["rollout/truncated"] == 1.0 and row["train/loss"] == 0.0 and row["train/grad_norm"] == 0.0

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from aligner import sections
-from aligner.cli import TRAIN_COMMANDS, main
+from aligner.cli import main
 from aligner.config import _type_name
 from aligner.help import field_comments, field_lines, format_value
+from aligner.registry import ALGORITHMS
 
 
 def help_text(capsys, *args: str) -> str:
@@ -41,7 +42,7 @@ def field_blocks(out: str) -> dict[str, str]:
 
 def read_fields(command: str) -> list[tuple[str, dataclasses.Field]]:
     out = []
-    for entry in sections.COMMAND_SECTIONS[command]:
+    for entry in ALGORITHMS[command].reads:
         section, _, key = entry.partition(".")
         for f in dataclasses.fields(sections.SECTIONS[section]):
             if not f.metadata.get("internal") and key in ("", f.name):
@@ -49,11 +50,11 @@ def read_fields(command: str) -> list[tuple[str, dataclasses.Field]]:
     return out
 
 
-@pytest.mark.parametrize("command", list(TRAIN_COMMANDS))
+@pytest.mark.parametrize("command", list(ALGORITHMS))
 def test_every_field_the_command_reads_with_type_and_comment(capsys, command):
     out = help_text(capsys, command, "--help")
-    assert out.startswith(f"usage: aligner {command} ") and TRAIN_COMMANDS[command] in out
-    assert f"recipes/{sections.DEFAULT_RECIPE[command]}" in out
+    assert out.startswith(f"usage: aligner {command} ") and ALGORITHMS[command].help in out
+    assert f"recipes/{ALGORITHMS[command].recipe}" in out
     assert all(line == line.rstrip() and len(line) <= 100 for line in out.splitlines())
     blocks = field_blocks(out)
     for section, f in read_fields(command):
@@ -68,13 +69,13 @@ def test_every_field_the_command_reads_with_type_and_comment(capsys, command):
         for value in f.metadata.get("choices", ()):
             assert str(value) in blocks[flag]
     shown = {flag.split(".")[0] for flag in blocks}
-    assert shown == {"--" + entry.split(".")[0] for entry in sections.COMMAND_SECTIONS[command]}
+    assert shown == {"--" + entry.split(".")[0] for entry in ALGORITHMS[command].reads}
 
 
 def test_command_sections_name_real_sections_and_keys():
-    for command, entries in sections.COMMAND_SECTIONS.items():
-        assert command in TRAIN_COMMANDS and sections.OWN_SECTION[command] in {e.split(".")[0] for e in entries}
-        for entry in entries:
+    for algorithm in ALGORITHMS.values():
+        assert algorithm.section in {e.split(".")[0] for e in algorithm.reads}
+        for entry in algorithm.reads:
             section, _, key = entry.partition(".")
             assert section in sections.SECTIONS
             assert not key or key in {f.name for f in dataclasses.fields(sections.SECTIONS[section])}

@@ -104,7 +104,7 @@ def test_sft_dpo_grpo_rm_ppo_eval_generate_chat(arch, hub, tmp_path, capsys, mon
     # GRPO on gsm8k's layout (config main), `question` mapped to `prompt`, the general answer checker
     grpo = ["grpo", "--model.init_from", str(runs / "sft" / "final"), "--data.source", str(hub["gsm8k"])]
     grpo += ["--data.subset", "main", "--data.columns", "{question: prompt}", "--grpo.rewards", "[math_answer]"]
-    grpo += ["--grpo.num_generations", "2", "--grpo.max_new_tokens", "8", "--grpo.engine", "torch"]
+    grpo += ["--grpo.num_generations", "2", "--rollout.max_new_tokens", "8", "--rollout.engine", "torch"]
     grpo += ["--data.num_eval_rows", "0", "--grpo.accuracy_items", "0"]
     assert main([*grpo, *common, "--train.name", "grpo"]) == 0
     rows = metrics(runs / "grpo")
@@ -120,7 +120,7 @@ def test_sft_dpo_grpo_rm_ppo_eval_generate_chat(arch, hub, tmp_path, capsys, mon
     assert "train.lr 1e-05" in capsys.readouterr().out
     ppo = ["ppo", "--model.init_from", str(runs / "sft" / "final"), "--ppo.reward_model", str(runs / "rm" / "final")]
     ppo += ["--data.source", str(hub["gsm8k"]), "--data.subset", "main", "--data.columns", "{question: prompt}"]
-    ppo += ["--ppo.rewards", "[math_answer]", "--ppo.rollout_prompts", "4", "--ppo.max_new_tokens", "8"]
+    ppo += ["--ppo.rewards", "[math_answer]", "--ppo.rollout_prompts", "4", "--rollout.max_new_tokens", "8"]
     ppo += ["--data.num_eval_rows", "0", "--ppo.accuracy_items", "0", "--ppo.ppo_epochs", "1"]
     assert main([*ppo, *common, "--train.name", "ppo"]) == 0
     assert {"rollout/reward_model", "rollout/math_answer"} <= set(metrics(runs / "ppo")[0])

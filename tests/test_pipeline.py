@@ -33,11 +33,11 @@ def mini_pipeline(tmp_path) -> str:
         "dpo": {"recipe": "recipes/dpo.yaml", "flags": {**SMALL, "dpo.sample_pairs": 0}},
         "ppo": {
             "recipe": "recipes/ppo.yaml",
-            "flags": {**SMALL, "ppo.rollout_prompts": 4, "ppo.max_new_tokens": 8, "ppo.ppo_epochs": 1},
+            "flags": {**SMALL, "ppo.rollout_prompts": 4, "rollout.max_new_tokens": 8, "ppo.ppo_epochs": 1},
         },
         "grpo": {
             "recipe": "recipes/grpo.yaml",
-            "flags": {**SMALL, "grpo.num_generations": 2, "grpo.max_new_tokens": 8},
+            "flags": {**SMALL, "grpo.num_generations": 2, "rollout.max_new_tokens": 8},
         },
     }  # fmt: skip
     spec = {

@@ -31,7 +31,8 @@ def reward_model(bases, tmp_path_factory):
 def ppo_recipe(tmp_path, base, rm, **sections):
     recipe = {
         "model": {"init_from": str(base)},
-        "ppo": {"reward_model": str(rm), "rollout_prompts": 8, "ppo_epochs": 2, "max_new_tokens": 10},
+        "ppo": {"reward_model": str(rm), "rollout_prompts": 8, "ppo_epochs": 2},
+        "rollout": {"max_new_tokens": 10},
         "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 4, "seq_len": 256},
         "train": {"name": "p", "lr": 1e-3, "warmup_steps": 1, "micro_batch_size": 4, "max_steps": 4},
         "sft": {"chat_template": "chatml"},

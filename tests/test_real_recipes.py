@@ -75,7 +75,7 @@ def test_grpo_gsm8k(local, capsys):
     runs = local["runs"]
     data = ["--data.source", str(local["gsm8k"]), "--data.eval_source", str(local["gsm8k"])]
     args = [*data, "--model.init_from", str(local["qwen"]), "--train.out_dir", str(runs), "--train.name", "grpo"]
-    args += ["--train.micro_batch_size", "8", "--train.grad_accum", "1", "--grpo.max_new_tokens", "12"]
+    args += ["--train.micro_batch_size", "8", "--train.grad_accum", "1", "--rollout.max_new_tokens", "12"]
     args += ["--train.gradient_checkpointing", "false", "--data.num_eval_rows", "2", "--data.seq_len", "512"]
     assert main(["grpo", str(REAL / "grpo_gsm8k.yaml"), *SMALL, *args]) == 0
     out = capsys.readouterr().out

