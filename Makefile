@@ -16,7 +16,7 @@ VPY    := $(VVENV)/bin/python
 VPIP   := $(VPY) -m pip
 VSTAMP := $(VVENV)/.installed
 
-.PHONY: test test-vllm test-gpu gpu-check demo lint bench clean
+.PHONY: test test-vllm test-gpu gpu-check demo demo-online lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -58,6 +58,9 @@ gpu-check: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/aligner pipeline recipes/pipeline.yaml
+
+demo-online: $(STAMP)
+	$(VENV)/bin/aligner pipeline recipes/pipeline_online.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check aligner tests benchmarks

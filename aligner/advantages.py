@@ -74,3 +74,58 @@ class AdaptiveKLController:
         error = min(max(kl / self.target - 1, -0.2), 0.2)
         self.beta *= 1 + error * n_steps / self.horizon
         return self.beta
+
+
+def normalize(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(x - mean) / (std + eps) over every entry (RLOO's optional advantage normalisation)."""
+    x = x.float()
+    return (x - x.mean()) / ((x.std() if x.numel() > 1 else x.new_zeros(())) + eps)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantages of (N*k,) rewards, grouped k per prompt in order (Ahmadian et al. 2024, eq. 5;
+    Kool et al. 2019): A_i = r_i - 1/(k-1) sum_{j != i} r_j, each completion's baseline the mean reward of
+    the other k - 1 completions of its prompt (= k/(k-1) (r_i - mean of the group))."""
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size} >= 2")
+    r = rewards.float().view(-1, group_size)
+    baseline = (r.sum(-1, keepdim=True) - r) / (group_size - 1)
+    return (r - baseline).view(-1)
+
+
+def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:
+    """Per-token rewards of the KL-penalised objective (Ziegler et al. 2019; Ouyang et al. 2022, eq. 2):
+    r_t = -coef KL_t on every completion token, plus the sequence's score (B,) on its last token. (B, T),
+    0 off the mask; a row without completion tokens gets nothing."""
+    mask = mask.float()
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # the final completion token
+    return (-coef * kl + last.float() * scores.to(kl.device, kl.dtype)[:, None]) * mask
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = sum_{s >= t} gamma^(s - t) r_s over each row's completion tokens (right to left), 0 off the mask."""
+    rewards, mask = rewards.float(), mask.float()
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = torch.where(mask[:, t] > 0, rewards[:, t] + gamma * running, running)
+        out[:, t] = running * mask[:, t]
+    return out
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++'s token advantages (Hu 2025, eqs. 6-7): the discounted return of each completion token,
+    normalised to mean 0 and std 1 over every completion token of the batch (global batch normalisation)."""
+    return whiten(discounted_returns(rewards, mask, gamma), mask)
+
+
+def best_and_worst(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Online DPO's pairs from (N*G,) rewards, grouped G per prompt in order: for each group the indices of its
+    best (first highest) and worst (first lowest) completion and whether they differ (a tied group: no pair).
+    Returns (chosen (N,), rejected (N,), untied (N,) bool)."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    offset = torch.arange(r.shape[0]) * group_size
+    best, worst = r.argmax(-1), r.argmin(-1)
+    return offset + best, offset + worst, r.max(-1).values > r.min(-1).values

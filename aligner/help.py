@@ -5,7 +5,7 @@
 
 Fields are grouped by section as the registered `reads` of the command list them; each shows its flag (and
 the bare form where that resolves to it), its type, its resolved value (with the built-in default when they
-differ) and the one-line comment written beside it in `aligner/sections.py`, read from the source.
+differ) and the one-line comment written beside it in `aligner/sections/`, read from the source.
 """
 
 from __future__ import annotations

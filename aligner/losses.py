@@ -36,7 +36,7 @@ def sft_loss(logps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, d
 # (zeros for reference-free variants), plus completion lengths where a variant averages per token.
 # Each returns (sum of per-pair losses, stats averaged over pairs); the loop divides by the pairs of
 # the whole accumulated batch, like tokens for SFT. One function per variant, chosen from
-# PREFERENCE_LOSSES by name (REFERENCE.md, DPO family).
+# PREFERENCE_LOSSES by name; each docstring cites its paper and equation.
 
 
 def _pair_stats(beta: float, chosen_logratios, rejected_logratios, chosen_logps, rejected_logps) -> dict:
@@ -238,7 +238,14 @@ def ppo_value_loss(values, old_values, returns, mask, clip=0.2):
     return (losses * mask).sum(), stats
 
 
-GRPO_UNITS = {"grpo": "sequences", "bnpo": "sequences", "dr_grpo": "sequences", "dapo": "tokens"}
+# GRPO's aggregations: loss_type -> (the units the loop divides by, the micro-batch's loss from each
+# sequence's token sum (B,), the 0/1 mask (B, T) and the longest completion allowed)
+GRPO_AGGREGATIONS = {
+    "grpo": ("sequences", lambda token_sum, mask, max_len: (token_sum / mask.sum(-1).clamp(min=1)).sum()),
+    "bnpo": ("sequences", lambda token_sum, mask, max_len: token_sum.sum() / mask.sum().clamp(min=1) * len(mask)),
+    "dr_grpo": ("sequences", lambda token_sum, mask, max_len: token_sum.sum() / (max_len or mask.shape[1])),
+    "dapo": ("tokens", lambda token_sum, mask, max_len: token_sum.sum()),
+}
 
 
 def grpo_loss(
@@ -255,7 +262,7 @@ def grpo_loss(
     importance="token",
 ):
     """GRPO's per-token surrogate -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3, with A (B,)
-    one advantage per sequence, aggregated by `loss_type` as a sum over the units of GRPO_UNITS (the
+    one advantage per sequence, aggregated by `loss_type` (GRPO_AGGREGATIONS) as a sum over its units (the
     loop divides by the units of the whole accumulated batch):
       grpo     sum over sequences of each sequence's token mean          (units: sequences)
       bnpo     the micro-batch's token mean x its sequences              (units: sequences)
@@ -277,19 +284,24 @@ def grpo_loss(
         kl = kl_estimate(logps, ref_logps, "k3")
         per_token = per_token + beta * kl
         stats["kl"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
-    token_sum = (per_token * mask).sum(-1)  # (B,)
-    if loss_type == "grpo":
-        loss = (token_sum / mask.sum(-1).clamp(min=1)).sum()
-    elif loss_type == "bnpo":
-        loss = token_sum.sum() / mask.sum().clamp(min=1) * logps.shape[0]
-    elif loss_type == "dr_grpo":
-        loss = token_sum.sum() / (max_len or logps.shape[1])
-    elif loss_type == "dapo":
-        loss = token_sum.sum()
-    else:
-        raise ValueError(f"loss_type must be one of {', '.join(GRPO_UNITS)}, got '{loss_type}'")
+    if loss_type not in GRPO_AGGREGATIONS:
+        raise ValueError(f"loss_type must be one of {', '.join(GRPO_AGGREGATIONS)}, got '{loss_type}'")
+    loss = GRPO_AGGREGATIONS[loss_type][1]((per_token * mask).sum(-1), mask, max_len)
     with torch.no_grad():
         low = (ratio < 1 - eps_low) & (adv < 0)
         high = (ratio > 1 + eps_high) & (adv > 0)
         stats["clip_ratio"] = ((low | high).float() * mask).sum() / mask.sum().clamp(min=1)
     return loss, stats
+
+
+def rloo_loss(seq_logps, old_seq_logps, advantages, eps_low=0.2, eps_high=0.2):
+    """RLOO's clipped surrogate on whole completions (Ahmadian et al. 2024, with PPO's clip as TRL's RLOO),
+    summed over sequences: -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) with one ratio per completion,
+    rho = exp(log pi(y|x) - log pi_old(y|x)) from the summed token log-probs (B,). Units: sequences."""
+    ratio = torch.exp(seq_logps - old_seq_logps)
+    adv = advantages.to(ratio.dtype)
+    losses = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    with torch.no_grad():
+        clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+        stats = {"clip_ratio": clipped.float().mean(), "advantage_mean": adv.mean()}
+    return losses.sum(), stats

@@ -8,7 +8,7 @@ only when used), its default recipe, the sections it reads, and where the pipeli
 line (commands, bare flags, `--help`), the recipe loader (which sections exist, where a bare flag goes, a
 command's default recipe) and the pipeline (stages, their order and wiring) all read `ALGORITHMS`, so an
 algorithm is added by its own trainer module, its section (registered beside its dataclass in
-aligner/sections.py), its recipe and its tests: nothing else lists it. Light: no torch.
+aligner/sections/<name>.py), its recipe and its tests: nothing else lists it. Light: no torch.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ class Algorithm:
     starts_from: str | None = None  # the pipeline stage whose final checkpoint is its model.init_from
     wires: dict = field(default_factory=dict)  # more pipeline wiring: {recipe key: stage whose final it reads}
     policy: bool = True  # a policy the pipeline's eval scores (not a reward model or a base model)
+    # train.lr for a pretrained (Hub) model of up to 1.5B parameters: (full fine-tuning, LoRA); halved up to 15B,
+    # quartered beyond (aligner.trainers.setup.default_lr). The recipes' own rates fit the task world's core.
+    hub_lr: tuple[float, float] = (1e-6, 1e-5)
 
     def command(self):
         """The function that runs it (imported now)."""

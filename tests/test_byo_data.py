@@ -12,7 +12,8 @@ import yaml
 from hub_fixtures import write_gsm8k, write_ultrachat, write_ultrafeedback
 
 from aligner.config import DataConfig, MixSource, Recipe
-from aligner.data.formats import to_preference_records, to_prompt_records, to_records
+from aligner.data.formats import to_prompt_records, to_records
+from aligner.data.preferences import to_preference_records
 from aligner.data.sources import load_rows, mix_rows, mix_shares
 from aligner.errors import DataError
 from aligner.trainers.setup import load_splits

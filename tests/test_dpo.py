@@ -124,7 +124,7 @@ def test_kto_on_unpaired_rows_and_unpaired_rows_need_kto(bases, tmp_path, capsys
 def record_sampled_pairs(monkeypatch) -> tuple[list, list]:
     """(row, sampled pair) for every row that dpo.sample_pairs judges from here on (with the default
     one pair per prompt), and one entry per call that samples replies from a model (not the cache)."""
-    import aligner.trainers.dpo as dpo_mod
+    import aligner.trainers.dpo_data as dpo_mod
 
     seen, sampled, build, sample = [], [], dpo_mod.build_pairs, dpo_mod.sample_replies
 
@@ -198,7 +198,7 @@ def test_sample_greedy_makes_a_wrong_greedy_reply_the_rejected_one(bases, tmp_pa
 def test_several_pairs_per_prompt_and_prompts_without_a_sampled_pair_dropped():
     from types import SimpleNamespace
 
-    from aligner.trainers.dpo import build_pairs
+    from aligner.trainers.dpo_data import build_pairs
 
     def reply(text, answer):
         return f"{text}\nFinal answer: {answer}"

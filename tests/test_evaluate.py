@@ -50,7 +50,7 @@ def test_implicit_reward_accuracy_by_hand(bases, tmp_path, capsys):
     """implicit_reward_accuracy: sum over the reply of log p - log p_ref, chosen against rejected, from a
     plain forward of each whole conversation; against the checkpoint itself every difference is 0."""
     from aligner.data.chat import encode_reply
-    from aligner.data.formats import to_preference_records
+    from aligner.data.preferences import to_preference_records
     from aligner.data.world import world_rows
 
     spec = tmp_path / "irm.yaml"
@@ -177,7 +177,7 @@ def test_a_metric_without_its_reference_is_an_error(tmp_path, capsys, bases):
 def test_intervals_by_hand():
     import doctest
 
-    import aligner.evaluate as ev
+    import aligner.evaluate.specs as ev
     import aligner.stats as stats
 
     assert doctest.testmod(ev).failed == 0 and doctest.testmod(stats).failed == 0

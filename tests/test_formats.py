@@ -65,7 +65,7 @@ def test_explicit_format_with_missing_columns():
 
 # --- preference data ------------------------------------------------------------------------------
 
-from aligner.data.formats import parse_hh, to_preference_records  # noqa: E402
+from aligner.data.preferences import parse_hh, to_preference_records  # noqa: E402
 
 PU = {"role": "user", "content": "Which is larger: 9.9 or 9.11?"}
 PGOOD = {"role": "assistant", "content": "9.90 > 9.11\nFinal answer: 9.9"}

@@ -1,5 +1,5 @@
 """`aligner <command> --help`: every field a command reads, with its flag, type, resolved value and the comment
-beside it in aligner/sections.py; recipe values and flag overrides; bad input still a one-line error."""
+beside it in aligner/sections/; recipe values and flag overrides; bad input still a one-line error."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def test_every_field_the_command_reads_with_type_and_comment(capsys, command):
         tp = _type_name(typing.get_type_hints(cls)[f.name])
         assert blocks[flag].startswith(flag) and f" {tp} " in blocks[flag]
         comment = field_comments(cls)[f.name]
-        assert comment, f"{section}.{f.name} has no comment in aligner/sections.py"
+        assert comment, f"{section}.{f.name} has no comment in aligner/sections/"
         assert " ".join(comment.split()) in blocks[flag]
         for value in f.metadata.get("choices", ()):
             assert str(value) in blocks[flag]

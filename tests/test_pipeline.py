@@ -39,6 +39,12 @@ def mini_pipeline(tmp_path) -> str:
             "recipe": "recipes/grpo.yaml",
             "flags": {**SMALL, "grpo.num_generations": 2, "rollout.max_new_tokens": 8},
         },
+        "rloo": {
+            "recipe": "recipes/rloo.yaml",
+            "flags": {**SMALL, "rloo.num_generations": 2, "rollout.max_new_tokens": 8},
+        },
+        "reinforce_pp": {"recipe": "recipes/reinforce_pp.yaml", "flags": {**SMALL, "rollout.max_new_tokens": 8}},
+        "online_dpo": {"recipe": "recipes/online_dpo.yaml", "flags": {**SMALL, "rollout.max_new_tokens": 8}},
     }  # fmt: skip
     spec = {
         "out_dir": str(tmp_path / "runs"),
@@ -55,9 +61,9 @@ def test_every_stage_then_the_table_and_report_then_reuse(tmp_path, capsys):
     assert main(["pipeline", path]) == 0
     out = capsys.readouterr().out
     runs = tmp_path / "runs"
-    for stage in ("pretrain", "sft", "rm", "dpo", "ppo", "grpo"):
+    for stage in ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "rloo", "reinforce_pp", "online_dpo"):
         assert (runs / stage / "final" / "config.json").is_file(), stage
-    for stage in ("sft", "dpo", "ppo", "grpo"):
+    for stage in ("sft", "dpo", "ppo", "grpo", "rloo", "reinforce_pp", "online_dpo"):
         acc = json.loads((runs / stage / "accuracy.json").read_text())
         assert acc["n"] == 6 and 0 <= acc["accuracy"] <= 1
         assert f"| {stage} | {acc['accuracy']:.3f} |" in out
@@ -67,7 +73,7 @@ def test_every_stage_then_the_table_and_report_then_reuse(tmp_path, capsys):
 
     assert main(["pipeline", path]) == 0  # everything exists: every stage reused, the eval rerun
     again = capsys.readouterr().out
-    assert again.count("reused") == 6
+    assert again.count("reused") == 9
 
 
 def test_jobs_start_in_the_files_order_after_the_stages_they_need():
@@ -78,7 +84,7 @@ def test_jobs_start_in_the_files_order_after_the_stages_they_need():
 
 
 def test_redo_cascades_to_the_stages_that_start_from_it():
-    assert downstream({"sft"}) == {"sft", "rm", "dpo", "ppo", "grpo"}
+    assert downstream({"sft"}) == {"sft", "rm", "dpo", "ppo", "grpo", "rloo", "reinforce_pp", "online_dpo"}
     assert downstream({"rm"}) == {"rm", "ppo"}
     assert downstream({"grpo"}) == {"grpo"}
 

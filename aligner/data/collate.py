@@ -63,6 +63,20 @@ def pad_examples(examples: Sequence[dict], pad_id: int, multiple_of: int = 1) ->
     }
 
 
+def pad_examples_with(
+    items: Sequence[dict], pad_id: int, per_token: Sequence[str] = (), per_row: Sequence[str] = ()
+) -> dict:
+    """`pad_examples` of `items` that also carry per-token values (1-D tensors as long as their input_ids,
+    padded with 0 to the batch's width) and per-row numbers, stacked into (B, T) and (B,) tensors."""
+    batch = pad_examples(items, pad_id)
+    T = batch["input_ids"].shape[1]
+    for key in per_token:
+        batch[key] = torch.stack([torch.nn.functional.pad(x[key][:T], (0, T - min(T, len(x[key])))) for x in items])
+    for key in per_row:
+        batch[key] = torch.tensor([float(x[key]) for x in items])
+    return batch
+
+
 def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
     """Padding-free packing: put examples end to end into as few rows of `row_len` tokens as fit.
 

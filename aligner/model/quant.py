@@ -48,7 +48,7 @@ def _quant_device() -> torch.device:
 
 
 def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference (REFERENCE.md, LoRA / QLoRA).
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference (QLoRA, Dettmers et al. 2023, on the CPU).
 
     On CPUs with AVX-512 BF16, bitsandbytes' Linear4bit converts its weight in place, the first time
     it runs in eval mode without grad (an eval pass, generation), to a layout whose kernel has no

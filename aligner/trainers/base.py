@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,53 +35,23 @@ from accelerate import Accelerator
 
 from aligner import checkpoint as ckpt
 from aligner.config import Recipe, save_recipe
-from aligner.errors import AlignerError, ConfigError, DataError
+from aligner.errors import AlignerError, DataError
 from aligner.model.forward import enable_gradient_checkpointing
-from aligner.model.quant import cpu_has_fast_bf16
 from aligner.tracking import Progress, Tracker, plot_metrics
+from aligner.trainers.checkpoints import Checkpointing, prepare_run_dir  # noqa: F401  (part of this module's API)
+from aligner.trainers.optim import (  # noqa: F401  (part of this module's API)
+    make_accelerator,
+    param_groups,
+    resolve_precision,
+    warmup_cosine,
+)
 
 
 class TrainingError(AlignerError):
     """The run cannot go on (non-finite loss or gradients); the last good checkpoint is kept."""
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on GPUs and CPUs with fast bf16, fp16 on older GPUs, else fp32; otherwise as asked."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
-
-
-def make_accelerator(precision: str) -> Accelerator:
-    # bf16 autocast is applied by the loop itself (accelerate would cast every output, logits
-    # included, back to fp32); fp16 needs accelerate's gradient scaler.
-    # cpu=True on machines without an accelerator makes a multi-process launch use gloo on the CPU.
-    no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    return Accelerator(mixed_precision="fp16" if precision == "fp16" else "no", cpu=no_accelerator)
-
-
-def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup from 1/warmup to 1, then cosine decay to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; do not decay norms, biases or embeddings (nor a head tied to them)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class Trainer:
+class Trainer(Checkpointing):
     """Shared loop. Subclasses implement `collate` (or `micro_batches`) and `compute_loss`."""
 
     stage = "train"  # used in messages and the progress bar
@@ -366,136 +335,6 @@ class Trainer:
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def save_checkpoint(self, step: int) -> Path:
-        """Write step_<step> atomically: all processes write their RNG state, the main one the rest."""
-        name = ckpt.step_dir_name(step)
-        tmp = self.run_dir / f".tmp_{name}"
-        if self.is_main:
-            ckpt.temp_dir(self.run_dir, name)
-        self.accelerator.wait_for_everyone()
-        ckpt.save_rng(tmp, self.rank)
-        self.save_extra(tmp)
-        if self.is_main:
-            self.unwrapped().save_pretrained(tmp)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            save_recipe(self.recipe, tmp)
-            state = {
-                "step": step,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "world_size": self.world,
-            }
-            ckpt.save_trainer_state(tmp, state)
-        self.accelerator.wait_for_everyone()
-        target = self.run_dir / name
-        if self.is_main:
-            ckpt.write_manifest(tmp)  # last: a checkpoint whose files match it is whole
-            ckpt.publish(tmp, target)
-            ckpt.prune(self.run_dir, self.cfg.keep_checkpoints)
-        self.accelerator.wait_for_everyone()
-        return target
-
-    def publish_final(self, step_dir: Path) -> Path:
-        final = self.run_dir / "final"
-        if self.is_main:
-            tmp = self.run_dir / ".tmp_final"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            ckpt.link_copy(step_dir, tmp)
-            ckpt.publish(tmp, final)
-        self.accelerator.wait_for_everyone()
-        return final
-
-    def resume(self) -> None:
-        """Continue from the newest intact checkpoint: one whose files do not match its manifest, or whose
-        state cannot be read, is skipped with a line saying so. The recipe must not have changed in what
-        shapes the optimisation (`aligner.config.recipe_changes`) unless train.resume_with_changes, which
-        applies the new values and records them in <run dir>/resume_changes.jsonl."""
-        found = ckpt.list_checkpoints(self.run_dir)
-        for _, path in reversed(found):
-            problem = ckpt.verify(path)
-            state = None
-            if problem is None:
-                try:
-                    state = ckpt.load_trainer_state(path)
-                except Exception as e:  # a damaged pickle raises any of several types
-                    problem = f"{ckpt.STATE_FILE} cannot be read ({type(e).__name__})"
-            if problem is None:
-                changes = self.check_recipe(path)
-                if state.get("world_size", 1) != self.world:
-                    raise ConfigError(
-                        f"{path} was written by {state.get('world_size')} processes; resume it with the same number "
-                        f"(this run has {self.world}) so the data order stays the same"
-                    )
-                try:
-                    self.load_weights(path)
-                    self.optimizer.load_state_dict(state["optimizer"])
-                    self.scheduler.load_state_dict(state["scheduler"])
-                except Exception as e:  # weights that do not fit: a damaged or foreign checkpoint
-                    problem = f"its weights or optimizer state cannot be loaded ({type(e).__name__})"
-            if problem is not None:
-                if self.is_main:
-                    print(f"{self.stage}: --resume skips {path}: {problem}")
-                continue
-            self.step = int(state["step"])
-            ckpt.load_rng(path, self.rank)
-            self.load_extra(path)
-            if changes:
-                self.apply_changes(changes)
-            if self.is_main:
-                print(f"{self.stage}: resumed from {path} at step {self.step}")
-            return
-        if found:
-            raise ConfigError(
-                f"--resume: no intact checkpoint in {self.run_dir} (each one above is damaged); start the run "
-                "again with --overwrite"
-            )
-        if self.is_main:
-            print(f"{self.stage}: --resume given but {self.run_dir} has no checkpoint; starting from step 0")
-
-    def check_recipe(self, path: Path) -> dict:
-        """The changes from the checkpoint's recipe that matter to the optimisation; an error unless
-        train.resume_with_changes."""
-        from aligner.config import load_recipe, recipe_changes
-
-        saved = Path(path) / "recipe.yaml"
-        if not saved.is_file():
-            return {}
-        changes = recipe_changes(load_recipe(saved), self.recipe)
-        if changes and not self.cfg.resume_with_changes:
-            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
-            raise ConfigError(
-                f"--resume: the recipe differs from {saved} in {listed}; resume as it was, or pass "
-                "--resume-with-changes to apply the new values from here on"
-            )
-        return changes
-
-    def apply_changes(self, changes: dict) -> None:
-        """After a resume with changes: the new learning rate, schedule and AdamW settings replace those the
-        optimizer and scheduler state carried (batch, data and seed changes apply by themselves), and the
-        change is recorded in the run directory."""
-        groups = self.optimizer.param_groups
-        for group, decay in zip(groups, (self.cfg.weight_decay, 0.0)):
-            group.update(weight_decay=decay, betas=(self.cfg.beta1, self.cfg.beta2), initial_lr=self.cfg.lr)
-        self.scheduler.base_lrs = [self.cfg.lr] * len(groups)
-        for group, fn in zip(groups, self.scheduler.lr_lambdas):
-            group["lr"] = self.cfg.lr * fn(self.scheduler.last_epoch)
-        self.scheduler._last_lr = [group["lr"] for group in groups]
-        if self.is_main:
-            import json
-
-            row = {
-                "step": self.step,
-                "time": round(time.time(), 3),
-                "changes": {k: list(v) for k, v in changes.items()},
-            }
-            with (self.run_dir / "resume_changes.jsonl").open("a") as f:
-                f.write(json.dumps(row, default=str) + "\n")
-            print(
-                f"{self.stage}: resumed with changes: " + ", ".join(f"{k} -> {b!r}" for k, (_, b) in changes.items())
-            )
-
     # --- the loop ------------------------------------------------------------------------------------
 
     def train(self) -> dict:
@@ -549,19 +388,3 @@ class Trainer:
         if self.is_main:
             plot_metrics(self.run_dir)
         return last_eval
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless asked; called after all inputs have been validated."""
-    run_dir = Path(run_dir)
-    has_run = run_dir.exists() and any(
-        p.name == "final" or p.name == "metrics.jsonl" or ckpt.STEP_RE.match(p.name) for p in run_dir.iterdir()
-    )
-    if has_run and not resume and not overwrite:
-        raise ConfigError(
-            f"{run_dir} already holds a run; pass --resume to continue it, --train.name NAME to start another, "
-            "or --overwrite to replace it"
-        )
-    if has_run and overwrite:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)

@@ -34,28 +34,23 @@ the micro-batch and detached.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from aligner.config import Recipe
-from aligner.data.chat import REPLY_SIDES, encode_preferences, pad_token_id
+from aligner.data.chat import REPLY_SIDES, pad_token_id
 from aligner.data.collate import pack_pairs, pad_pairs, pad_unpaired
-from aligner.data.formats import add_system_prompt, to_preference_records, unpair, with_kl_partners
-from aligner.errors import DataError
 from aligner.logprobs import summed_logps, summed_logps_by_doc
 from aligner.losses import PREFERENCE_LOSSES, REFERENCE_FREE, batch_token_nll, kto_loss
 from aligner.model.forward import causal_lm_token_logprobs
-from aligner.model.tokenizer import system_prompt
-from aligner.tracking import main_process, phase
+from aligner.tracking import phase
 from aligner.trainers.base import Trainer, prepare_run_dir
+from aligner.trainers.dpo_data import encode_pairs, weights_hash
+from aligner.trainers.reference import frozen_reference, reference_kind, reference_of
 
 
 class DPOTrainer(Trainer):
@@ -96,14 +91,8 @@ class DPOTrainer(Trainer):
     def reference_logps(self, batch: dict) -> torch.Tensor:
         if "ref_logps" in batch:
             return batch["ref_logps"]
-        if self.ref_model is not None:
-            with self.autocast():
-                return self.logps_of(self.ref_model, batch)[0]
-        model = self.unwrapped()
-        if not hasattr(model, "disable_adapter"):
-            raise RuntimeError("dpo: no reference model, no adapter to disable and no precomputed log-probs")
-        with model.disable_adapter(), self.autocast():  # LoRA: the base model is the reference
-            return self.logps_of(model, batch)[0]
+        with reference_of(self.unwrapped(), self.ref_model) as ref, self.autocast():
+            return self.logps_of(ref, batch)[0]
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         if self.dpo.loss == "kto":
@@ -194,16 +183,8 @@ class DPOTrainer(Trainer):
         return False
 
 
-def _weights_hash(model: torch.nn.Module) -> hashlib._Hash:
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h
-
-
 def _cache_key(model: torch.nn.Module, datasets: list[list[dict]], batching: list) -> str:
-    h = _weights_hash(model)
+    h = weights_hash(model)
     h.update(json.dumps(batching).encode())
     for data in datasets:
         for pair in data:
@@ -214,186 +195,6 @@ def _cache_key(model: torch.nn.Module, datasets: list[list[dict]], batching: lis
 
 
 # --- the command ------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def sample_replies(model, tokenizer, rows: list[dict], o, seed: int) -> list[dict]:
-    """`o.sample_pairs` sampled replies per prompt of `rows` (and the greedy reply with `o.sample_greedy`),
-    as {"samples": [text, ...], "greedy": text or None} per row."""
-    from aligner.data.chat import encode_prompt, reply_stop_ids
-    from aligner.rollout.engine import SamplingParams
-    from aligner.rollout.torch_engine import TorchEngine
-
-    n = o.sample_pairs
-    engine = TorchEngine(model, pad_id=pad_token_id(tokenizer))
-    params = SamplingParams(
-        max_new_tokens=o.sample_tokens,
-        temperature=o.sample_temperature,
-        n=n,
-        stop_ids=tuple(reply_stop_ids(tokenizer)),
-        seed=seed,
-    )
-    greedy_params = dataclasses.replace(params, temperature=0.0, n=1)
-    out = []
-    batch = max(1, 256 // n)
-    for start in phase(range(0, len(rows), batch), f"sampling {n} replies per prompt", "batch", min_items=2):
-        chunk = rows[start : start + batch]
-        prompts = [encode_prompt(tokenizer, r["prompt"]) for r in chunk]
-        completions = engine.generate(prompts, params)
-        greedy = engine.generate(prompts, greedy_params) if o.sample_greedy else []
-        for i in range(len(chunk)):
-            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions[i * n : (i + 1) * n]]
-            g = tokenizer.decode(greedy[i].token_ids, skip_special_tokens=True) if greedy else None
-            out.append({"samples": texts, "greedy": g})
-    return out
-
-
-def build_pairs(rows: list[dict], replies: list[dict], o, seed: int) -> tuple[list[dict], str]:
-    """On-policy preference rows from each prompt's sampled replies, judged by the answer checker (see the
-    module docstring); with `o.pairs_per_prompt` > 1 up to that many distinct (correct, wrong) pairs of a
-    prompt's samples, and with `o.sample_fill` false only prompts with such a pair."""
-    import random
-
-    from aligner.data.world import is_correct
-
-    rng = random.Random(seed)
-    out, both, correct, greedy_wrong, extra, dropped = [], 0, 0, 0, 0, 0
-    for row, r in zip(rows, replies, strict=True):
-        good = [t for t in r["samples"] if is_correct(t, row["answer"])]
-        bad = [t for t in r["samples"] if not is_correct(t, row["answer"])]
-        correct += len(good)
-        rejected = rng.choice(bad) if bad else None
-        if r["greedy"] is not None:
-            if is_correct(r["greedy"], row["answer"]):
-                good.append(r["greedy"])
-            else:
-                rejected, greedy_wrong = r["greedy"], greedy_wrong + 1
-        sampled = bool(good and rejected is not None)
-        both += sampled
-        if not sampled and not o.sample_fill:
-            dropped += 1
-            continue
-        pair = dict(row)
-        if good:
-            pair["chosen"] = [{"role": "assistant", "content": rng.choice(good)}]
-        if rejected is not None:
-            pair["rejected"] = [{"role": "assistant", "content": rejected}]
-        out.append(pair)
-        if sampled and o.pairs_per_prompt > 1:  # more distinct (correct, wrong) pairs of the same samples
-            first = (pair["chosen"][0]["content"], rejected)
-            combos = [(g, b) for g in sorted(set(good)) for b in sorted(set(bad) | {rejected}) if (g, b) != first]
-            for g, b in rng.sample(combos, min(len(combos), o.pairs_per_prompt - 1)):
-                out.append({**row, "chosen": [{"role": "assistant", "content": g}],
-                            "rejected": [{"role": "assistant", "content": b}]})  # fmt: skip
-                extra += 1
-    if not out:
-        raise DataError(
-            f"dpo.sample_pairs: none of {len(rows)} prompts gave both a correct and a wrong sample; "
-            "set dpo.sample_fill: true or sample more replies per prompt (dpo.sample_pairs)"
-        )
-    report = (
-        f"{len(rows)} prompts x {o.sample_pairs} samples: {correct / (len(rows) * o.sample_pairs):.3f} correct, "
-        + (f"greedy reply wrong for {greedy_wrong} (their rejected reply), " if o.sample_greedy else "")
-        + f"{both} prompts with a sampled pair"
-        + (f" (+{extra} more pairs of their samples)" if extra else "")
-        + (f", {dropped} prompts without one dropped" if not o.sample_fill else ", the rest completed from the data")
-    )
-    return out, report
-
-
-def sample_pairs(model, tokenizer, rows: list[dict], o, seed: int) -> tuple[list[dict], str]:
-    """On-policy preference rows from `o.sample_pairs` samples per prompt of the model, with the sampled
-    replies read from `dpo.ref_cache_dir` when the same model, prompts and settings were sampled before
-    (keyed by the weights, the rows, the chat template and the sampling settings)."""
-    if "answer" not in rows[0]:
-        raise DataError("dpo.sample_pairs needs rows with an 'answer' column to judge samples (the task world's)")
-    h = _weights_hash(model)
-    settings = [o.sample_pairs, o.sample_temperature, o.sample_tokens, seed, tokenizer.chat_template, o.sample_greedy]
-    h.update(json.dumps([settings, rows], sort_keys=True, default=str).encode())
-    path = Path(o.ref_cache_dir) / f"samples_{h.hexdigest()[:24]}.json"
-    if path.is_file():
-        replies, where = json.loads(path.read_text()), f" (samples read from {path})"
-    else:
-        replies, where = sample_replies(model, tokenizer, rows, o, seed), ""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several processes may write the same entry
-        tmp.write_text(json.dumps(replies))
-        tmp.replace(path)
-    out, report = build_pairs(rows, replies, o, seed)
-    return out, report + where
-
-
-TASK_WORLD_OPTIONS = ("sample_pairs", "sft_weight")  # recipes/dpo.yaml's options that fit only judged rows
-
-
-def offline_unless_judged(recipe: Recipe, rows: list[dict]) -> None:
-    """Plain offline DPO on rows without an `answer` column (ordinary preference pairs): on-policy sampling
-    (dpo.sample_pairs) and RPO's NLL term (dpo.sft_weight) that a default recipe sets for the task world
-    are switched off with a printed notice. Set explicitly (a flag or the user's own recipe), RPO stays
-    on, and sampling, which needs answers to judge its samples, is an error."""
-    o = recipe.dpo
-    if "answer" in rows[0] or not (o.sample_pairs or o.sft_weight):
-        return
-    if o.sample_pairs and "dpo.sample_pairs" in recipe.explicit:
-        raise DataError(
-            f"dpo.sample_pairs needs rows with an 'answer' column to judge the samples (columns: {', '.join(rows[0])})"
-            "; map one with data.columns, or set --dpo.sample_pairs 0 for offline DPO on the pairs as they are"
-        )
-    off = [k for k in TASK_WORLD_OPTIONS if getattr(o, k) and f"dpo.{k}" not in recipe.explicit]
-    for key in off:
-        setattr(o, key, type(getattr(o, key))(0))
-    if off:
-        print(
-            f"dpo: the rows have no 'answer' column, so {' and '.join(f'dpo.{k}' for k in off)} (set by "
-            f"{recipe.path or 'the default recipe'} for the task world) are off: plain offline DPO on the pairs"
-        )
-
-
-def encode_pairs(
-    recipe: Recipe, tokenizer, model=None, share: tuple[int, int] = (1, 1)
-) -> tuple[list[dict], list[dict] | None, str]:
-    """Train and eval pairs (KTO: unpaired rows with their KL partners), tokenized with the chat template,
-    and a one-line report. With dpo.sample_pairs the training pairs are sampled from `model`. `share`
-    (k, n): only the k-th of n equal parts of the training rows (a round of iterative DPO)."""
-    from aligner.trainers.setup import load_splits
-
-    d, o = recipe.data, recipe.dpo
-    train_rows, eval_rows = load_splits(recipe, "preference")
-    offline_unless_judged(recipe, train_rows)
-    k, n = share
-    train_rows = train_rows[(k - 1) * len(train_rows) // n : k * len(train_rows) // n]
-    sampled = ""
-    if o.sample_pairs and model is not None:
-        train_rows, sampled = sample_pairs(model, tokenizer, train_rows, o, recipe.train.seed)
-    where = f"data.source '{d.source}'"
-    system = system_prompt(d.system_prompt)
-    records, counts = to_preference_records(train_rows, d.format, where, allow_empty=bool(sampled))
-    records = add_system_prompt(records, system)
-    if any("margin" in r for r in records) and main_process():
-        print("dpo: the rows' margin column is not used by DPO (the reward model, aligner rm, reads it)")
-    unpaired = "completion" in records[0]
-    if unpaired and o.loss != "kto":
-        raise DataError(f"{where} holds unpaired rows (prompt, completion, label); train on them with --loss kto")
-
-    def prepare(recs: list[dict]) -> list[dict]:
-        if o.loss != "kto":
-            return recs
-        return with_kl_partners(recs if "completion" in recs[0] else unpair(recs))
-
-    train, report = encode_preferences(prepare(records), tokenizer, d.seq_len, overlong=o.overlong, source=where)
-    evals = None
-    if eval_rows:
-        eval_records = add_system_prompt(to_preference_records(eval_rows, d.format, "the eval split")[0], system)
-        evals, _ = encode_preferences(
-            prepare(eval_records), tokenizer, d.seq_len, overlong=o.overlong, source="the eval split"
-        )
-    summary = report.summary().replace("conversations", "rows" if o.loss == "kto" else "pairs")
-    if o.loss == "kto":
-        good = sum(bool(x["label"]) for x in train)
-        summary += f", {good} desirable and {len(train) - good} undesirable"
-    if counts["identical"]:
-        summary += f", {counts['identical']} with identical chosen and rejected dropped"
-    return train, evals, f"{sampled}; {summary}" if sampled else summary
 
 
 def dpo(recipe: Recipe, share: tuple[int, int] = (1, 1)) -> dict:
@@ -408,24 +209,20 @@ def dpo(recipe: Recipe, share: tuple[int, int] = (1, 1)) -> dict:
     model = prepare_model(recipe, tokenizer, stage="dpo")
     train_data, eval_data, report = encode_pairs(recipe, tokenizer, model, share)
     needs_ref = o.loss not in REFERENCE_FREE
-    # full fine-tuning keeps a frozen copy as the reference; LoRA disables its adapter instead
-    ref_model = copy.deepcopy(model).requires_grad_(False) if needs_ref and not recipe.lora.enabled else None
+    ref_model = frozen_reference(model, recipe, needed=needs_ref)  # LoRA: the adapter-disabled model
     run_dir = Path(recipe.train.out_dir) / recipe.train.name
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
     trainer = DPOTrainer(recipe, model, tokenizer, train_data, eval_data, ref_model=ref_model)
     trainer.packing, trainer.row_len = o.packing and o.loss != "kto", recipe.data.seq_len
     if needs_ref and o.precompute_ref:
-        reference = trainer.ref_model if trainer.ref_model is not None else model
-        ctx = model.disable_adapter() if trainer.ref_model is None else contextlib.nullcontext()
         datasets = [train_data] + ([eval_data] if eval_data else [])
-        with ctx:
+        with reference_of(model, trainer.ref_model) as reference:
             cached = trainer.precompute_reference(datasets, reference, Path(o.ref_cache_dir))
         trainer.ref_model = ref_model = reference = None  # freed: every pair carries its reference log-probs
         if trainer.is_main:
             print(f"dpo: reference log-probs {'read from' if cached else 'computed and saved to'} {o.ref_cache_dir}")
     if trainer.is_main:
-        ref = "adapter disabled" if recipe.lora.enabled else "frozen copy"
-        ref = "none" if not needs_ref else "precomputed" if o.precompute_ref else ref
+        ref = reference_kind(recipe, needs_ref, precomputed=o.precompute_ref)
         print(f"dpo: {report}")
         print(f"dpo: loss {o.loss}, beta {o.beta}, reference {ref}, {trainer.total_steps} steps -> {run_dir}")
     return train_and_score(trainer, trainer.unwrapped, tokenizer, o.accuracy_items, o.accuracy_tokens)

@@ -25,8 +25,6 @@ count in the grpo/bnpo/dr_grpo denominators (it is not a unit of the loss).
 
 from __future__ import annotations
 
-import copy
-import math
 from pathlib import Path
 
 import torch
@@ -37,11 +35,11 @@ from aligner.data.collate import pad_examples
 from aligner.errors import ConfigError
 from aligner.logprobs import IGNORE_INDEX
 from aligner.losses import grpo_loss
-from aligner.model.forward import causal_lm_token_logprobs
 from aligner.rollout.engine import SamplingParams
 from aligner.tracking import tqdm_write
 from aligner.trainers.base import prepare_run_dir
 from aligner.trainers.online import OnlineTrainer, setup
+from aligner.trainers.reference import reference_of
 
 
 def informative_first(grouped: torch.Tensor, n: int) -> list[int]:
@@ -61,19 +59,15 @@ class GRPOTrainer(OnlineTrainer):
 
     def __init__(self, recipe: Recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw):
         self.g = recipe.grpo
-        super().__init__(recipe, model, tokenizer, prompts, eval_prompts, reward_set, **kw)
+        super().__init__(recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=ref_model, **kw)
         self.steps_per_rollout = self.g.num_iterations
         self.prompts_per_rollout = self.global_batch // self.g.num_generations
-        self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
         self.no_gradient_rollouts = 0  # rollouts whose every completion had advantage 0 or was masked
         self.reward_keys = {f"rollout/{name}" for name in reward_set.names}
 
     def compute_total_steps(self) -> int:
-        if self.cfg.max_steps is not None:
-            return self.cfg.max_steps
-        per_rollout = self.global_batch // self.recipe.grpo.num_generations * self.recipe.grpo.oversample
-        rollouts = math.ceil(self.cfg.epochs * len(self.train_data) / max(per_rollout, 1))
-        return max(1, rollouts * self.recipe.grpo.num_iterations)
+        g = self.recipe.grpo
+        return self.rollout_steps(self.global_batch // g.num_generations * g.oversample, g.num_iterations)
 
     # --- rollouts ------------------------------------------------------------------------------------
 
@@ -92,13 +86,9 @@ class GRPOTrainer(OnlineTrainer):
         trained_outs = [outs[i * G + j] for i in groups for j in range(G)]
         rewards = grouped[groups].reshape(-1)  # the groups trained on
         advantages = group_advantages(rewards, G, self.g.scale_rewards)
-        examples = []
-        for o, adv in zip(trained_outs, advantages.tolist()):
-            ids = o.prompt_ids + o.token_ids
-            keep = o.finished or not self.g.mask_truncated
-            completion = o.token_ids if keep else [IGNORE_INDEX] * len(o.token_ids)
-            labels = [IGNORE_INDEX] * (len(o.prompt_ids) - 1) + completion
-            examples.append({"input_ids": ids[:-1], "labels": labels, "advantage": adv, "kept": keep})
+        examples = self.completion_examples(trained_outs, self.g.mask_truncated)
+        for e, adv in zip(examples, advantages.tolist()):
+            e["advantage"] = adv
         mb = self.cfg.micro_batch_size
         batches = [self.collate_live(examples[i : i + mb]) for i in range(0, len(examples), mb)]
         for batch in batches:
@@ -172,11 +162,8 @@ class GRPOTrainer(OnlineTrainer):
         if self.g.num_iterations > 1:
             batch["old_logps"] = self.token_logps(self.model, dev).cpu()
         if self.g.beta > 0:
-            if self.ref_model is not None:
-                batch["ref_logps"] = self.token_logps(self.ref_model, dev).cpu()
-            else:  # LoRA: the base model is the reference
-                with self.unwrapped().disable_adapter():
-                    batch["ref_logps"] = self.token_logps(self.model, dev).cpu()
+            with reference_of(self.policy(), self.ref_model) as ref:
+                batch["ref_logps"] = self.token_logps(ref, dev).cpu()
 
     def micro_batches(self, step: int) -> list[dict]:
         batches = self.rollout_data(step)
@@ -185,11 +172,6 @@ class GRPOTrainer(OnlineTrainer):
         return batches
 
     # --- loss ----------------------------------------------------------------------------------------
-
-    def token_logps(self, model, batch: dict) -> torch.Tensor:
-        """Per-token log-probs (B, T) of the labels under the sampling temperature, as the sampler saw them."""
-        with self.autocast():
-            return causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"], temperature=self.temperature)
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logps = self.token_logps(model, batch)  # (B, T)
@@ -216,6 +198,7 @@ class GRPOTrainer(OnlineTrainer):
 
 def grpo(recipe: Recipe) -> dict:
     """GRPO from the recipe's model (default: the SFT run); returns eval metrics and held-out accuracy."""
+    from aligner.trainers.reference import frozen_reference, reference_kind
     from aligner.trainers.setup import prepare_model, train_and_score, training_kind
 
     g, t = recipe.grpo, recipe.train
@@ -226,14 +209,12 @@ def grpo(recipe: Recipe) -> dict:
         )
     tokenizer, reward_set, prompts, evals, note = setup(recipe, "grpo")
     model = prepare_model(recipe, tokenizer, stage="grpo")
-    ref_model = None
-    if g.beta > 0 and not recipe.lora.enabled:
-        ref_model = copy.deepcopy(model).requires_grad_(False)
+    ref_model = frozen_reference(model, recipe, needed=g.beta > 0)
     run_dir = Path(recipe.train.out_dir) / recipe.train.name
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
     trainer = GRPOTrainer(recipe, model, tokenizer, prompts, evals, reward_set, ref_model=ref_model)
     if trainer.is_main:
-        ref = "none" if g.beta == 0 else "adapter disabled" if recipe.lora.enabled else "frozen copy"
+        ref = reference_kind(recipe, needed=g.beta > 0)
         print(f"grpo: {note}")
         chosen = f" (the most informative of {trainer.prompts_per_rollout * g.oversample})" if g.oversample > 1 else ""
         print(

@@ -1,4 +1,5 @@
-"""What the online-RL trainers (GRPO, PPO) share on top of the loop: rollouts that serve several steps.
+"""What the online trainers (GRPO, PPO, RLOO, REINFORCE++, online DPO) share on top of the loop: rollouts
+that serve several steps, the rollout engine, reward scoring, log-prob passes and greedy evals.
 
 A rollout is made from the policy at the step it starts and serves `steps_per_rollout` optimizer
 steps; its prompts are the next ones of the loop's seeded order (a pure function of the seed and the
@@ -11,16 +12,20 @@ prompts greedily and reports the mean of every reward function (and their weight
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from aligner.data.chat import pad_token_id, reply_stop_ids
+from aligner.logprobs import IGNORE_INDEX
+from aligner.model.forward import causal_lm_token_logprobs
 from aligner.rollout import make_engine
 from aligner.rollout.engine import Completion, SamplingParams
 from aligner.rollout.torch_engine import TorchEngine
 from aligner.tracking import phase, tqdm_write
 from aligner.trainers.base import Trainer
+from aligner.trainers.reference import reference_of
 
 PROMPT_KEYS = ("prompt", "prompt_ids")  # the columns of a prompt record that are not handed to rewards
 
@@ -33,8 +38,9 @@ class OnlineTrainer(Trainer):
     empty_steps_ok = True  # every completion masked out (truncated): no update; the rollout metrics say why
     total_name = "reward_mean"  # the eval metric of the weighted reward total
 
-    def __init__(self, recipe, model, tokenizer, prompts, eval_prompts, reward_set, **kw):
+    def __init__(self, recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw):
         super().__init__(recipe, model, tokenizer, prompts, eval_prompts, **kw)
+        self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None  # None: LoRA's base
         self.reward_set = reward_set
         self.pad_id = pad_token_id(tokenizer)
         self.stop_ids = tuple(reply_stop_ids(tokenizer))
@@ -65,6 +71,14 @@ class OnlineTrainer(Trainer):
     def policy(self) -> torch.nn.Module:
         """The model that generates (the unwrapped policy)."""
         return self.unwrapped()
+
+    def rollout_steps(self, prompts_per_rollout: int, steps_per_rollout: int) -> int:
+        """train.max_steps, else the steps of train.epochs passes over the prompts at `prompts_per_rollout`
+        prompts (all processes) per rollout and `steps_per_rollout` steps per rollout."""
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        rollouts = math.ceil(self.cfg.epochs * len(self.train_data) / max(prompts_per_rollout, 1))
+        return max(1, rollouts * steps_per_rollout)
 
     # --- rollouts ------------------------------------------------------------------------------------
 
@@ -110,6 +124,28 @@ class OnlineTrainer(Trainer):
         totals, parts = self.reward_set(prompts, texts, completion_ids=[o.token_ids for o in outs], **columns)
         return outs, texts, totals, parts
 
+    def sample_rollout(self, rollout: int, prompts: int, n: int) -> tuple[list[Completion], list[float], dict]:
+        """This process's share of rollout `rollout`'s `prompts` prompts, `n` completions each, scored:
+        (completions, reward totals, {reward name: values})."""
+        rows = self.rollout_rows(rollout, prompts)
+        outs, _, totals, parts = self.complete_and_score(
+            rows, self.sampling_params(n=n, seed=self.sampling_seed(rollout))
+        )
+        return outs, totals, parts
+
+    @staticmethod
+    def rollout_metrics(outs: list[Completion], totals: list[float], parts: dict) -> dict:
+        """The metrics every sampled rollout logs: reward mean and spread, completion length, truncation, and
+        each reward function's mean."""
+        r = torch.tensor(totals, dtype=torch.float32)
+        return {
+            "rollout/reward_mean": float(r.mean()),
+            "rollout/reward_std": float(r.std()) if r.numel() > 1 else 0.0,
+            "rollout/completion_len": sum(len(o.token_ids) for o in outs) / len(outs),
+            "rollout/truncated": sum(not o.finished for o in outs) / len(outs),
+            **{f"rollout/{name}": sum(v) / len(v) for name, v in parts.items()},
+        }
+
     def rollout_data(self, step: int):
         rollout = step // self.steps_per_rollout
         if self._rollout is None or self._rollout[0] != rollout:
@@ -138,6 +174,40 @@ class OnlineTrainer(Trainer):
         if path.is_file():
             saved = torch.load(path, weights_only=True)
             self._rollout = (saved["rollout"], saved["data"], saved["metrics"])
+
+    # --- what the sampled-completion trainers share (GRPO, RLOO, REINFORCE++) ---------------------------
+
+    def token_logps(self, model, batch: dict) -> torch.Tensor:
+        """Per-token log-probs (B, T) of the labels under the sampling temperature, as the sampler saw them."""
+        with self.autocast():
+            return causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"], temperature=self.temperature)
+
+    @torch.no_grad()
+    def rollout_logps(self, model, batch: dict) -> torch.Tensor:
+        """`token_logps` of a whole rollout's padded batch, a micro-batch at a time, as float32 on the CPU."""
+        mb, B = self.cfg.micro_batch_size, batch["input_ids"].shape[0]
+        parts = []
+        for i in range(0, B, mb):
+            part = self.to_device({k: batch[k][i : i + mb] for k in ("input_ids", "labels")})
+            parts.append(self.token_logps(model, part).float().cpu())
+        return torch.cat(parts)
+
+    def reference_rollout_logps(self, batch: dict) -> torch.Tensor:
+        """`rollout_logps` under the reference (a frozen copy, or the policy with its adapter disabled)."""
+        with reference_of(self.policy(), self.ref_model) as ref:
+            return self.rollout_logps(ref, batch)
+
+    @staticmethod
+    def completion_examples(outs: list[Completion], mask_truncated: bool) -> list[dict]:
+        """One training example per completion: the prompt and completion as input, the completion's tokens
+        as labels (all IGNORE_INDEX for a completion that hit max_new_tokens when `mask_truncated`)."""
+        examples = []
+        for o in outs:
+            keep = o.finished or not mask_truncated
+            completion = o.token_ids if keep else [IGNORE_INDEX] * len(o.token_ids)
+            labels = [IGNORE_INDEX] * (len(o.prompt_ids) - 1) + completion
+            examples.append({"input_ids": (o.prompt_ids + o.token_ids)[:-1], "labels": labels, "kept": keep})
+        return examples
 
     # --- eval ------------------------------------------------------------------------------------------
 

@@ -29,9 +29,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from aligner import checkpoint as ckpt
-from aligner.advantages import AdaptiveKLController, gae, whiten
+from aligner.advantages import AdaptiveKLController, gae, kl_shaped_rewards, whiten
 from aligner.config import Recipe
-from aligner.data.collate import pad_examples
+from aligner.data.collate import pad_examples, pad_examples_with
 from aligner.errors import ConfigError
 from aligner.logprobs import IGNORE_INDEX, kl_estimate, token_logprobs
 from aligner.losses import ppo_policy_loss, ppo_value_loss
@@ -41,6 +41,7 @@ from aligner.model.heads import ScalarHeadModel, is_reward_checkpoint, load_rewa
 from aligner.model.load import load_model
 from aligner.trainers.base import prepare_run_dir
 from aligner.trainers.online import OnlineTrainer, setup
+from aligner.trainers.reference import frozen_reference, reference_kind, reference_of
 
 
 class PolicyAndValue(nn.Module):
@@ -98,8 +99,7 @@ class PPOTrainer(OnlineTrainer):
         self, recipe: Recipe, model: PolicyAndValue, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw
     ):
         self.p = recipe.ppo
-        super().__init__(recipe, model, tokenizer, prompts, eval_prompts, reward_set, **kw)
-        self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
+        super().__init__(recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=ref_model, **kw)
         self.kl_ctl = (
             AdaptiveKLController(self.p.kl_coef, self.p.kl_target, self.p.kl_horizon) if self.p.kl_target else None
         )
@@ -150,8 +150,7 @@ class PPOTrainer(OnlineTrainer):
         logps, values = self._chunked(lambda b: self.token_logps_values(self.model, b), batch)
         ref_logps = self._chunked(lambda b: (self.reference_logps(b),), batch)[0]
         kl = kl_estimate(logps, ref_logps, self.p.kl_estimator) * mask  # (B, T)
-        last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # the final completion token
-        rewards = -self.kl_coef * kl + last.float() * scores.to(kl.device)[:, None]
+        rewards = kl_shaped_rewards(scores, kl, mask, self.kl_coef)
         advantages, returns = gae(rewards, values * mask, mask, self.p.gamma, self.p.lam)
         if self.p.whiten_advantages:
             advantages = whiten(advantages, mask)
@@ -190,13 +189,8 @@ class PPOTrainer(OnlineTrainer):
         return tuple(torch.cat(xs) for xs in zip(*parts))
 
     def reference_logps(self, batch: dict) -> torch.Tensor:
-        if self.ref_model is not None:
-            return self.policy_logps(self.ref_model, batch)
-        policy = self.unwrapped().policy
-        if not hasattr(policy, "disable_adapter"):
-            raise RuntimeError("ppo: no reference model and no adapter to disable")
-        with policy.disable_adapter():
-            return self.policy_logps(policy, batch)
+        with reference_of(self.policy(), self.ref_model) as ref:
+            return self.policy_logps(ref, batch)
 
     def micro_batches(self, step: int) -> list[dict]:
         """Minibatch `step` of the rollout's epochs: a seeded shuffle of the rollout per epoch."""
@@ -210,13 +204,7 @@ class PPOTrainer(OnlineTrainer):
         return [self.collate([items[i] for i in chosen[j : j + mb]]) for j in range(0, size, mb)]
 
     def collate(self, items: list) -> dict:
-        batch = pad_examples(items, self.pad_id)
-        T = batch["input_ids"].shape[1]
-        for key in ("old_logps", "old_values", "advantages", "returns"):
-            batch[key] = torch.stack(
-                [torch.nn.functional.pad(x[key][:T], (0, T - min(T, len(x[key])))) for x in items]
-            )
-        return batch
+        return pad_examples_with(items, self.pad_id, per_token=("old_logps", "old_values", "advantages", "returns"))
 
     def save_extra(self, directory: Path) -> None:
         super().save_extra(directory)
@@ -283,14 +271,14 @@ def ppo(recipe: Recipe) -> dict:
         )
     tokenizer, reward_set, prompts, evals, note = setup(recipe, "ppo")
     policy = prepare_model(recipe, tokenizer, stage="ppo")
-    ref_model = None if recipe.lora.enabled else copy.deepcopy(policy).requires_grad_(False)
+    ref_model = frozen_reference(policy, recipe)
     critic = make_critic(recipe, policy) if p.value_model == "separate" else None
     model = PolicyAndValue(policy, critic)
     run_dir = Path(recipe.train.out_dir) / recipe.train.name
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
     trainer = PPOTrainer(recipe, model, tokenizer, prompts, evals, reward_set, ref_model=ref_model)
     if trainer.is_main:
-        ref = "adapter disabled" if recipe.lora.enabled else "frozen copy"
+        ref = reference_kind(recipe)
         print(f"ppo: {note}; value model {p.value_model}")
         print(
             f"ppo: {training_kind(recipe)}, {p.rollout_prompts} prompts per rollout x {p.ppo_epochs} epochs "

@@ -31,7 +31,8 @@ import torch
 from aligner.config import Recipe
 from aligner.data.chat import encode_preferences, pad_token_id
 from aligner.data.collate import pack_pairs, pad_pairs
-from aligner.data.formats import add_system_prompt, to_preference_records
+from aligner.data.formats import add_system_prompt
+from aligner.data.preferences import to_preference_records
 from aligner.errors import DataError
 from aligner.logprobs import IGNORE_INDEX, summed_logps, summed_logps_by_doc
 from aligner.losses import batch_token_nll, bradley_terry_loss

@@ -108,27 +108,16 @@ def sft_tokenizer(recipe: Recipe, section: str = "sft"):
     return tokenizer
 
 
-# Learning rates for models this toolkit did not train (Hub models), by command, for full fine-tuning and for
-# LoRA, at up to 1.5B parameters; halved up to 15B, quartered beyond. Values common in the field: SFT 2e-5
-# (Zephyr, Alpaca), reward models 1e-5, DPO 5e-7 (Zephyr, Tulu 3), GRPO 1e-6 (TRL), PPO 3e-6 (InstructGPT /
-# TRL), and ten times more for LoRA adapters. The recipes' own rates are tuned for the task world's ~1M-param
-# core and are far too high for a pretrained model.
-HF_LEARNING_RATES = {
-    "sft": (2e-5, 2e-4),
-    "rm": (1e-5, 1e-4),
-    "dpo": (5e-7, 5e-6),
-    "grpo": (1e-6, 1e-5),
-    "ppo": (3e-6, 3e-5),
-}
-
-
 def default_lr(stage: str, lora: bool, n_params: int) -> float:
-    """The learning rate for `stage` on a pretrained model of `n_params` parameters (HF_LEARNING_RATES).
+    """The learning rate for `stage` on a pretrained model of `n_params` parameters: the algorithm's `hub_lr`
+    (aligner.registry), for full fine-tuning or LoRA, halved above 1.5B parameters and quartered above 15B.
 
     >>> default_lr("sft", False, 494_000_000), default_lr("dpo", True, 8_000_000_000)
     (2e-05, 2.5e-06)
     """
-    lr = HF_LEARNING_RATES[stage][int(lora)]
+    from aligner.registry import ALGORITHMS
+
+    lr = ALGORITHMS[stage].hub_lr[int(lora)]
     return lr if n_params <= 1.5e9 else lr / 2 if n_params <= 15e9 else lr / 4
 
 

@@ -7,9 +7,10 @@
 Pretraining is not a separate trainer: it is SFT over packed plain text with every token in the
 loss. Chat SFT renders each conversation with the chat template and puts only assistant tokens (each
 turn's end-of-turn token included) in the loss (aligner.data.chat). The loss is summed over loss
-tokens and divided by the loop by the number of loss tokens in the whole accumulated batch
-(REFERENCE.md, SFT). With `sft.packing` each micro-batch is packed padding-free: the same examples,
-the same loss, fewer padded positions.
+tokens and divided by the loop by the number of loss tokens in the whole accumulated batch, so gradient
+accumulation gives the gradient of one large batch (a per-micro-batch mean would not). With
+`sft.packing` each micro-batch is packed padding-free: the same examples, the same loss, fewer padded
+positions.
 """
 
 from __future__ import annotations
