@@ -260,6 +260,7 @@ def grpo_loss(
     loss_type="dapo",
     max_len=None,
     importance="token",
+    token_weights=None,
 ):
     """GRPO's per-token surrogate -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3, with A (B,)
     one advantage per sequence, aggregated by `loss_type` (GRPO_AGGREGATIONS) as a sum over its units (the
@@ -268,7 +269,9 @@ def grpo_loss(
       bnpo     the micro-batch's token mean x its sequences              (units: sequences)
       dr_grpo  token sum / max_len                                       (units: sequences)
       dapo     token sum                                                 (units: tokens)
-    importance "sequence" (GSPO) uses one ratio per sequence, exp(mean token log-ratio)."""
+    importance "sequence" (GSPO) uses one ratio per sequence, exp(mean token log-ratio). `token_weights` (B, T)
+    multiply the surrogate (not the KL term): truncated importance weights for another sampler
+    (`sampler_correction`)."""
     log_ratio = logps - old_logps
     if importance == "sequence":
         log_ratio = ((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(
@@ -279,6 +282,8 @@ def grpo_loss(
     ratio = torch.exp(log_ratio)
     adv = advantages[:, None]
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    if token_weights is not None:
+        per_token = per_token * token_weights
     stats = {}
     if beta:
         kl = kl_estimate(logps, ref_logps, "k3")
@@ -305,3 +310,25 @@ def rloo_loss(seq_logps, old_seq_logps, advantages, eps_low=0.2, eps_high=0.2):
         clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
         stats = {"clip_ratio": clipped.float().mean(), "advantage_mean": adv.mean()}
     return losses.sum(), stats
+
+
+def sampler_correction(trainer_logps, sampler_logps, mask, cap=0.0):
+    """Where the rollouts' sampler (vLLM, another precision, an older policy) and the trainer disagree on
+    the sampled tokens' log-probs: the mismatch, KL(sampler || trainer) per token (the k3 estimate from the
+    sampler's own samples, >= 0), and with `cap` > 0 truncated importance sampling weights
+    min(pi_trainer / pi_sampler, cap) per token (Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training", eq. 4), detached, to multiply a policy-gradient surrogate.
+    Returns (weights (B, T) or None, stats)."""
+    mask = mask.float()
+    n = mask.sum().clamp(min=1)
+    with torch.no_grad():
+        log_ratio = (trainer_logps - sampler_logps).float()
+        stats = {
+            "mismatch_kl": (kl_estimate(sampler_logps.float(), trainer_logps.float(), "k3") * mask).sum() / n,
+            "mismatch_max": (log_ratio.abs() * mask).max() if mask.any() else log_ratio.new_zeros(()),
+        }
+        if cap <= 0:
+            return None, stats
+        ratio = torch.exp(log_ratio)
+        stats["tis_capped"] = ((ratio > cap).float() * mask).sum() / n
+        return ratio.clamp(max=cap) * mask, stats

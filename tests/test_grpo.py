@@ -263,3 +263,17 @@ def test_a_tokenizer_without_any_stop_token_is_an_error(bases, tmp_path, capsys)
     assert main(["grpo", str(recipe)]) == 2
     assert "no end-of-turn or EOS token" in one_line_error(capsys)
     assert not (tmp_path / "runs" / "g").exists()
+
+
+def test_sampler_mismatch_is_logged_and_truncated_importance_sampling_runs(bases, tmp_path, id_reward):
+    """The torch engine samples from the policy itself: its log-probs match the trainer's to rounding, so
+    the mismatch is ~0 and every importance weight ~1 (none capped); with the cap the step is the same."""
+    grpo = {"rewards": [id_reward], "mask_truncated": False}
+    plain = grpo_recipe(tmp_path, bases / "gpt", grpo=grpo, train={"name": "plain", "max_steps": 1})
+    assert main(["grpo", str(plain)]) == 0
+    tis = grpo_recipe(tmp_path, bases / "gpt", grpo=grpo, train={"name": "tis", "max_steps": 1})
+    assert main(["grpo", str(tis), "--rollout.tis_cap", "2"]) == 0
+    a, b = metrics(tmp_path, "plain")[0], metrics(tmp_path, "tis")[0]
+    assert 0 <= a["grpo/mismatch_kl"] < 1e-4 and a["grpo/mismatch_max"] < 1e-2
+    assert b["grpo/tis_capped"] == 0.0
+    assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)

@@ -122,3 +122,32 @@ def test_adaptive_kl_controller_moves_beta_toward_the_target():
     ctl = AdaptiveKLController(beta=0.1, target=6.0, horizon=100)
     assert ctl.update(kl=12.0, n_steps=10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped to +0.2
     assert ctl.update(kl=3.0, n_steps=10) < 0.1 * 1.02
+
+
+def test_sampler_correction_weights_and_mismatch_by_hand():
+    from aligner.losses import sampler_correction
+
+    trainer = torch.tensor([[-1.0, -2.0, 0.0]])
+    sampler = torch.tensor([[-1.5, -1.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third position is padding: no weight, not in the means
+    weights, stats = sampler_correction(trainer, sampler, mask, cap=1.5)
+    # ratios e^0.5 = 1.6487 (capped to 1.5) and e^-1 = 0.3679
+    assert weights.tolist()[0] == pytest.approx([1.5, math.exp(-1.0), 0.0])
+    # KL(sampler || trainer), k3 with d = trainer - sampler: e^d - d - 1
+    k3 = [math.exp(0.5) - 0.5 - 1, math.exp(-1.0) + 1 - 1]
+    assert stats["mismatch_kl"].item() == pytest.approx(sum(k3) / 2)
+    assert stats["mismatch_max"].item() == pytest.approx(1.0) and stats["tis_capped"].item() == 0.5
+    off, stats = sampler_correction(trainer, sampler, mask, cap=0)
+    assert off is None and "tis_capped" not in stats
+
+
+def test_grpo_loss_token_weights_scale_the_surrogate_not_the_kl():
+    logps = torch.tensor([[-1.0, -2.0]])
+    mask = torch.ones(1, 2)
+    weights = torch.tensor([[0.5, 2.0]])
+    loss, _ = grpo_loss(logps, logps, torch.tensor([1.0]), mask, loss_type="dapo", token_weights=weights)
+    assert loss.item() == pytest.approx(-(0.5 + 2.0))  # ratio 1, A 1: -w per token, summed
+    ref = torch.tensor([[-1.5, -2.5]])
+    with_kl, _ = grpo_loss(logps, logps, torch.tensor([1.0]), mask, beta=0.1, ref_logps=ref, token_weights=weights)
+    k3 = 2 * (math.exp(-0.5) + 0.5 - 1)
+    assert with_kl.item() == pytest.approx(-2.5 + 0.1 * k3)

@@ -9,11 +9,12 @@ CPU one (`make test-vllm` builds that environment, .venv-vllm). The engine core 
 (VLLM_ENABLE_V1_MULTIPROCESSING=0), so new weights reach the worker's in-place `reload_weights`
 without leaving the process.
 
-Weight sync takes the policy's parameters under their Hugging Face names (the GPT core's are Llama's)
-and hands them to the vLLM worker's `reload_weights`; a peft model's LoRA adapters are merged in for the copy and
-unmerged again, so vLLM always serves base + adapter. The prefix cache is reset after every sync (its
-cached keys and values were computed with the old weights). `sleep()` / `wake_up()` free and restore
-vLLM's GPU memory between rollout and training where vLLM supports sleep mode (CUDA).
+Weight sync streams the policy's parameters under their Hugging Face names (the GPT core's are Llama's),
+one tensor at a time and without copies, to the vLLM worker's `reload_weights`; a peft model's LoRA
+adapters are merged in while it reads them and unmerged after, so vLLM always serves base + adapter. The
+prefix cache is reset after every sync (its cached keys and values were computed with the old weights).
+`sleep()` / `wake_up()` free and restore vLLM's GPU memory between rollout and training where vLLM
+supports sleep mode (CUDA).
 
 On vLLM's CPU backend `gpu_memory_utilization` is a share of CPU memory and the KV cache gets
 `cpu_kv_cache_gib` (1 GiB) outright: the backend's own budget subtracts the whole process's memory,
@@ -27,6 +28,7 @@ recompute the log-probs they train on with their own forward either way.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,20 +47,20 @@ def _vllm():
     return vllm
 
 
-def hf_named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The model's weights under Hugging Face names, LoRA adapters merged (call under torch.no_grad)."""
+def iter_hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights under Hugging Face names, one tensor at a time and without copies (the consumer
+    copies each into its own buffers as it comes), a peft model's LoRA adapters merged in while the
+    iteration runs and unmerged when it ends. Memory: never a second copy of the state dict."""
     peft = hasattr(model, "merge_adapter") and hasattr(model, "get_base_model")
     if peft:
         model.merge_adapter()
     try:
         base = model.get_base_model() if peft else model
-        out = []
         for name, p in base.state_dict().items():
             if "lora_" in name or ".original_module." in name:  # adapters (merged) and the copies peft keeps
                 continue
             name = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-            out.append((name, p.detach().clone()))
-        return out
+            yield name, p.detach()
     finally:
         if peft:
             model.unmerge_adapter()
@@ -133,9 +135,11 @@ class VLLMEngine(Engine):
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Load `model`'s current weights (adapters merged) into vLLM and drop the stale prefix cache."""
-        weights = hf_named_weights(model)
-        # the worker's in-place reload: it also redoes the backend's post-load processing (repacked layouts)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        weights = iter_hf_weights(model)
+        try:  # the worker's in-place reload: it also redoes the backend's post-load processing (repacked layouts)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        finally:
+            weights.close()  # adapters unmerged even if vLLM stopped early
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:

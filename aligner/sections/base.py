@@ -144,6 +144,9 @@ class RolloutConfig:
     compile: bool = False  # torch engine: torch.compile its decoding step (~20 s once; ~1.1x tokens/s)
     vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on its CPU backend: the share of CPU memory)
     vllm_sleep: bool = False  # free vLLM's GPU memory while training (CUDA sleep mode)
+    # truncated importance sampling: weigh each token's surrogate by min(trainer / sampler probability, tis_cap)
+    # where the sampler's numerics differ from the trainer's (vLLM, bf16); 0 = off (the mismatch is logged anyway)
+    tis_cap: float = 0.0
 
     def checks(self, recipe) -> list[tuple[bool, str]]:
         return [
@@ -151,6 +154,7 @@ class RolloutConfig:
             (self.temperature > 0, "rollout.temperature must be positive (the policy samples its rollouts)"),
             (0 < self.top_p <= 1 and self.top_k >= 0, "rollout.top_p must be in (0, 1] and rollout.top_k >= 0"),
             (0 <= self.min_p <= 1, "rollout.min_p must be in [0, 1]"),
+            (self.tis_cap == 0 or self.tis_cap >= 1, "rollout.tis_cap must be 0 (off) or at least 1"),
         ]
 
 

@@ -31,10 +31,10 @@ import torch
 
 from aligner.advantages import group_advantages
 from aligner.config import Recipe
-from aligner.data.collate import pad_examples
+from aligner.data.collate import pad_examples_with
 from aligner.errors import ConfigError
 from aligner.logprobs import IGNORE_INDEX
-from aligner.losses import grpo_loss
+from aligner.losses import grpo_loss, sampler_correction
 from aligner.rollout.engine import SamplingParams
 from aligner.tracking import tqdm_write
 from aligner.trainers.base import prepare_run_dir
@@ -130,7 +130,7 @@ class GRPOTrainer(OnlineTrainer):
             )
 
     def collate(self, examples: list) -> dict:
-        batch = pad_examples(examples, self.pad_id)
+        batch = pad_examples_with(examples, self.pad_id, per_token=("sampler_logps",))
         batch["advantages"] = torch.tensor([e["advantage"] for e in examples], dtype=torch.float32)
         batch["n_loss"] = self.loss_units(examples)
         return batch
@@ -177,10 +177,12 @@ class GRPOTrainer(OnlineTrainer):
         logps = self.token_logps(model, batch)  # (B, T)
         mask = (batch["labels"] != IGNORE_INDEX).float()
         old = batch.get("old_logps")
+        old = old if old is not None else logps.detach()  # the trainer's log-probs of the sampled tokens
         g = self.g
-        return grpo_loss(
+        weights, stats = sampler_correction(old, batch["sampler_logps"], mask, self.r.tis_cap)
+        loss, loss_stats = grpo_loss(
             logps,
-            old if old is not None else logps.detach(),
+            old,
             batch["advantages"],
             mask,
             eps_low=g.epsilon,
@@ -190,7 +192,9 @@ class GRPOTrainer(OnlineTrainer):
             loss_type=g.loss_type,
             max_len=self.max_new_tokens,
             importance=g.importance,
+            token_weights=weights,
         )
+        return loss, {**loss_stats, **stats}
 
 
 # --- the command ------------------------------------------------------------------------------------

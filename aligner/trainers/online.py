@@ -200,13 +200,22 @@ class OnlineTrainer(Trainer):
     @staticmethod
     def completion_examples(outs: list[Completion], mask_truncated: bool) -> list[dict]:
         """One training example per completion: the prompt and completion as input, the completion's tokens
-        as labels (all IGNORE_INDEX for a completion that hit max_new_tokens when `mask_truncated`)."""
+        as labels (all IGNORE_INDEX for a completion that hit max_new_tokens when `mask_truncated`), and the
+        sampler's log-prob of each label (0 before the completion)."""
         examples = []
         for o in outs:
             keep = o.finished or not mask_truncated
             completion = o.token_ids if keep else [IGNORE_INDEX] * len(o.token_ids)
             labels = [IGNORE_INDEX] * (len(o.prompt_ids) - 1) + completion
-            examples.append({"input_ids": (o.prompt_ids + o.token_ids)[:-1], "labels": labels, "kept": keep})
+            sampler = torch.tensor([0.0] * (len(o.prompt_ids) - 1) + [float(x) for x in o.logprobs])
+            examples.append(
+                {
+                    "input_ids": (o.prompt_ids + o.token_ids)[:-1],
+                    "labels": labels,
+                    "kept": keep,
+                    "sampler_logps": sampler,
+                }
+            )
         return examples
 
     # --- eval ------------------------------------------------------------------------------------------

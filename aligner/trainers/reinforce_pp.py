@@ -9,9 +9,10 @@ Every completion token gets the reward r_t = -kl_coef KL_t (the KL of the policy
 reference, k1 or k3) and the last one the score too (aligner.advantages.kl_shaped_rewards); a token's
 return is the sum of the rewards from it to the end (discounted by gamma), and its advantage that return
 normalised over every completion token of the rollout (aligner.advantages.reinforce_pp_advantages: the
-global normalisation that replaces the critic's baseline; with several processes, over each one's share). The loss is PPO's clipped surrogate per token
-(aligner.losses.ppo_policy_loss), averaged over the step's completion tokens. A rollout serves
-`num_iterations` steps; completions that hit rollout.max_new_tokens are left out when `mask_truncated`.
+global normalisation that replaces the critic's baseline; with several processes, over each one's share).
+The loss is PPO's clipped surrogate per token (aligner.losses.ppo_policy_loss), averaged over the step's
+completion tokens. A rollout serves `num_iterations` steps; completions that hit rollout.max_new_tokens
+are left out when `mask_truncated`.
 """
 
 from __future__ import annotations
