@@ -90,6 +90,7 @@ def run_training(command: str, argv: list[str]) -> int:
             flush=True,
         )
     result = ALGORITHMS[command].command()(recipe)
+    leave_process_group()
     if not result["is_main"]:
         return 0
     if result["metrics"]:
@@ -271,6 +272,16 @@ def run_report(argv: list[str]) -> int:
     shown = write_report(args.runs, args.out)
     print(f"report: {args.out}/report.md ({', '.join(shown) or 'no curves'})")
     return 0
+
+
+def leave_process_group() -> None:
+    """Processes of a launch leave their group together: a barrier, then the group destroyed (a process that
+    exits while torch.distributed.checkpoint's threads still hold the group can abort)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,8 +106,7 @@ def causal_lm_token_logprobs(
     run together over the label positions only, in chunks (no (B, T, V) logits, forward or backward);
     otherwise from the full logits, chunked in fp32.
     """
-    weight = fused_head(model)
-    if weight is None:
+    if fused_head(model) is None:
         logits = causal_lm_logits(model, input_ids, position_ids)
         if temperature != 1.0:
             logits = logits.float() / temperature
@@ -123,4 +122,5 @@ def causal_lm_token_logprobs(
             output_hidden_states=True,
         )
         hidden = out.hidden_states[-1]
-    return linear_token_logprobs(hidden, weight, labels, temperature)
+    # the head's weight as the forward left it: a sharded model (FSDP2) holds it unsharded only from its forward
+    return linear_token_logprobs(hidden, fused_head(model), labels, temperature)

@@ -224,6 +224,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    _no_split_modules = ["Block"]  # the unit to shard one by one (FSDP2 wrap policies read it, as transformers')
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -343,14 +345,17 @@ class GPT(nn.Module):
 
     # --- checkpoints ---
 
-    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
-        """Write model.safetensors + config.json + generation_config.json, loadable by transformers."""
+    def save_pretrained(
+        self, directory: str | Path, dtype: torch.dtype | None = None, state_dict: dict | None = None
+    ) -> None:
+        """Write model.safetensors + config.json + generation_config.json, loadable by transformers.
+        `state_dict`: the weights to write instead of the module's own (a sharded model's, gathered)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         dtype = dtype or next(self.parameters()).dtype
         state = {
             name: t.detach().to(device="cpu", dtype=dtype).contiguous()
-            for name, t in self.state_dict().items()
+            for name, t in (self.state_dict() if state_dict is None else state_dict).items()
             if not (name == "lm_head.weight" and self.config.tie_word_embeddings)  # HF omits a tied head
         }
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})

@@ -128,14 +128,17 @@ class ScalarHeadModel(nn.Module):
 
     # --- checkpoints ---------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None, **_) -> None:
-        """model.safetensors + config.json in the `<Family>ForSequenceClassification` layout."""
+    def save_pretrained(
+        self, directory: str | Path, dtype: torch.dtype | None = None, state_dict: dict | None = None, **_
+    ) -> None:
+        """model.safetensors + config.json in the `<Family>ForSequenceClassification` layout. `state_dict`:
+        the weights to write instead of the module's own (a sharded model's, gathered)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         dtype = dtype or self.score.weight.dtype
-        tensors = dict(self.state_dict())
+        tensors = dict(self.state_dict() if state_dict is None else state_dict)
         if self.likelihood_coef and not self._tied_lm_head():  # scoring needs an untied LM head back
             tensors["lm_head.weight"] = self._lm_head.weight
         state = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in tensors.items()}

@@ -35,7 +35,7 @@ from accelerate import Accelerator
 
 from aligner import checkpoint as ckpt
 from aligner.config import Recipe, save_recipe
-from aligner.errors import AlignerError, DataError
+from aligner.errors import AlignerError, ConfigError, DataError
 from aligner.model.forward import enable_gradient_checkpointing
 from aligner.tracking import Progress, Tracker, plot_metrics
 from aligner.trainers.checkpoints import Checkpointing, prepare_run_dir  # noqa: F401  (part of this module's API)
@@ -45,6 +45,7 @@ from aligner.trainers.optim import (  # noqa: F401  (part of this module's API)
     resolve_precision,
     warmup_cosine,
 )
+from aligner.trainers.sharding import fsdp2_requested, is_sharded, shard_model, sharded_grad_norm
 
 
 class TrainingError(AlignerError):
@@ -57,6 +58,7 @@ class Trainer(Checkpointing):
     stage = "train"  # used in messages and the progress bar
     token_loss = True  # the loss units are tokens (eval reports perplexity); False for pairs, rows
     empty_steps_ok = False  # a step without loss units skips its update (RL) instead of stopping the run
+    shardable = True  # FSDP2 may shard the model (not the online trainers: each process generates on its own)
 
     def __init__(
         self,
@@ -93,6 +95,14 @@ class Trainer(Checkpointing):
             enable_gradient_checkpointing(model)
         if self.cfg.compile:  # in place: the module, its parameter names and checkpoints stay as they are
             model.compile(dynamic=None)  # shapes that vary between batches become dynamic after one recompile
+        self.shard_here = fsdp2_requested() and self.world > 1 and self.accelerator.distributed_type != "FSDP"
+        if fsdp2_requested() and not self.shardable:
+            raise ConfigError(f"{self.stage}: FSDP2 shards sft, rm and dpo; the online trainers run with DDP")
+        if fsdp2_requested() and recipe.lora.enabled:
+            raise ConfigError(f"{self.stage}: LoRA adapters are not sharded yet; launch LoRA runs with DDP")
+        if self.shard_here:  # accelerate shards on accelerators only: on CPUs the loop calls fully_shard itself
+            shard_model(model)
+        self.sharded = self.shard_here  # set again once accelerate has prepared the model
         self.optimizer = self.make_optimizer(model)
         self.total_steps = self.compute_total_steps()
         warmup = self.cfg.warmup_steps
@@ -277,7 +287,9 @@ class Trainer(Checkpointing):
         if not math.isfinite(loss):
             raise TrainingError(self._stop_message(step, f"train/loss is {loss}"))
         params = [p for p in model.parameters() if p.requires_grad]
-        if self.cfg.grad_clip > 0:
+        if self.sharded:  # the norm over every process's shards
+            grad_norm = sharded_grad_norm(params, self.cfg.grad_clip)
+        elif self.cfg.grad_clip > 0:
             grad_norm = float(self.accelerator.clip_grad_norm_(params, self.cfg.grad_clip))
         else:
             norms = [p.grad.norm() for p in params if p.grad is not None]
@@ -339,7 +351,9 @@ class Trainer(Checkpointing):
 
     def train(self) -> dict:
         """Run to `total_steps`; returns the last eval metrics (and writes runs/<name>/final)."""
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        if not self.shard_here:  # (a model the loop sharded itself must not be wrapped in DDP on top)
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.sharded = is_sharded(self.model)
         self.model.train()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

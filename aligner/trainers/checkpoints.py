@@ -13,6 +13,7 @@ from pathlib import Path
 from aligner import checkpoint as ckpt
 from aligner.config import save_recipe
 from aligner.errors import ConfigError
+from aligner.trainers.sharding import gathered_state_dict, load_sharded, save_sharded
 
 
 class Checkpointing:
@@ -28,14 +29,21 @@ class Checkpointing:
         self.accelerator.wait_for_everyone()
         ckpt.save_rng(tmp, self.rank)
         self.save_extra(tmp)
+        full = None
+        if self.sharded:  # every process: its shards to tmp/sharded, and its part of gathering the weights
+            save_sharded(self.model, self.optimizer, tmp)
+            full = gathered_state_dict(self.model)
         if self.is_main:
-            self.unwrapped().save_pretrained(tmp)
+            if full is not None:
+                self.unwrapped().save_pretrained(tmp, state_dict=full)
+            else:
+                self.unwrapped().save_pretrained(tmp)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             save_recipe(self.recipe, tmp)
             state = {
                 "step": step,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": None if self.sharded else self.optimizer.state_dict(),  # sharded: in tmp/sharded
                 "scheduler": self.scheduler.state_dict(),
                 "world_size": self.world,
             }
@@ -82,8 +90,11 @@ class Checkpointing:
                         f"(this run has {self.world}) so the data order stays the same"
                     )
                 try:
-                    self.load_weights(path)
-                    self.optimizer.load_state_dict(state["optimizer"])
+                    if self.sharded:
+                        load_sharded(self.model, self.optimizer, path)
+                    else:
+                        self.load_weights(path)
+                        self.optimizer.load_state_dict(state["optimizer"])
                     self.scheduler.load_state_dict(state["scheduler"])
                 except Exception as e:  # weights that do not fit: a damaged or foreign checkpoint
                     problem = f"its weights or optimizer state cannot be loaded ({type(e).__name__})"

@@ -35,6 +35,7 @@ class OnlineTrainer(Trainer):
     returns (data, metrics); `rollout_data(step)` gives the data of the rollout serving `step`."""
 
     token_loss = False
+    shardable = False  # each process generates its own rollouts: a sharded forward would need them in lockstep
     empty_steps_ok = True  # every completion masked out (truncated): no update; the rollout metrics say why
     total_name = "reward_mean"  # the eval metric of the weighted reward total
 

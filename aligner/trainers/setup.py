@@ -18,7 +18,7 @@ from aligner.errors import ConfigError, DataError
 from aligner.model.forward import base_config
 from aligner.model.gpt import GPTConfig
 from aligner.model.heads import ScalarHeadModel, is_reward_checkpoint, load_reward_model
-from aligner.model.load import adapter_base, apply_lora, build_model, load_tokenizer
+from aligner.model.load import adapter_base, apply_lora, build_model, load_model, load_tokenizer
 from aligner.model.quant import build_quantized_model
 from aligner.model.tokenizer import load_chat_template
 from aligner.tracking import main_process
@@ -185,7 +185,9 @@ def train_and_score(trainer: Trainer, model, tokenizer, items: int, max_new_toke
     metrics = trainer.train()
     result = {"metrics": metrics, "run_dir": str(trainer.run_dir), "samples": [], "is_main": trainer.is_main}
     if trainer.is_main and items and trainer.recipe.data.source.startswith("world"):
-        result["accuracy"] = final_accuracy(trainer.recipe, model(), tokenizer, items, max_new_tokens, trainer.run_dir)
+        # a sharded model runs only with every process: the main process scores the gathered final weights
+        scored = load_model(trainer.run_dir / "final").to(trainer.device) if trainer.sharded else model()
+        result["accuracy"] = final_accuracy(trainer.recipe, scored, tokenizer, items, max_new_tokens, trainer.run_dir)
     return result
 
 

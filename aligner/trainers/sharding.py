@@ -1,0 +1,99 @@
+"""Sharded training (FSDP2, PyTorch's `fully_shard`): what the loop does differently when each process holds
+only a shard of the weights, gradients and optimizer state.
+
+    accelerate launch --config_file recipes/accelerate/fsdp2.yaml -m aligner sft recipes/chat.yaml
+
+On GPUs accelerate shards the model when the loop prepares it (the config's fsdp_version: 2). accelerate
+does not shard on CPUs (its FSDP support is for accelerators), so there the loop applies the same
+`fully_shard` itself when a launch asks for FSDP2 (ACCELERATE_USE_FSDP, FSDP_VERSION=2): each decoder block
+a unit of its own, the rest (embeddings, final norm, a tied LM head) the root unit. The 2-process CPU tests
+run that way.
+
+Checkpoints of a sharded run hold the sharded state through torch.distributed.checkpoint (`sharded/`: every
+process writes its shard of the weights and of AdamW's moments, and reads it back on resume) and, beside
+it, the weights gathered into a normal Hugging Face directory by the main process (what `final/`,
+transformers, vLLM and `aligner eval` read).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+SHARDED_DIR = "sharded"  # in a checkpoint directory: torch.distributed.checkpoint's files
+
+
+def fsdp2_requested() -> bool:
+    """Whether the launch asked for FSDP2 (accelerate launch with an FSDP config of fsdp_version 2)."""
+    on = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return on and os.environ.get("FSDP_VERSION", "1") == "2"
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the model's parameters are sharded DTensors (FSDP2, by accelerate or by `shard_model`)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks to shard one by one: the GPT core's Block, or the classes a transformers model
+    lists as not to be split (`_no_split_modules`: LlamaDecoderLayer, Qwen2DecoderLayer, ...)."""
+    from aligner.model.gpt import Block
+
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if isinstance(m, Block) or type(m).__name__ in names]
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 in place: `fully_shard` on every decoder block, then on the whole model (the root unit)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in decoder_blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full weights on the CPU of the main process (empty elsewhere); every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded(model: torch.nn.Module, optimizer, directory: Path) -> None:
+    """Every process's shard of the weights and the optimizer state into directory/sharded (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(Path(directory) / SHARDED_DIR))
+
+
+def load_sharded(model: torch.nn.Module, optimizer, directory: Path) -> None:
+    """Each process's shards of the weights and optimizer state back from directory/sharded (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(Path(directory) / SHARDED_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def sharded_grad_norm(params: list[torch.nn.Parameter], clip: float) -> float:
+    """The global gradient norm of sharded parameters (every process's shards), clipped to `clip` when > 0."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    if clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)

@@ -1,0 +1,86 @@
+"""Two CPU processes (gloo) with DDP and with FSDP2 (weights, gradients and optimizer state sharded): sft, dpo
+and the reward model take the steps of one process with the same global batch, checkpoint, resume exactly
+after a kill, and leave a final checkpoint that transformers loads. FSDP2 is asked for as an FSDP config
+file asks for it (ACCELERATE_USE_FSDP, FSDP_VERSION=2); accelerate shards only on accelerators, so on CPUs
+the loop does."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import launch_two_processes, tiny_run_recipe
+from safetensors.torch import load_file
+
+from aligner.cli import main
+
+FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
+def recipe_of(tmp_path, base, command):
+    data = {"sft": "world:sft", "dpo": "world:preference", "rm": "world:preference"}[command]
+    section = {"chat_template": "chatml"}
+    section.update({"sft": {"samples": 0, "accuracy_items": 0}, "rm": {}}.get(command, {}))
+    section.update({"sample_pairs": 0, "sft_weight": 0.0, "accuracy_items": 0} if command == "dpo" else {})
+    recipe = {
+        "model": {"init_from": str(base)},
+        command: section,
+        "data": {"source": data, "num_rows": 32, "num_eval_rows": 4, "seq_len": 256},
+        "train": {"name": "one", "lr": 1e-2, "max_steps": 3, "micro_batch_size": 4, "save_every": 1},
+    }
+    return tiny_run_recipe(tmp_path, recipe, {}, f"{command}.yaml")
+
+
+def steps(run):
+    return [(r["train/loss"], r["train/grad_norm"]) for r in map(json.loads, (run / "metrics.jsonl").open())]
+
+
+@pytest.mark.parametrize(
+    ("command", "mode"), [("sft", "ddp"), ("sft", "fsdp2"), ("dpo", "ddp"), ("dpo", "fsdp2"), ("rm", "fsdp2")]
+)
+def test_two_processes_take_one_process_steps_and_resume_exactly(bases, tmp_path, command, mode):
+    env = FSDP2 if mode == "fsdp2" else {}
+    recipe = recipe_of(tmp_path, bases / "gpt", command)
+    runs = tmp_path / "runs"
+    assert main([command, str(recipe)]) == 0  # one process, micro-batch 4
+    launch_two_processes([command, str(recipe), "--micro_batch_size", "2", "--train.name", "two"], env)
+    (a, ga), *later_one = steps(runs / "one")
+    (b, gb), *later_two = steps(runs / "two")
+    assert b == pytest.approx(a, abs=1e-6) and gb == pytest.approx(ga, rel=1e-5)  # the first step: equal
+    for (a, ga), (b, gb) in zip(later_one, later_two, strict=True):  # then to the rounding of the reductions
+        assert b == pytest.approx(a, abs=1e-4) and gb == pytest.approx(ga, rel=1e-3)
+    if mode == "fsdp2":  # every process's shards of the weights and of AdamW's moments
+        assert sorted(p.name for p in (runs / "two/step_000003/sharded").glob("*.distcp")) == [
+            "__0_0.distcp",
+            "__1_0.distcp",
+        ]
+
+    part = runs / "part"  # killed after step 2: its last checkpoint and final gone, metrics cut there
+    shutil.copytree(runs / "two", part)
+    shutil.rmtree(part / "step_000003")
+    shutil.rmtree(part / "final")
+    kept = [x for x in (part / "metrics.jsonl").read_text().splitlines() if json.loads(x)["step"] <= 2]
+    (part / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    args = [command, str(recipe), "--micro_batch_size", "2", "--train.name", "part", "--resume"]
+    proc = launch_two_processes(args, env)
+    assert "resumed from" in proc.stdout and "step_000002" in proc.stdout
+    a, b = load_file(runs / "two/final/model.safetensors"), load_file(part / "final/model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    import transformers
+
+    auto = transformers.AutoModelForSequenceClassification if command == "rm" else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(part / "final")
+    assert torch.equal(model.model.embed_tokens.weight, b["model.embed_tokens.weight"])
+
+
+def test_online_trainers_refuse_fsdp2(monkeypatch, bases, tmp_path, capsys):
+    """Each process generates its own rollouts, which a sharded forward cannot serve: a clear error."""
+    for key, value in FSDP2.items():
+        monkeypatch.setenv(key, value)
+    recipe = recipe_of(tmp_path, bases / "gpt", "sft")
+    grpo = tmp_path / "grpo.yaml"
+    text = recipe.read_text().replace("sft:", "grpo:").replace("world:sft", "world:rl")
+    grpo.write_text(text.replace("samples: 0", "num_generations: 2") + "sft: {chat_template: chatml}\n")
+    assert main(["grpo", str(grpo)]) == 2
+    assert "FSDP2 shards sft, rm and dpo" in capsys.readouterr().err
