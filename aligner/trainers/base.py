@@ -35,7 +35,7 @@ from accelerate import Accelerator
 
 from aligner import checkpoint as ckpt
 from aligner.config import Recipe, save_recipe
-from aligner.errors import AlignerError, ConfigError, DataError
+from aligner.errors import AlignerError, DataError
 from aligner.model.forward import enable_gradient_checkpointing
 from aligner.tracking import Progress, Tracker, plot_metrics
 from aligner.trainers.checkpoints import Checkpointing, prepare_run_dir  # noqa: F401  (part of this module's API)
@@ -45,7 +45,7 @@ from aligner.trainers.optim import (  # noqa: F401  (part of this module's API)
     resolve_precision,
     warmup_cosine,
 )
-from aligner.trainers.sharding import fsdp2_requested, is_sharded, shard_model, sharded_grad_norm
+from aligner.trainers.sharding import is_sharded, shard_for_launch, sharded_grad_norm
 
 
 class TrainingError(AlignerError):
@@ -95,13 +95,7 @@ class Trainer(Checkpointing):
             enable_gradient_checkpointing(model)
         if self.cfg.compile:  # in place: the module, its parameter names and checkpoints stay as they are
             model.compile(dynamic=None)  # shapes that vary between batches become dynamic after one recompile
-        self.shard_here = fsdp2_requested() and self.world > 1 and self.accelerator.distributed_type != "FSDP"
-        if fsdp2_requested() and not self.shardable:
-            raise ConfigError(f"{self.stage}: FSDP2 shards sft, rm and dpo; the online trainers run with DDP")
-        if fsdp2_requested() and recipe.lora.enabled:
-            raise ConfigError(f"{self.stage}: LoRA adapters are not sharded yet; launch LoRA runs with DDP")
-        if self.shard_here:  # accelerate shards on accelerators only: on CPUs the loop calls fully_shard itself
-            shard_model(model)
+        self.shard_here = shard_for_launch(self, model)  # FSDP2 where accelerate does not shard (CPUs)
         self.sharded = self.shard_here  # set again once accelerate has prepared the model
         self.optimizer = self.make_optimizer(model)
         self.total_steps = self.compute_total_steps()

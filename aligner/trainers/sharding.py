@@ -38,6 +38,23 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def shard_for_launch(trainer, model: torch.nn.Module) -> bool:
+    """When the launch asks for FSDP2: refuse what cannot be sharded (the online trainers, LoRA), and shard
+    the model where accelerate will not (on CPUs). Returns whether the loop sharded it itself."""
+    from aligner.errors import ConfigError
+
+    if not fsdp2_requested():
+        return False
+    if not trainer.shardable:
+        raise ConfigError(f"{trainer.stage}: FSDP2 shards sft, rm and dpo; the online trainers run with DDP")
+    if trainer.recipe.lora.enabled:
+        raise ConfigError(f"{trainer.stage}: LoRA adapters are not sharded yet; launch LoRA runs with DDP")
+    if trainer.world > 1 and trainer.accelerator.distributed_type != "FSDP":
+        shard_model(model)
+        return True
+    return False
+
+
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks to shard one by one: the GPT core's Block, or the classes a transformers model
     lists as not to be split (`_no_split_modules`: LlamaDecoderLayer, Qwen2DecoderLayer, ...)."""
