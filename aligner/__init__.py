@@ -1,9 +1,11 @@
 """aligner: a post-training alignment toolkit.
 
 A small, readable GPT core that a pretraining recipe trains from scratch, and trainers (SFT, reward
-models, DPO, PPO, GRPO) on one shared loop that run on that core or on any Hugging Face causal LM.
+models, DPO, PPO, GRPO, RLOO, REINFORCE++, online DPO) on one shared loop that run on that core or on any
+Hugging Face causal LM.
 
-Python API (imports are lazy so `import aligner` stays light):
+Python API (imports are lazy so `import aligner` stays light); every registered algorithm's command is
+here by its name (aligner.registry):
 
     from aligner import load_recipe, pretrain, sft
     recipe = load_recipe("recipes/pretrain.yaml", {"max_steps": 50})
@@ -19,12 +21,6 @@ _LAZY = {
     "AlignerError": "aligner.errors",
     "GPT": "aligner.model.gpt",
     "GPTConfig": "aligner.model.gpt",
-    "pretrain": "aligner.trainers.sft",
-    "sft": "aligner.trainers.sft",
-    "rm": "aligner.trainers.rm",
-    "dpo": "aligner.trainers.dpo",
-    "grpo": "aligner.trainers.grpo",
-    "ppo": "aligner.trainers.ppo",
     "exact_match": "aligner.evaluate",
     "load_spec": "aligner.evaluate",
     "write_report": "aligner.report",
@@ -41,4 +37,8 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
+    from aligner.config import ALGORITHMS  # the recipe layer only: no torch
+
+    if name in ALGORITHMS:
+        return ALGORITHMS[name].command()
     raise AttributeError(f"module 'aligner' has no attribute {name!r}")
