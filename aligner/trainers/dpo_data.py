@@ -22,9 +22,13 @@ from aligner.tracking import main_process, phase
 
 
 def weights_hash(model: torch.nn.Module) -> hashlib._Hash:
+    """A hash of the model's weights (a sharded model's whole weights: every process must call it then)."""
+    from torch.distributed.tensor import DTensor
+
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
+        p = p.full_tensor() if isinstance(p, DTensor) else p
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h
 
