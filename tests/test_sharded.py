@@ -17,7 +17,7 @@ from aligner.cli import main
 FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 
 
-def recipe_of(tmp_path, base, command):
+def recipe_of(tmp_path, base, command, lora=False):
     data = {"sft": "world:sft", "dpo": "world:preference", "rm": "world:preference"}[command]
     section = {"chat_template": "chatml"}
     section.update({"sft": {"samples": 0, "accuracy_items": 0}, "rm": {}}.get(command, {}))
@@ -28,7 +28,8 @@ def recipe_of(tmp_path, base, command):
         "data": {"source": data, "num_rows": 32, "num_eval_rows": 4, "seq_len": 256},
         "train": {"name": "one", "lr": 1e-2, "max_steps": 3, "micro_batch_size": 4, "save_every": 1},
     }
-    return tiny_run_recipe(tmp_path, recipe, {}, f"{command}.yaml")
+    lora = {"lora": {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0}} if lora else {}
+    return tiny_run_recipe(tmp_path, recipe, lora, f"{command}.yaml")
 
 
 def steps(run):
@@ -36,11 +37,13 @@ def steps(run):
 
 
 @pytest.mark.parametrize(
-    ("command", "mode"), [("sft", "ddp"), ("sft", "fsdp2"), ("dpo", "ddp"), ("dpo", "fsdp2"), ("rm", "fsdp2")]
+    ("command", "mode"),
+    [("sft", "ddp"), ("sft", "fsdp2"), ("sft-lora", "fsdp2"), ("dpo", "ddp"), ("dpo", "fsdp2"), ("rm", "fsdp2")],
 )
 def test_two_processes_take_one_process_steps_and_resume_exactly(bases, tmp_path, command, mode):
     env = FSDP2 if mode == "fsdp2" else {}
-    recipe = recipe_of(tmp_path, bases / "gpt", command)
+    command, lora = command.removesuffix("-lora"), command.endswith("-lora")  # LoRA: its adapters sharded
+    recipe = recipe_of(tmp_path, bases / "gpt", command, lora)
     runs = tmp_path / "runs"
     assert main([command, str(recipe)]) == 0  # one process, micro-batch 4
     launch_two_processes([command, str(recipe), "--micro_batch_size", "2", "--train.name", "two"], env)
@@ -64,9 +67,14 @@ def test_two_processes_take_one_process_steps_and_resume_exactly(bases, tmp_path
     args = [command, str(recipe), "--micro_batch_size", "2", "--train.name", "part", "--resume"]
     proc = launch_two_processes(args, env)
     assert "resumed from" in proc.stdout and "step_000002" in proc.stdout
-    a, b = load_file(runs / "two/final/model.safetensors"), load_file(part / "final/model.safetensors")
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    a, b = load_file(runs / "two/final" / weights), load_file(part / "final" / weights)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    if lora:  # the adapter on its base, as every command loads it
+        from aligner.model.load import load_model
 
+        assert load_model(str(part / "final")) is not None
+        return
     import transformers
 
     auto = transformers.AutoModelForSequenceClassification if command == "rm" else transformers.AutoModelForCausalLM

@@ -39,7 +39,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def shard_for_launch(trainer, model: torch.nn.Module) -> bool:
-    """When the launch asks for FSDP2: refuse what cannot be sharded (the online trainers, LoRA), and shard
+    """When the launch asks for FSDP2: refuse what cannot be sharded (the online trainers, QLoRA), and shard
     the model where accelerate will not (on CPUs). Returns whether the loop sharded it itself."""
     from aligner.errors import ConfigError
 
@@ -47,8 +47,8 @@ def shard_for_launch(trainer, model: torch.nn.Module) -> bool:
         return False
     if not trainer.shardable:
         raise ConfigError(f"{trainer.stage}: FSDP2 shards sft, rm and dpo; the online trainers run with DDP")
-    if trainer.recipe.lora.enabled:
-        raise ConfigError(f"{trainer.stage}: LoRA adapters are not sharded yet; launch LoRA runs with DDP")
+    if trainer.recipe.lora.quantize != "none":
+        raise ConfigError(f"{trainer.stage}: a 4-bit (QLoRA) base is not sharded; launch QLoRA runs with DDP")
     if trainer.world > 1 and trainer.accelerator.distributed_type != "FSDP":
         shard_model(model)
         return True
