@@ -1,8 +1,8 @@
 """Two CPU processes (gloo) with DDP and with FSDP2 (weights, gradients and optimizer state sharded): sft, dpo
 and the reward model take the steps of one process with the same global batch, checkpoint, resume exactly
-after a kill, and leave a final checkpoint that transformers loads. FSDP2 is asked for as an FSDP config
-file asks for it (ACCELERATE_USE_FSDP, FSDP_VERSION=2); accelerate shards only on accelerators, so on CPUs
-the loop does."""
+after a kill, and leave a final checkpoint that transformers loads; GRPO takes the steps of DDP. FSDP2 is
+asked for as an FSDP config file asks for it (ACCELERATE_USE_FSDP, FSDP_VERSION=2); accelerate shards only
+on accelerators, so on CPUs the loop does."""
 
 import json
 import shutil
@@ -82,13 +82,53 @@ def test_two_processes_take_one_process_steps_and_resume_exactly(bases, tmp_path
     assert torch.equal(model.model.embed_tokens.weight, b["model.embed_tokens.weight"])
 
 
-def test_online_trainers_refuse_fsdp2(monkeypatch, bases, tmp_path, capsys):
-    """Each process generates its own rollouts, which a sharded forward cannot serve: a clear error."""
+def test_grpo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_path, monkeypatch):
+    """The online trainers generate on a full copy of the policy, refreshed from the shards after every step;
+    the frozen reference is sharded. Two processes sample what they sample under DDP (the same seeds), so
+    the FSDP2 run's steps are the DDP run's, evals included."""
+    reward = "def low_ids(prompts, completions, completion_ids, **row):\n"
+    reward += "    return [-sum(c) / 1000 for c in completion_ids]\n"
+    (tmp_path / "id_reward.py").write_text(reward)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    grpo = {"num_generations": 4, "accuracy_items": 0, "rewards": ["id_reward:low_ids"], "mask_truncated": False}
+    recipe = {
+        "model": {"init_from": str(bases / "gpt")},
+        "grpo": {**grpo, "num_iterations": 2, "beta": 0.05},
+        "rollout": {"max_new_tokens": 12},
+        "sft": {"chat_template": "chatml"},
+        "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 4, "seq_len": 256},
+        "train": {"name": "ddp", "lr": 1e-2, "max_steps": 3, "micro_batch_size": 4, "save_every": 1, "eval_every": 2},
+    }
+    path = tiny_run_recipe(tmp_path, recipe, {}, "grpo.yaml")
+    runs = tmp_path / "runs"
+    launch_two_processes(["grpo", str(path)])
+    launch_two_processes(["grpo", str(path), "--train.name", "fsdp2"], FSDP2)
+    keys = ("train/loss", "train/grad_norm", "grpo/kl", "rollout/reward_mean", "eval/reward_mean")
+    ddp, sharded = ([{k: r.get(k) for k in keys} for r in map(json.loads, (runs / n / "metrics.jsonl").open())]
+                    for n in ("ddp", "fsdp2"))  # fmt: skip
+    assert len(ddp) == len(sharded) == 3 and ddp[1]["eval/reward_mean"] is not None
+    for a, b in zip(ddp, sharded):
+        assert a.keys() == b.keys() and all(
+            b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6) for k in a if a[k] is not None
+        )
+    part = runs / "part"  # killed after step 2: resumes in the middle of its second rollout
+    shutil.copytree(runs / "fsdp2", part)
+    shutil.rmtree(part / "step_000003")
+    shutil.rmtree(part / "final")
+    kept = [x for x in (part / "metrics.jsonl").read_text().splitlines() if json.loads(x)["step"] <= 2]
+    (part / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    launch_two_processes(["grpo", str(path), "--train.name", "part", "--resume"], FSDP2)
+    a, b = load_file(runs / "fsdp2/final/model.safetensors"), load_file(part / "final/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ppo_refuses_fsdp2(monkeypatch, bases, tmp_path, capsys):
+    """PPO's policy-and-value wrapper is not sharded yet: a clear error (it runs with DDP)."""
     for key, value in FSDP2.items():
         monkeypatch.setenv(key, value)
     recipe = recipe_of(tmp_path, bases / "gpt", "sft")
-    grpo = tmp_path / "grpo.yaml"
-    text = recipe.read_text().replace("sft:", "grpo:").replace("world:sft", "world:rl")
-    grpo.write_text(text.replace("samples: 0", "num_generations: 2") + "sft: {chat_template: chatml}\n")
-    assert main(["grpo", str(grpo)]) == 2
-    assert "FSDP2 shards sft, rm and dpo" in capsys.readouterr().err
+    ppo = tmp_path / "ppo.yaml"
+    text = recipe.read_text().replace("sft:", "ppo:").replace("world:sft", "world:rl")
+    ppo.write_text(text.replace("samples: 0", "reward_model: null") + "sft: {chat_template: chatml}\n")
+    assert main(["ppo", str(ppo), "--ppo.rewards", "[correct_answer]", "--rollout_prompts", "4"]) == 2
+    assert "FSDP2 does not shard PPO" in capsys.readouterr().err

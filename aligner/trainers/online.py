@@ -12,6 +12,7 @@ prompts greedily and reports the mean of every reward function (and their weight
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from aligner.rollout.torch_engine import TorchEngine
 from aligner.tracking import phase, tqdm_write
 from aligner.trainers.base import Trainer
 from aligner.trainers.reference import reference_of
+from aligner.trainers.sharding import fsdp2_requested, full_state_dict, shard_model
 
 PROMPT_KEYS = ("prompt", "prompt_ids")  # the columns of a prompt record that are not handed to rewards
 
@@ -35,13 +37,19 @@ class OnlineTrainer(Trainer):
     returns (data, metrics); `rollout_data(step)` gives the data of the rollout serving `step`."""
 
     token_loss = False
-    shardable = False  # each process generates its own rollouts: a sharded forward would need them in lockstep
     empty_steps_ok = True  # every completion masked out (truncated): no update; the rollout metrics say why
     total_name = "reward_mean"  # the eval metric of the weighted reward total
 
     def __init__(self, recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw):
+        # FSDP2: each process generates on its own, which a sharded forward (all processes in step) cannot serve,
+        # so generation runs on a full copy of the policy, taken before the loop shards it (`sampler_model`)
+        sampler = copy.deepcopy(model).requires_grad_(False) if fsdp2_requested() and self.shardable else None
         super().__init__(recipe, model, tokenizer, prompts, eval_prompts, **kw)
+        self._sampler = sampler.to(self.device).eval() if sampler is not None and self.world > 1 else None
+        self._sampler_step: int | None = None
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None  # None: LoRA's base
+        if self.ref_model is not None and self._sampler is not None:
+            shard_model(self.ref_model)  # the frozen reference sharded like the policy (all processes run it)
         self.reward_set = reward_set
         self.pad_id = pad_token_id(tokenizer)
         self.stop_ids = tuple(reply_stop_ids(tokenizer))
@@ -70,8 +78,18 @@ class OnlineTrainer(Trainer):
         """Called once per new rollout (PPO's adaptive KL controller)."""
 
     def policy(self) -> torch.nn.Module:
-        """The model that generates (the unwrapped policy)."""
+        """The policy (unwrapped)."""
         return self.unwrapped()
+
+    def sampler_model(self) -> torch.nn.Module:
+        """The model that generates: the policy, or when the policy is sharded a full copy of it on every
+        process, refreshed from the shards whenever the policy has moved (all processes gather together)."""
+        if self._sampler is None or not self.sharded:
+            return self.policy()
+        if self._sampler_step != self.step:
+            self._sampler.load_state_dict(full_state_dict(self.model))
+            self._sampler_step = self.step
+        return self._sampler
 
     def rollout_steps(self, prompts_per_rollout: int, steps_per_rollout: int) -> int:
         """train.max_steps, else the steps of train.epochs passes over the prompts at `prompts_per_rollout`
@@ -103,13 +121,13 @@ class OnlineTrainer(Trainer):
 
             checkpoint = resolve_path(self.recipe.model.init_from) if self.recipe.model.init_from else None
             self._engine = make_engine(
-                self.r, self.policy(), self.pad_id, checkpoint=checkpoint, max_model_len=self.recipe.data.seq_len,
-                seed=self.cfg.seed,
+                self.r, self.sampler_model(), self.pad_id, checkpoint=checkpoint,
+                max_model_len=self.recipe.data.seq_len, seed=self.cfg.seed,
             )  # fmt: skip
             self._synced_at = None if self.cfg.resume else 0  # a fresh run starts from init_from's weights
         self._engine.wake_up()
         if self._synced_at != self.step:
-            self._engine.sync_weights(self.policy())
+            self._engine.sync_weights(self.sampler_model())
             self._synced_at = self.step
         return self._engine
 
@@ -229,7 +247,7 @@ class OnlineTrainer(Trainer):
         rows = list(self.eval_data)[self.rank :: self.world]
         params = self.sampling_params(greedy=True)
         sums = dict.fromkeys([self.total_name, *self.reward_set.names], 0.0)  # the same keys on every process
-        engine = TorchEngine(self.policy(), pad_id=self.pad_id, compile=self.r.compile)
+        engine = TorchEngine(self.sampler_model(), pad_id=self.pad_id, compile=self.r.compile)
         for start in phase(range(0, len(rows), 64), "eval: greedy completions", "batch", min_items=4):
             _, _, totals, parts = self.complete_and_score(rows[start : start + 64], params, engine)
             for name, values in {self.total_name: totals, **parts}.items():

@@ -93,6 +93,7 @@ class PPOTrainer(OnlineTrainer):
     """Training data are prompt records {"prompt", "prompt_ids", **columns} (see aligner.trainers.grpo)."""
 
     stage = "ppo"
+    shardable = False  # FSDP2: the policy-and-value wrapper is not sharded yet (DDP)
     total_name = "score"
 
     def __init__(

@@ -9,6 +9,9 @@ does not shard on CPUs (its FSDP support is for accelerators), so there the loop
 a unit of its own, the rest (embeddings, final norm, a tied LM head) the root unit. The 2-process CPU tests
 run that way.
 
+The online trainers generate on a full copy of the policy on each process (aligner.trainers.online:
+`sampler_model`), refreshed from the shards after every step; PPO and a 4-bit QLoRA base are not sharded.
+
 Checkpoints of a sharded run hold the sharded state through torch.distributed.checkpoint (`sharded/`: every
 process writes its shard of the weights and of AdamW's moments, and reads it back on resume) and, beside
 it, the weights gathered into a normal Hugging Face directory by the main process (what `final/`,
@@ -39,14 +42,14 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def shard_for_launch(trainer, model: torch.nn.Module) -> bool:
-    """When the launch asks for FSDP2: refuse what cannot be sharded (the online trainers, QLoRA), and shard
+    """When the launch asks for FSDP2: refuse what cannot be sharded (PPO, QLoRA), and shard
     the model where accelerate will not (on CPUs). Returns whether the loop sharded it itself."""
     from aligner.errors import ConfigError
 
     if not fsdp2_requested():
         return False
     if not trainer.shardable:
-        raise ConfigError(f"{trainer.stage}: FSDP2 shards sft, rm and dpo; the online trainers run with DDP")
+        raise ConfigError(f"{trainer.stage}: FSDP2 does not shard PPO's policy and value model yet; run it with DDP")
     if trainer.recipe.lora.quantize != "none":
         raise ConfigError(f"{trainer.stage}: a 4-bit (QLoRA) base is not sharded; launch QLoRA runs with DDP")
     if trainer.world > 1 and trainer.accelerator.distributed_type != "FSDP":
@@ -81,6 +84,13 @@ def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full weights on every process, where they are (each process must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
 def save_sharded(model: torch.nn.Module, optimizer, directory: Path) -> None:
