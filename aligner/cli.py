@@ -279,7 +279,7 @@ def leave_process_group() -> None:
     exits while torch.distributed.checkpoint's threads still hold the group can abort)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # not vLLM's own, in-process
         dist.barrier()
         dist.destroy_process_group()
 
