@@ -21,9 +21,9 @@ ID_REWARD = (
 
 @pytest.fixture
 def id_reward(tmp_path, monkeypatch):
-    (tmp_path / "id_reward.py").write_text(ID_REWARD)
+    (tmp_path / "variant_reward.py").write_text(ID_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
-    return "id_reward:low_ids"
+    return "variant_reward:low_ids"
 
 
 def recipe_of(tmp_path, base, name, **sections):

@@ -25,20 +25,16 @@ count in the grpo/bnpo/dr_grpo denominators (it is not a unit of the loss).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from aligner.advantages import group_advantages
 from aligner.config import Recipe
 from aligner.data.collate import pad_examples_with
-from aligner.errors import ConfigError
 from aligner.logprobs import IGNORE_INDEX
 from aligner.losses import grpo_loss, sampler_correction
 from aligner.rollout.engine import SamplingParams
 from aligner.tracking import tqdm_write
-from aligner.trainers.base import prepare_run_dir
-from aligner.trainers.online import OnlineTrainer, setup
+from aligner.trainers.online import OnlineTrainer, run_online
 from aligner.trainers.reference import reference_of
 
 
@@ -202,27 +198,13 @@ class GRPOTrainer(OnlineTrainer):
 
 def grpo(recipe: Recipe) -> dict:
     """GRPO from the recipe's model (default: the SFT run); returns eval metrics and held-out accuracy."""
-    from aligner.trainers.reference import frozen_reference, reference_kind
-    from aligner.trainers.setup import prepare_model, train_and_score, training_kind
+    g = recipe.grpo
 
-    g, t = recipe.grpo, recipe.train
-    if (t.micro_batch_size * t.grad_accum) % g.num_generations:
-        raise ConfigError(
-            f"{recipe.path or 'recipe'}: train.micro_batch_size x grad_accum (completions per process and step) "
-            f"must be a multiple of grpo.num_generations ({g.num_generations})"
-        )
-    tokenizer, reward_set, prompts, evals, note = setup(recipe, "grpo")
-    model = prepare_model(recipe, tokenizer, stage="grpo")
-    ref_model = frozen_reference(model, recipe, needed=g.beta > 0)
-    run_dir = Path(recipe.train.out_dir) / recipe.train.name
-    prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
-    trainer = GRPOTrainer(recipe, model, tokenizer, prompts, evals, reward_set, ref_model=ref_model)
-    if trainer.is_main:
-        ref = reference_kind(recipe, needed=g.beta > 0)
-        print(f"grpo: {note}")
+    def describe(trainer: GRPOTrainer, ref: str) -> str:
         chosen = f" (the most informative of {trainer.prompts_per_rollout * g.oversample})" if g.oversample > 1 else ""
-        print(
-            f"grpo: {training_kind(recipe)}, {trainer.prompts_per_rollout} prompts{chosen} x {g.num_generations} per "
-            f"rollout, loss {g.loss_type}, beta {g.beta} (reference {ref}), {trainer.total_steps} steps -> {run_dir}"
+        return (
+            f"{trainer.prompts_per_rollout} prompts{chosen} x {g.num_generations} per rollout, loss {g.loss_type}, "
+            f"beta {g.beta} (reference {ref})"
         )
-    return train_and_score(trainer, trainer.unwrapped, tokenizer, g.accuracy_items, g.accuracy_tokens)
+
+    return run_online(recipe, GRPOTrainer, describe, reference=g.beta > 0)

@@ -175,6 +175,10 @@ class OnlineTrainer(Trainer):
             self.on_rollout(metrics)
         return self._rollout[1]
 
+    def micro_batches(self, step: int) -> list[dict]:
+        """The micro-batches of the rollout serving `step` (made by `make_rollout`)."""
+        return self.rollout_data(step)
+
     def train_step(self, step: int) -> dict:
         metrics = super().train_step(step)
         names = sorted(self._rollout[2])
@@ -257,6 +261,21 @@ class OnlineTrainer(Trainer):
         return {f"eval/{k}": v / max(reduced[0], 1) for k, v in zip(names, reduced[1:])}
 
 
+class GroupRolloutTrainer(OnlineTrainer):
+    """Rollouts of `num_generations` completions for each of train.micro_batch_size x grad_accum x processes /
+    num_generations prompts, each serving `num_iterations` optimizer steps; the settings read from the
+    trainer's own section, `recipe.<stage>` (`self.c`). RLOO and REINFORCE++."""
+
+    def __init__(self, recipe, *args, **kw):
+        self.c = getattr(recipe, self.stage)
+        super().__init__(recipe, *args, **kw)
+        self.steps_per_rollout = self.c.num_iterations
+        self.prompts_per_rollout = self.global_batch // self.c.num_generations
+
+    def compute_total_steps(self) -> int:
+        return self.rollout_steps(self.global_batch // self.c.num_generations, self.c.num_iterations)
+
+
 # --- what the commands share ------------------------------------------------------------------------
 
 
@@ -320,3 +339,35 @@ def setup(recipe, name: str) -> tuple:
     evals = encode_prompts(eval_rows, tokenizer, limit, "the eval split", system)[0] if eval_rows else None
     note = f"{len(prompts)} prompts" + (f", {dropped} longer than {limit} tokens dropped" if dropped else "")
     return tokenizer, rewards, prompts, evals, f"{note}; rewards {', '.join(rewards.names)}"
+
+
+def run_online(recipe, trainer_class: type, describe, reference: bool = True, grouped: bool = True) -> dict:
+    """An online command, from the recipe's model (default: the SFT run), with its section
+    `recipe.<trainer_class.stage>`: the completions of a process's step checked to split into whole groups of
+    `num_generations` (`grouped`), tokenizer, rewards and prompts (`setup`), the model and, when `reference`,
+    its frozen reference, the run directory and the trainer, all before anything is written; two start-up
+    lines (the second's middle is `describe(trainer, reference kind)`); then train and score held-out
+    accuracy. Returns what `train_and_score` does."""
+    from aligner.errors import ConfigError
+    from aligner.trainers.base import prepare_run_dir
+    from aligner.trainers.reference import frozen_reference, reference_kind
+    from aligner.trainers.setup import prepare_model, train_and_score, training_kind
+
+    name = trainer_class.stage
+    c, t = getattr(recipe, name), recipe.train
+    if grouped and (t.micro_batch_size * t.grad_accum) % c.num_generations:
+        raise ConfigError(
+            f"{recipe.path or 'recipe'}: train.micro_batch_size x grad_accum (completions per process and step) "
+            f"must be a multiple of {name}.num_generations ({c.num_generations})"
+        )
+    tokenizer, reward_set, prompts, evals, note = setup(recipe, name)
+    model = prepare_model(recipe, tokenizer, stage=name)
+    ref_model = frozen_reference(model, recipe, needed=reference)
+    run_dir = Path(t.out_dir) / t.name
+    prepare_run_dir(run_dir, t.resume, t.overwrite)
+    trainer = trainer_class(recipe, model, tokenizer, prompts, evals, reward_set, ref_model=ref_model)
+    if trainer.is_main:
+        print(f"{name}: {note}")
+        what = describe(trainer, reference_kind(recipe, reference))
+        print(f"{name}: {training_kind(recipe)}, {what}, {trainer.total_steps} steps -> {run_dir}")
+    return train_and_score(trainer, trainer.unwrapped, tokenizer, c.accuracy_items, c.accuracy_tokens)

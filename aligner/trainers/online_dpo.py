@@ -16,8 +16,6 @@ runs its backward.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from aligner.advantages import best_and_worst
@@ -26,8 +24,7 @@ from aligner.data.collate import pad_pairs
 from aligner.logprobs import summed_logps
 from aligner.losses import PREFERENCE_LOSSES
 from aligner.model.forward import causal_lm_token_logprobs
-from aligner.trainers.base import prepare_run_dir
-from aligner.trainers.online import OnlineTrainer, setup
+from aligner.trainers.online import OnlineTrainer, run_online
 from aligner.trainers.reference import reference_of
 
 
@@ -85,9 +82,6 @@ class OnlineDPOTrainer(OnlineTrainer):
         batch["n_loss"] = int(batch["live"].sum())
         return batch
 
-    def micro_batches(self, step: int) -> list[dict]:
-        return self.rollout_data(step)
-
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logps, lengths = self.logps_of(model, batch)
         (chosen, rejected), (chosen_len, rejected_len) = logps.chunk(2), lengths.chunk(2)
@@ -111,21 +105,10 @@ class OnlineDPOTrainer(OnlineTrainer):
 
 def online_dpo(recipe: Recipe) -> dict:
     """Online DPO from the recipe's model (default: the SFT run); returns eval metrics and accuracy."""
-    from aligner.trainers.reference import frozen_reference, reference_kind
-    from aligner.trainers.setup import prepare_model, train_and_score, training_kind
+    c = recipe.online_dpo
 
-    c, t = recipe.online_dpo, recipe.train
-    tokenizer, reward_set, prompts, evals, note = setup(recipe, "online_dpo")
-    model = prepare_model(recipe, tokenizer, stage="online_dpo")
-    ref_model = frozen_reference(model, recipe)
-    run_dir = Path(t.out_dir) / t.name
-    prepare_run_dir(run_dir, t.resume, t.overwrite)
-    trainer = OnlineDPOTrainer(recipe, model, tokenizer, prompts, evals, reward_set, ref_model=ref_model)
-    if trainer.is_main:
-        print(f"online_dpo: {note}")
-        print(
-            f"online_dpo: {training_kind(recipe)}, {trainer.global_batch} prompts x {c.num_generations} samples per "
-            f"step, loss {c.loss}, beta {c.beta} (reference {reference_kind(recipe)}), {trainer.total_steps} steps "
-            f"-> {run_dir}"
-        )
-    return train_and_score(trainer, trainer.unwrapped, tokenizer, c.accuracy_items, c.accuracy_tokens)
+    def describe(trainer: OnlineDPOTrainer, ref: str) -> str:
+        n = c.num_generations
+        return f"{trainer.global_batch} prompts x {n} samples per step, loss {c.loss}, beta {c.beta} (reference {ref})"
+
+    return run_online(recipe, OnlineDPOTrainer, describe, grouped=False)  # a step's micro-batches count pairs

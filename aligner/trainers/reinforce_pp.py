@@ -17,33 +17,20 @@ are left out when `mask_truncated`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from aligner.advantages import kl_shaped_rewards, reinforce_pp_advantages
 from aligner.config import Recipe
 from aligner.data.collate import pad_examples, pad_examples_with
-from aligner.errors import ConfigError
 from aligner.logprobs import IGNORE_INDEX, kl_estimate
 from aligner.losses import ppo_policy_loss
-from aligner.trainers.base import prepare_run_dir
-from aligner.trainers.online import OnlineTrainer, setup
+from aligner.trainers.online import GroupRolloutTrainer, run_online
 
 
-class ReinforcePPTrainer(OnlineTrainer):
+class ReinforcePPTrainer(GroupRolloutTrainer):
     """Training data are prompt records {"prompt", "prompt_ids", **columns} (see aligner.trainers.grpo)."""
 
     stage = "reinforce_pp"
-
-    def __init__(self, recipe: Recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw):
-        self.c = recipe.reinforce_pp
-        super().__init__(recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=ref_model, **kw)
-        self.steps_per_rollout = self.c.num_iterations
-        self.prompts_per_rollout = self.global_batch // self.c.num_generations
-
-    def compute_total_steps(self) -> int:
-        return self.rollout_steps(self.global_batch // self.c.num_generations, self.c.num_iterations)
 
     @torch.no_grad()
     def make_rollout(self, rollout: int) -> tuple[list[dict], dict]:
@@ -67,9 +54,6 @@ class ReinforcePPTrainer(OnlineTrainer):
     def collate(self, examples: list) -> dict:
         return pad_examples_with(examples, self.pad_id, per_token=("old_logps", "advantages"))  # n_loss: tokens
 
-    def micro_batches(self, step: int) -> list[dict]:
-        return self.rollout_data(step)
-
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logps = self.token_logps(model, batch)  # (B, T)
         mask = (batch["labels"] != IGNORE_INDEX).float()
@@ -82,26 +66,10 @@ class ReinforcePPTrainer(OnlineTrainer):
 
 def reinforce_pp(recipe: Recipe) -> dict:
     """REINFORCE++ from the recipe's model (default: the SFT run); returns eval metrics and accuracy."""
-    from aligner.trainers.reference import frozen_reference, reference_kind
-    from aligner.trainers.setup import prepare_model, train_and_score, training_kind
+    c = recipe.reinforce_pp
 
-    c, t = recipe.reinforce_pp, recipe.train
-    if (t.micro_batch_size * t.grad_accum) % c.num_generations:
-        raise ConfigError(
-            f"{recipe.path or 'recipe'}: train.micro_batch_size x grad_accum (completions per process and step) "
-            f"must be a multiple of reinforce_pp.num_generations ({c.num_generations})"
-        )
-    tokenizer, reward_set, prompts, evals, note = setup(recipe, "reinforce_pp")
-    model = prepare_model(recipe, tokenizer, stage="reinforce_pp")
-    ref_model = frozen_reference(model, recipe, needed=c.kl_coef > 0)
-    run_dir = Path(t.out_dir) / t.name
-    prepare_run_dir(run_dir, t.resume, t.overwrite)
-    trainer = ReinforcePPTrainer(recipe, model, tokenizer, prompts, evals, reward_set, ref_model=ref_model)
-    if trainer.is_main:
-        ref = reference_kind(recipe, c.kl_coef > 0)
-        print(f"reinforce_pp: {note}")
-        print(
-            f"reinforce_pp: {training_kind(recipe)}, {trainer.prompts_per_rollout} prompts x {c.num_generations} per "
-            f"rollout, kl_coef {c.kl_coef} (reference {ref}), {trainer.total_steps} steps -> {run_dir}"
-        )
-    return train_and_score(trainer, trainer.unwrapped, tokenizer, c.accuracy_items, c.accuracy_tokens)
+    def describe(trainer: ReinforcePPTrainer, ref: str) -> str:
+        n, prompts = c.num_generations, trainer.prompts_per_rollout
+        return f"{prompts} prompts x {n} per rollout, kl_coef {c.kl_coef} (reference {ref})"
+
+    return run_online(recipe, ReinforcePPTrainer, describe, reference=c.kl_coef > 0)

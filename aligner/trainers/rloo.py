@@ -16,33 +16,20 @@ completions that hit rollout.max_new_tokens are left out of the loss when `mask_
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from aligner.advantages import normalize, rloo_advantages
 from aligner.config import Recipe
 from aligner.data.collate import pad_examples, pad_examples_with
-from aligner.errors import ConfigError
 from aligner.logprobs import IGNORE_INDEX
 from aligner.losses import rloo_loss
-from aligner.trainers.base import prepare_run_dir
-from aligner.trainers.online import OnlineTrainer, setup
+from aligner.trainers.online import GroupRolloutTrainer, run_online
 
 
-class RLOOTrainer(OnlineTrainer):
+class RLOOTrainer(GroupRolloutTrainer):
     """Training data are prompt records {"prompt", "prompt_ids", **columns} (see aligner.trainers.grpo)."""
 
     stage = "rloo"
-
-    def __init__(self, recipe: Recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw):
-        self.c = recipe.rloo
-        super().__init__(recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=ref_model, **kw)
-        self.steps_per_rollout = self.c.num_iterations
-        self.prompts_per_rollout = self.global_batch // self.c.num_generations
-
-    def compute_total_steps(self) -> int:
-        return self.rollout_steps(self.global_batch // self.c.num_generations, self.c.num_iterations)
 
     @torch.no_grad()
     def make_rollout(self, rollout: int) -> tuple[list[dict], dict]:
@@ -77,9 +64,6 @@ class RLOOTrainer(OnlineTrainer):
         batch["n_loss"] = int(batch["kept"].sum())  # the loss's units: completions
         return batch
 
-    def micro_batches(self, step: int) -> list[dict]:
-        return self.rollout_data(step)
-
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logps = self.token_logps(model, batch)  # (B, T)
         mask = (batch["labels"] != IGNORE_INDEX).float()
@@ -96,25 +80,11 @@ class RLOOTrainer(OnlineTrainer):
 
 def rloo(recipe: Recipe) -> dict:
     """RLOO from the recipe's model (default: the SFT run); returns eval metrics and held-out accuracy."""
-    from aligner.trainers.reference import frozen_reference, reference_kind
-    from aligner.trainers.setup import prepare_model, train_and_score, training_kind
+    c = recipe.rloo
 
-    c, t = recipe.rloo, recipe.train
-    if (t.micro_batch_size * t.grad_accum) % c.num_generations:
-        raise ConfigError(
-            f"{recipe.path or 'recipe'}: train.micro_batch_size x grad_accum (completions per process and step) "
-            f"must be a multiple of rloo.num_generations ({c.num_generations})"
+    def describe(trainer: RLOOTrainer, ref: str) -> str:
+        return (
+            f"{trainer.prompts_per_rollout} prompts x {c.num_generations} per rollout, beta {c.beta} (reference {ref})"
         )
-    tokenizer, reward_set, prompts, evals, note = setup(recipe, "rloo")
-    model = prepare_model(recipe, tokenizer, stage="rloo")
-    ref_model = frozen_reference(model, recipe, needed=c.beta > 0)
-    run_dir = Path(t.out_dir) / t.name
-    prepare_run_dir(run_dir, t.resume, t.overwrite)
-    trainer = RLOOTrainer(recipe, model, tokenizer, prompts, evals, reward_set, ref_model=ref_model)
-    if trainer.is_main:
-        print(f"rloo: {note}")
-        print(
-            f"rloo: {training_kind(recipe)}, {trainer.prompts_per_rollout} prompts x {c.num_generations} per rollout, "
-            f"beta {c.beta} (reference {reference_kind(recipe, c.beta > 0)}), {trainer.total_steps} steps -> {run_dir}"
-        )
-    return train_and_score(trainer, trainer.unwrapped, tokenizer, c.accuracy_items, c.accuracy_tokens)
+
+    return run_online(recipe, RLOOTrainer, describe, reference=c.beta > 0)
