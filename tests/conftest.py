@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -214,3 +216,14 @@ def launch_two_processes(argv: list[str], env: dict | None = None) -> subprocess
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
+
+
+def interrupted_copy(run: Path, dest: Path, step: int) -> Path:
+    """`run` as it stood after `step`, as if killed then: a copy without its later checkpoints and final, and
+    with its metrics cut at `step` (what `--resume` finds after a kill)."""
+    shutil.copytree(run, dest)
+    for later in [dest / "final", *(d for d in dest.glob("step_*") if int(d.name.split("_")[1]) > step)]:
+        shutil.rmtree(later, ignore_errors=True)
+    kept = [x for x in (dest / "metrics.jsonl").read_text().splitlines() if json.loads(x)["step"] <= step]
+    (dest / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    return dest

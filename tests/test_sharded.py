@@ -5,11 +5,10 @@ asked for as an FSDP config file asks for it (ACCELERATE_USE_FSDP, FSDP_VERSION=
 on accelerators, so on CPUs the loop does."""
 
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import launch_two_processes, tiny_run_recipe
+from conftest import interrupted_copy, launch_two_processes, tiny_run_recipe
 from safetensors.torch import load_file
 
 from aligner.cli import main
@@ -58,12 +57,7 @@ def test_two_processes_take_one_process_steps_and_resume_exactly(bases, tmp_path
             "__1_0.distcp",
         ]
 
-    part = runs / "part"  # killed after step 2: its last checkpoint and final gone, metrics cut there
-    shutil.copytree(runs / "two", part)
-    shutil.rmtree(part / "step_000003")
-    shutil.rmtree(part / "final")
-    kept = [x for x in (part / "metrics.jsonl").read_text().splitlines() if json.loads(x)["step"] <= 2]
-    (part / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    part = interrupted_copy(runs / "two", runs / "part", 2)  # killed after step 2
     args = [command, str(recipe), "--micro_batch_size", "2", "--train.name", "part", "--resume"]
     proc = launch_two_processes(args, env)
     assert "resumed from" in proc.stdout and "step_000002" in proc.stdout
@@ -111,12 +105,7 @@ def test_grpo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_
         assert a.keys() == b.keys() and all(
             b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6) for k in a if a[k] is not None
         )
-    part = runs / "part"  # killed after step 2: resumes in the middle of its second rollout
-    shutil.copytree(runs / "fsdp2", part)
-    shutil.rmtree(part / "step_000003")
-    shutil.rmtree(part / "final")
-    kept = [x for x in (part / "metrics.jsonl").read_text().splitlines() if json.loads(x)["step"] <= 2]
-    (part / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    part = interrupted_copy(runs / "fsdp2", runs / "part", 2)  # killed after step 2: in its second rollout
     launch_two_processes(["grpo", str(path), "--train.name", "part", "--resume"], FSDP2)
     a, b = load_file(runs / "fsdp2/final/model.safetensors"), load_file(part / "final/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

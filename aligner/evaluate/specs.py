@@ -223,13 +223,15 @@ def _samples(run: SpecRun) -> list[dict]:
 
 
 def _win_rate(run: SpecRun) -> dict:
+    from aligner.model.load import load_tokenizer
+
     spec, r = run.spec, run.replies()
     theirs = greedy_replies(
-        run.model(spec.reference), load_tokenizer_of(spec.reference), r["rows"], run.template,
+        run.model(spec.reference), load_tokenizer(spec.reference), r["rows"], run.template,
         spec.sampling.max_new_tokens, progress=True,
     )  # fmt: skip
     ours = [c["completion"] for c in r["completions"]]
-    return win_rate(ours, theirs, r["rows"], run.model(spec.reward_model), load_tokenizer_of(spec.reward_model))
+    return win_rate(ours, theirs, r["rows"], run.model(spec.reward_model), load_tokenizer(spec.reward_model))
 
 
 def _pass_at_k(run: SpecRun) -> dict:
@@ -246,12 +248,6 @@ def _kl(run: SpecRun) -> dict:
         run.model(), run.model(spec.reference), run.tokenizer, _prompt_rows(spec, judged=False),
         max_new_tokens=s.max_new_tokens, template=run.template, seed=s.seed,
     )  # fmt: skip
-
-
-def load_tokenizer_of(path: str):
-    from aligner.model.load import load_tokenizer
-
-    return load_tokenizer(path)
 
 
 def _interval(ci) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from aligner import checkpoint as ckpt
 from aligner.config import save_recipe
 from aligner.errors import ConfigError
-from aligner.trainers.sharding import gathered_state_dict, load_sharded, save_sharded
+from aligner.trainers.sharding import full_state_dict, load_sharded, save_sharded
 
 
 class Checkpointing:
@@ -32,7 +32,7 @@ class Checkpointing:
         full = None
         if self.sharded:  # every process: its shards to tmp/sharded, and its part of gathering the weights
             save_sharded(self.model, self.optimizer, tmp)
-            full = gathered_state_dict(self.model)
+            full = full_state_dict(self.model, main_only=True)
         if self.is_main:
             if full is not None:
                 self.unwrapped().save_pretrained(tmp, state_dict=full)

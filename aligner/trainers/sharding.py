@@ -79,18 +79,12 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full weights on the CPU of the main process (empty elsewhere); every process must call it."""
+def full_state_dict(model: torch.nn.Module, main_only: bool = False) -> dict[str, torch.Tensor]:
+    """The full weights: on every process where they are, or (`main_only`) on the CPU of the main process and
+    empty elsewhere. Every process must call it (the shards are gathered)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full weights on every process, where they are (each process must call it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=main_only))
 
 
 def save_sharded(model: torch.nn.Module, optimizer, directory: Path) -> None:
