@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -43,9 +44,10 @@ class OnlineTrainer(Trainer):
     def __init__(self, recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw):
         # FSDP2: each process generates on its own, which a sharded forward (all processes in step) cannot serve,
         # so generation runs on a full copy of the policy, taken before the loop shards it (`sampler_model`)
-        sampler = copy.deepcopy(model).requires_grad_(False) if fsdp2_requested() and self.shardable else None
+        sharded_launch = fsdp2_requested() and self.shardable and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        sampler = copy.deepcopy(model).requires_grad_(False) if sharded_launch else None
         super().__init__(recipe, model, tokenizer, prompts, eval_prompts, **kw)
-        self._sampler = sampler.to(self.device).eval() if sampler is not None and self.world > 1 else None
+        self._sampler = sampler.to(self.device).eval() if sampler is not None else None
         self._sampler_step: int | None = None
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None  # None: LoRA's base
         if self.ref_model is not None and self._sampler is not None:

@@ -141,11 +141,7 @@ class PPOTrainer(OnlineTrainer):
         outs, _, scores, parts = self.complete_and_score(rows, params)
         no_eos = torch.tensor([not o.finished for o in outs]).float()
         scores = torch.tensor(scores) - self.p.missing_eos_penalty * no_eos
-        examples = []
-        for o in outs:
-            ids = o.prompt_ids + o.token_ids
-            labels = [IGNORE_INDEX] * (len(o.prompt_ids) - 1) + o.token_ids
-            examples.append({"input_ids": ids[:-1], "labels": labels})
+        examples = self.completion_examples(outs, mask_truncated=False)
         batch = self.to_device(pad_examples(examples, self.pad_id))
         mask = (batch["labels"] != IGNORE_INDEX).float()  # (B, T)
         logps, values = self._chunked(lambda b: self.token_logps_values(self.model, b), batch)
