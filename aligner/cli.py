@@ -34,6 +34,7 @@ commands:
   export       merge a LoRA checkpoint into a full model: aligner export CHECKPOINT OUT_DIR
   eval         evaluate a checkpoint or Hub model on specs in evals/: aligner eval CHECKPOINT [SPEC ...] --items 500
   chat         talk to a checkpoint, replies streamed: aligner chat CHECKPOINT
+  serve-rollouts  vLLM rollout server for rollout.engine vllm_server: aligner serve-rollouts MODEL --port 8000
   report       plots and a markdown summary of runs: aligner report RUN_DIR... [--out DIR]
   pipeline     pretrain -> SFT -> RM -> DPO, PPO, GRPO -> eval: aligner pipeline recipes/pipeline.yaml
 
@@ -233,6 +234,30 @@ def run_generate(argv: list[str]) -> int:
     return 0
 
 
+def run_serve_rollouts(argv: list[str]) -> int:
+    p = Parser(prog="aligner serve-rollouts", description="Serve a model with vLLM for rollout.engine: vllm_server.")
+    p.add_argument("model", help="the policy's starting model: checkpoint directory or Hub name (its init_from)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto", help="vLLM's weight dtype (auto: the checkpoint's)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM's share of GPU (CPU) memory")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the server shards the model over")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion")
+    p.add_argument("--cpu-kv-cache-gib", type=float, default=1.0, help="KV cache size without CUDA")
+    args, extra = p.parse_known_args(argv)  # the flags it does not know are vLLM's own
+    from aligner.rollout.vllm_server import serve, server_command
+
+    a = args
+    serve(
+        server_command(
+            a.model, host=a.host, port=a.port, dtype=a.dtype, memory=a.gpu_memory_utilization,
+            tensor_parallel=a.tensor_parallel_size, max_model_len=a.max_model_len, cpu_kv_cache_gib=a.cpu_kv_cache_gib,
+            extra=extra,
+        )
+    )  # fmt: skip
+    return 0
+
+
 def run_chat(argv: list[str]) -> int:
     p = Parser(prog="aligner chat", description="Talk to a checkpoint; replies are streamed.")
     p.add_argument("checkpoint", help="checkpoint directory (full model or adapter)")
@@ -306,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_eval(rest)
         if command == "chat":
             return run_chat(rest)
+        if command == "serve-rollouts":
+            return run_serve_rollouts(rest)
         if command == "report":
             return run_report(rest)
         if command == "pipeline":

@@ -368,7 +368,7 @@ RESUME_FREE = {
     "dpo": {"accuracy_items", "accuracy_tokens", "ref_cache_dir"},
     "grpo": {"accuracy_items", "accuracy_tokens"},
     "ppo": {"accuracy_items", "accuracy_tokens"},
-    "rollout": {"engine", "compile", "vllm_memory", "vllm_sleep"},
+    "rollout": {"engine", "compile", "vllm_memory", "vllm_sleep", "server_url", "sync_bucket_mb"},
 }  # fmt: skip
 
 

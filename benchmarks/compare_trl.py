@@ -210,6 +210,10 @@ def summarise(ends, tokens, losses, peaks, warmup: int, base: float, start: floa
 
 
 def run_aligner(spec: dict) -> dict:
+    # the libraries both runs use are imported before the memory base is taken, as run_trl imports them
+    # (with trl) before its own: import-time memory (datasets alone is ~90 MiB) counts in neither figure
+    import datasets  # noqa: F401
+    import transformers  # noqa: F401
     import yaml
 
     sys.path.insert(0, str(HERE))

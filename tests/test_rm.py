@@ -325,3 +325,61 @@ def test_rm_with_likelihood_term_trains_scores_and_rejects_lora(bases, tmp_path,
     assert main(["rm", str(lora)]) == 2
     assert "rm.likelihood_coef needs full fine-tuning" in capsys.readouterr().err
     assert not (tmp_path / "runs/l").exists()
+
+
+@pytest.mark.parametrize("arch", ["gpt", "hf", "llama3", "qwen2", "mistral", "gemma2"])
+def test_pairs_sharing_their_prompt_give_the_padded_loss_and_gradients(bases, arch, monkeypatch, tmp_path):
+    """rm.share_prefix: each pair's common prefix is computed once, the rejected reply attending to it and to
+    itself only, so every reward, the loss and the gradients are those of the pairs padded one per row. A
+    model whose attention would not take the mask as given (Gemma-2: eager attention, a 16-token window)
+    is not offered the shared batch."""
+    import aligner.trainers.rm as rm_mod
+    from aligner.config import Recipe, TrainConfig
+    from aligner.data.collate import shared_prefix_len
+    from aligner.trainers.rm import RewardTrainer
+
+    if arch in ("gpt", "hf"):
+        lm = GPT.from_pretrained(bases / "gpt") if arch == "gpt" else load_hf_model(str(bases / "llama"))
+    else:
+        from tiny_archs import write_tiny_model
+
+        lm = load_hf_model(str(write_tiny_model(arch, tmp_path / arch)))
+    model = ScalarHeadModel.from_causal_lm(lm)
+    assert model.shares_prefixes(24) == (arch != "gemma2")
+    if arch == "gemma2":
+        return
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(5, 300, (n,), generator=g).tolist()
+
+    def ex(x):
+        return {"input_ids": x, "labels": x}
+
+    prompt, other = ids(7), ids(3)
+    pairs = [
+        {"chosen": ex(prompt + ids(5)), "rejected": ex(prompt + ids(3)), "margin": 0.5},  # a shared prompt
+        {"chosen": ex(prompt + other), "rejected": ex(prompt + other + ids(4)), "margin": 0.0},  # a prefix of it
+        {"chosen": ex(ids(6)), "rejected": ex(ids(9)), "margin": 1.0},  # nothing shared
+    ]
+    assert [shared_prefix_len(p["chosen"]["input_ids"], p["rejected"]["input_ids"]) for p in pairs] == [7, 9, 0]
+    recipe = Recipe(train=TrainConfig(out_dir="/nonexistent", precision="fp32"))
+    trainer = RewardTrainer(recipe, model, None, [])
+    monkeypatch.setattr(rm_mod, "pad_token_id", lambda tok: 0)
+    results = []
+    for packing, share in ((False, False), (True, True)):
+        trainer.packing, trainer.share_prefix, trainer.row_len = packing, share, 24
+        batch = trainer.collate(pairs)
+        model.zero_grad()
+        loss, stats = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((float(loss.detach()), {k: float(v) for k, v in stats.items()}, grads, batch))
+    shared = results[1][3]
+    assert "branch_ids" in shared and shared["input_ids"].numel() < 2 * sum(
+        len(p["chosen"]["input_ids"]) for p in pairs
+    )
+    assert results[1][0] == pytest.approx(results[0][0], abs=1e-5)
+    assert results[1][1] == pytest.approx(results[0][1], abs=1e-5)  # rewards' statistics: accuracy, margins
+    for name, grad in results[0][2].items():
+        assert torch.allclose(results[1][2][name], grad, atol=1e-5), name

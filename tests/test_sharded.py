@@ -1,6 +1,6 @@
 """Two CPU processes (gloo) with DDP and with FSDP2 (weights, gradients and optimizer state sharded): sft, dpo
 and the reward model take the steps of one process with the same global batch, checkpoint, resume exactly
-after a kill, and leave a final checkpoint that transformers loads; GRPO takes the steps of DDP. FSDP2 is
+after a kill, and leave a final checkpoint that transformers loads; GRPO and PPO take the steps of DDP. FSDP2 is
 asked for as an FSDP config file asks for it (ACCELERATE_USE_FSDP, FSDP_VERSION=2); accelerate shards only
 on accelerators, so on CPUs the loop does."""
 
@@ -111,13 +111,51 @@ def test_grpo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ppo_refuses_fsdp2(monkeypatch, bases, tmp_path, capsys):
-    """PPO's policy-and-value wrapper is not sharded yet: a clear error (it runs with DDP)."""
-    for key, value in FSDP2.items():
-        monkeypatch.setenv(key, value)
-    recipe = recipe_of(tmp_path, bases / "gpt", "sft")
-    ppo = tmp_path / "ppo.yaml"
-    text = recipe.read_text().replace("sft:", "ppo:").replace("world:sft", "world:rl")
-    ppo.write_text(text.replace("samples: 0", "reward_model: null") + "sft: {chat_template: chatml}\n")
-    assert main(["ppo", str(ppo), "--ppo.rewards", "[correct_answer]", "--rollout_prompts", "4"]) == 2
-    assert "FSDP2 does not shard PPO" in capsys.readouterr().err
+@pytest.mark.parametrize("value_model", ["separate", "shared-lora"])
+def test_ppo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_path, monkeypatch, value_model):
+    """PPO shards its policy and its value model (a critic of its own, or a head on a LoRA policy whose
+    reference is the policy with its adapter disabled) as units of their own; rollouts come from a full copy
+    of the policy. The FSDP2 run's steps are the DDP run's, and a run killed in the middle of a rollout
+    resumes to the same final weights."""
+    reward = "def low_ids(prompts, completions, completion_ids, **row):\n"
+    reward += "    return [-sum(c) / 1000 for c in completion_ids]\n"
+    (tmp_path / "id_reward.py").write_text(reward)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    lora = value_model == "shared-lora"
+    ppo = {"reward_model": None, "rewards": ["id_reward:low_ids"], "rollout_prompts": 8, "ppo_epochs": 2,
+           "accuracy_items": 0, "value_model": "shared" if lora else "separate"}  # fmt: skip
+    recipe = {
+        "model": {"init_from": str(bases / "gpt")},
+        "ppo": ppo,
+        "rollout": {"max_new_tokens": 12},
+        "sft": {"chat_template": "chatml"},
+        "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 4, "seq_len": 256},
+        "train": {"name": "ddp", "lr": 1e-2, "max_steps": 3, "micro_batch_size": 4, "save_every": 1, "eval_every": 2},
+    }
+    extra = {"lora": {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0}} if lora else {}
+    path = tiny_run_recipe(tmp_path, recipe, extra, "ppo.yaml")
+    runs = tmp_path / "runs"
+    launch_two_processes(["ppo", str(path)])
+    launch_two_processes(["ppo", str(path), "--train.name", "fsdp2"], FSDP2)
+    keys = ("train/loss", "train/grad_norm", "ppo/value_loss", "kl/mean", "rollout/score_mean", "eval/score")
+    ddp, sharded = ([{k: r.get(k) for k in keys} for r in map(json.loads, (runs / n / "metrics.jsonl").open())]
+                    for n in ("ddp", "fsdp2"))  # fmt: skip
+    assert len(ddp) == len(sharded) == 3 and ddp[1]["eval/score"] is not None
+    for a, b in zip(ddp, sharded):
+        assert a.keys() == b.keys() and all(
+            b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6) for k in a if a[k] is not None
+        )
+    shards = sorted(p.name for p in (runs / "fsdp2/step_000003/sharded").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # policy and value model sharded
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    value = "value_head.safetensors" if lora else "critic/model.safetensors"
+    for name in (weights, value):  # the gathered final checkpoint: the DDP run's weights
+        a, b = load_file(runs / "ddp/final" / name), load_file(runs / "fsdp2/final" / name)
+        assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    if lora:
+        return
+    part = interrupted_copy(runs / "fsdp2", runs / "part", 1)  # killed after step 1: inside its first rollout
+    launch_two_processes(["ppo", str(path), "--train.name", "part", "--resume"], FSDP2)
+    for name in (weights, value):
+        a, b = load_file(runs / "fsdp2/final" / name), load_file(part / "final" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -167,3 +167,105 @@ def test_ppo_with_the_vllm_engine(checkpoint, tmp_path, monkeypatch):
     rows = [json.loads(x) for x in (tmp_path / "runs/p/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-4)  # vLLM samples, the trainer scores
     assert rows[2]["kl/mean"] != rows[0]["kl/mean"]  # the second rollout: synced weights, moved policy
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    """`aligner serve-rollouts` on the test checkpoint, on a free port, for the module's tests."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(checkpoint.parent / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime)
+    argv = [sys.executable, "-m", "aligner", "serve-rollouts", str(checkpoint), "--port", str(port)]
+    proc = subprocess.Popen(
+        argv + ["--dtype", "float32", "--max-model-len", "512"], stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise RuntimeError("the server stopped:\n" + (checkpoint.parent / "server.log").read_text()[-3000:])
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("the server did not come up in 5 minutes")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_the_server_after_a_bucketed_sync_is_greedy_like_the_trainer(checkpoint, server):
+    from aligner.model.gpt import GPT
+    from aligner.rollout.vllm_server import VLLMServerEngine
+
+    remote = VLLMServerEngine(server, bucket_mb=0.05)  # 50 KiB: the 0.5 MB model goes in several buckets
+    model = GPT.from_pretrained(checkpoint).eval()
+    before = remote.generate(prompts(checkpoint), greedy())
+    ours = torch_engine(model).generate(prompts(checkpoint), greedy())
+    assert [c.token_ids for c in before] == [c.token_ids for c in ours]
+    for a, b in zip(before, ours):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    remote.sync_weights(model)
+    assert remote.last_sync["buckets"] > 3
+    after = [c.token_ids for c in remote.generate(prompts(checkpoint), greedy())]
+    assert after == [c.token_ids for c in torch_engine(model).generate(prompts(checkpoint), greedy())]
+    assert after != [c.token_ids for c in before]
+    remote.sync_weights(GPT.from_pretrained(checkpoint))  # back to the checkpoint for the other tests
+    assert [c.token_ids for c in remote.generate(prompts(checkpoint), greedy())] == [c.token_ids for c in before]
+
+
+def test_grpo_with_a_vllm_server(checkpoint, server, tmp_path, monkeypatch):
+    """GRPO trains 3 steps on rollouts from the server, pushing its weights in buckets before each; the server
+    then generates what the trainer's own weights of that step generate."""
+    from conftest import tiny_run_recipe
+
+    from aligner.cli import main
+    from aligner.model.gpt import GPT
+    from aligner.rollout.vllm_server import VLLMServerEngine
+
+    (tmp_path / "ids.py").write_text(
+        "def low(prompts, completions, completion_ids, **r):\n    return [-sum(c) / 1e3 for c in completion_ids]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = {
+        "model": {"init_from": str(checkpoint)},
+        "grpo": {"num_generations": 4, "accuracy_items": 0, "rewards": ["ids:low"], "mask_truncated": False},
+        "rollout": {"max_new_tokens": 12, "engine": "vllm_server", "server_url": server, "sync_bucket_mb": 0.05},
+        "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 0, "seq_len": 256},
+        "train": {"name": "g", "lr": 1e-2, "warmup_steps": 1, "micro_batch_size": 8, "save_every": 1,
+                  "keep_checkpoints": 3},
+        "sft": {"chat_template": "chatml"},
+    }  # fmt: skip
+    assert main(["grpo", str(tiny_run_recipe(tmp_path, recipe, {}, "grpo.yaml"))]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "runs/g/metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["rollout/weight_sync_s"] > 0 for r in rows)
+    assert rows[-1]["rollout/reward_mean"] != rows[0]["rollout/reward_mean"]
+    # the server holds what the trainer pushed before the last rollout: the weights after step 2
+    step2 = GPT.from_pretrained(tmp_path / "runs/g/step_000002").eval()
+    remote = VLLMServerEngine(server)
+    theirs = [c.token_ids for c in remote.generate(prompts(checkpoint), greedy())]
+    assert theirs == [c.token_ids for c in torch_engine(step2).generate(prompts(checkpoint), greedy())]
+    assert theirs != [c.token_ids for c in torch_engine(GPT.from_pretrained(checkpoint)).generate(
+        prompts(checkpoint), greedy())]  # fmt: skip
+    remote.sync_weights(GPT.from_pretrained(checkpoint))

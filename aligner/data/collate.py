@@ -85,10 +85,13 @@ def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
     document boundaries: attention never crosses examples, so the loss and gradients are those of the
     unpacked batch, with fewer padded positions. Returns the `pad_examples` keys plus position_ids and
     `ends` (N,): where each example's last token lies in the flattened (rows x width) batch, in input order,
-    and `doc_ids` (rows, width): the index of the example each position holds (-1 for padding).
+    and `doc_ids` (rows, width): the index of the example each position holds (-1 for padding). Examples
+    that carry `position_ids` and `branch_ids` (a shared prefix and its branches, `pack_shared_pairs`) keep
+    them, and the batch then has `branch_ids` (rows, width) too (0 for padding).
     """
     lengths = [len(e["input_ids"]) for e in examples]
     row_len = max([row_len, *lengths])
+    branched = any("branch_ids" in e for e in examples)
     rows: list[list[int]] = []  # example indices per row
     fill: list[int] = []
     for i in sorted(range(len(examples)), key=lambda i: -lengths[i]):
@@ -106,6 +109,7 @@ def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
     positions = torch.zeros((len(rows), width), dtype=torch.int64)
     ends = torch.zeros(len(examples), dtype=torch.int64)
     doc_ids = torch.full((len(rows), width), -1, dtype=torch.int64)
+    branches = torch.zeros((len(rows), width), dtype=torch.int64) if branched else None
     for r, members in enumerate(rows):
         at = 0
         for i in members:
@@ -114,7 +118,9 @@ def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
             doc_ids[r, at : at + n] = i
             ids[r, at : at + n] = torch.as_tensor(examples[i]["input_ids"])
             labels[r, at : at + n] = torch.as_tensor(examples[i]["labels"])
-            positions[r, at : at + n] = torch.arange(n)
+            positions[r, at : at + n] = torch.as_tensor(examples[i]["position_ids"]) if branched else torch.arange(n)
+            if branched:
+                branches[r, at : at + n] = torch.as_tensor(examples[i]["branch_ids"])
             at += n
         positions[r, at:] = torch.arange(width - at)  # padding is a document of its own
     return {
@@ -125,6 +131,7 @@ def pack_examples(examples: Sequence[dict], pad_id: int, row_len: int) -> dict:
         "doc_ids": doc_ids,
         "n_loss": int((labels != IGNORE_INDEX).sum()),
         "n_tokens": sum(lengths),
+        **({"branch_ids": branches} if branched else {}),
     }
 
 
@@ -158,6 +165,40 @@ def pack_pairs(pairs: Sequence[dict], pad_id: int, row_len: int) -> dict:
     rows = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     batch = _two_sided(pack_examples(rows, pad_id, row_len), rows, pairs)
     return _with_margin(batch, pairs)
+
+
+def shared_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two different sequences share, leaving each at least one of its own."""
+    n, i = min(len(a), len(b)) - 1, 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def pack_shared_pairs(pairs: Sequence[dict], pad_id: int, row_len: int) -> dict:
+    """Preference pairs packed with each pair's common prefix (the prompt, and any reply tokens both share)
+    once: a document [prefix, chosen rest, rejected rest] whose branches (`branch_ids` 1 and 2 after the
+    prefix's 0) both continue the prefix's positions, and whose rejected tokens do not see the chosen ones
+    (`attention.build_attn_mask`): each reply's hidden states are those of its own unpacked sequence. `ends`
+    as `pack_pairs` (the B chosen last tokens, then the B rejected); labels are not kept, so this serves
+    losses that read the last tokens only (the Bradley-Terry reward model's)."""
+    docs, rejected_tails = [], []
+    for p in pairs:
+        c, r = list(p["chosen"]["input_ids"]), list(p["rejected"]["input_ids"])
+        s = shared_prefix_len(c, r)
+        docs.append({
+            "input_ids": c + r[s:],
+            "labels": [IGNORE_INDEX] * (len(c) + len(r) - s),
+            "position_ids": list(range(len(c))) + list(range(s, len(r))),
+            "branch_ids": [0] * s + [1] * (len(c) - s) + [2] * (len(r) - s),
+        })  # fmt: skip
+        rejected_tails.append(len(r) - s)
+    batch = pack_examples(docs, pad_id, row_len)
+    rejected_ends = batch["ends"]  # each document's last token is its rejected reply's
+    batch["ends"] = torch.cat([rejected_ends - torch.tensor(rejected_tails), rejected_ends])
+    rows = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    batch["n_tokens"] = sum(len(r["input_ids"]) for r in rows)  # the pairs' tokens: tokens/s counts the data
+    return _with_margin(_two_sided(batch, rows, pairs), pairs)
 
 
 def _with_margin(batch: dict, pairs: Sequence[dict]) -> dict:

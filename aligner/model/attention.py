@@ -39,11 +39,15 @@ def build_attn_mask(
     padding_mask: torch.Tensor | None,
     device,
     document_ids: torch.Tensor | None = None,
+    branch_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean attention mask (B or 1, 1, T, S), True = may attend; None = plain causal.
 
     Query i sits at key slot past_len + i and sees keys j <= past_len + i that are not padding and,
-    for packed rows (`document_ids`, (B, T), no cache), that belong to the same document.
+    for packed rows (`document_ids`, (B, T), no cache), that belong to the same document. `branch_ids`
+    (B, T) make a document a shared prefix (0) followed by branches (1, 2, ...) that each continue the
+    prefix on their own: a token sees the prefix and its own branch, never another branch (a chosen and a
+    rejected reply after their common prompt, in one pass).
     None lets SDPA use `is_causal=True` (no cache, no padding, no packing).
     """
     if padding_mask is None and past_len == 0 and document_ids is None:
@@ -53,6 +57,9 @@ def build_attn_mask(
     mask = (k_idx <= q_idx)[None, None]  # (1, 1, T, S)
     if document_ids is not None:
         mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])  # (B, 1, T, T)
+    if branch_ids is not None:
+        key_branch = branch_ids[:, None, None, :]  # (B, 1, 1, T)
+        mask = mask & ((key_branch == 0) | (key_branch == branch_ids[:, None, :, None]))
     if padding_mask is not None:
         mask = mask & padding_mask.bool()[:, None, None, :]  # (B, 1, T, S)
         # a padding query still sees itself: SDPA returns NaN for a row with nothing to attend to

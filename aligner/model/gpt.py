@@ -273,15 +273,21 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
-    ) -> torch.Tensor:
-        """Logits (B, T, V), or with `return_hidden` the final-norm hidden states (B, T, D).
+        hidden_too: bool = False,
+        document_ids: torch.Tensor | None = None,
+        branch_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V), or with `return_hidden` the final-norm hidden states (B, T, D), or with
+        `hidden_too` both (logits, hidden) from one forward (a value head on the policy).
 
         input_ids: (B, T). attention_mask: optional (B, S) 0/1 over every key position (cached + new),
         as in transformers, for left-padded batches. position_ids: (B, T), default cache length +
         arange(T); RoPE is relative, so left padding with default positions changes logits only by
         rounding, but `(mask.cumsum(-1) - 1).clamp(min=0)` matches an unpadded row exactly.
         cache: a KVCache, updated in place. Padding-free packing: position_ids restarting at 0 inside a
-        row (no cache, no attention_mask) start a new document, and attention never crosses documents.
+        row (no cache, no attention_mask) start a new document, and attention never crosses documents;
+        or `document_ids` (B, T) say which document each token is in, with `branch_ids` (B, T) for
+        documents that share a prefix between branches (`attention.build_attn_mask`).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -292,8 +298,8 @@ class GPT(nn.Module):
             raise ValueError(f"KVCache overflow: {past + T} positions needed, max_len is {cache.max_len}")
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask must be (B, cached + new) = {(B, past + T)}, got {attention_mask.shape}")
-        docs = None
-        if explicit_positions and cache is None and attention_mask is None:
+        docs = document_ids
+        if docs is None and explicit_positions and cache is None and attention_mask is None:
             docs = packed_document_ids(position_ids)  # padding-free packed rows: attend within a document
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         if cache is not None:
@@ -309,7 +315,7 @@ class GPT(nn.Module):
                     mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
             cos, sin = cache.rope(position_ids, x.dtype)  # (B, T, hd)
         else:
-            mask = build_attn_mask(T, past, attention_mask, input_ids.device, docs)
+            mask = build_attn_mask(T, past, attention_mask, input_ids.device, docs, branch_ids)
             cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)  # (B, T, hd)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.model.layers:
@@ -320,6 +326,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.model.norm(x)  # (B, T, D)
+        if hidden_too:
+            return self.lm_head(x), x
         return x if return_hidden else self.lm_head(x)  # (B, T, V)
 
     # --- accounting ---

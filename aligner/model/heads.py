@@ -90,16 +90,41 @@ class ScalarHeadModel(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens if self._gpt is not None else self.model.get_input_embeddings()
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, D); position_ids may pack several documents in a row."""
+    def hidden_states(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, document_ids=None, branch_ids=None
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, D); position_ids may pack several documents in a row, or
+        `document_ids` and `branch_ids` (B, T) say which, with branches after a shared prefix (a transformers
+        model then gets the boolean 4-D mask of `attention.build_attn_mask`; see `shares_prefixes`)."""
         if self._gpt is not None:
-            return self._gpt(input_ids, position_ids=position_ids, return_hidden=True)
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            return self._gpt(
+                input_ids, position_ids=position_ids, return_hidden=True, document_ids=document_ids,
+                branch_ids=branch_ids,
+            )  # fmt: skip
+        mask = None
+        if document_ids is not None:
+            from aligner.model.attention import build_attn_mask
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, lm_labels=None):
+            mask = build_attn_mask(input_ids.shape[1], 0, None, input_ids.device, document_ids, branch_ids)
+        return self.model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
+        ).last_hidden_state
+
+    def shares_prefixes(self, row_len: int) -> bool:
+        """Whether `hidden_states` can take branches after a shared prefix: the GPT core, or a transformers
+        model whose attention (SDPA) takes a boolean 4-D mask as given, without sliding-window layers
+        shorter than a row (a given mask replaces the window)."""
+        if self._gpt is not None:
+            return True
+        cfg = self.model.config
+        window = getattr(cfg, "sliding_window", None)
+        return getattr(cfg, "_attn_implementation", None) == "sdpa" and (window is None or window >= row_len)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, lm_labels=None, **documents):
         """The head at every position, (B, T), in fp32. Given `lm_labels` (B, T) (shifted token ids,
-        IGNORE_INDEX where not wanted), also each label's fp32 log-prob under the kept LM head, (B, T)."""
-        h = self.hidden_states(input_ids, position_ids)
+        IGNORE_INDEX where not wanted), also each label's fp32 log-prob under the kept LM head, (B, T).
+        `documents`: document_ids and branch_ids for `hidden_states`."""
+        h = self.hidden_states(input_ids, position_ids, **documents)
         values = self.score(h.to(self.score.weight.dtype)).squeeze(-1).float()
         if lm_labels is None:
             return values

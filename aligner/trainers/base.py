@@ -58,7 +58,6 @@ class Trainer(Checkpointing):
     stage = "train"  # used in messages and the progress bar
     token_loss = True  # the loss units are tokens (eval reports perplexity); False for pairs, rows
     empty_steps_ok = False  # a step without loss units skips its update (RL) instead of stopping the run
-    shardable = True  # FSDP2 may shard the model (not PPO's policy-and-value wrapper yet)
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -44,8 +45,8 @@ class OnlineTrainer(Trainer):
     def __init__(self, recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw):
         # FSDP2: each process generates on its own, which a sharded forward (all processes in step) cannot serve,
         # so generation runs on a full copy of the policy, taken before the loop shards it (`sampler_model`)
-        sharded_launch = fsdp2_requested() and self.shardable and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        sampler = copy.deepcopy(model).requires_grad_(False) if sharded_launch else None
+        sharded_launch = fsdp2_requested() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        sampler = copy.deepcopy(self.generating_part(model)).requires_grad_(False) if sharded_launch else None
         super().__init__(recipe, model, tokenizer, prompts, eval_prompts, **kw)
         self._sampler = sampler.to(self.device).eval() if sampler is not None else None
         self._sampler_step: int | None = None
@@ -60,6 +61,7 @@ class OnlineTrainer(Trainer):
         self.max_new_tokens, self.temperature = self.r.max_new_tokens, self.r.temperature
         self._engine = None  # made at the first rollout (`engine`)
         self._synced_at: int | None = None  # the optimizer step whose weights the engine holds
+        self._sync_seconds = 0.0  # spent syncing weights during the current rollout
 
     steps_per_rollout = 1
 
@@ -83,13 +85,17 @@ class OnlineTrainer(Trainer):
         """The policy (unwrapped)."""
         return self.unwrapped()
 
+    def generating_part(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The part of the trained model that generates (PPO: the policy without its value model)."""
+        return model
+
     def sampler_model(self) -> torch.nn.Module:
         """The model that generates: the policy, or when the policy is sharded a full copy of it on every
         process, refreshed from the shards whenever the policy has moved (all processes gather together)."""
         if self._sampler is None or not self.sharded:
             return self.policy()
         if self._sampler_step != self.step:
-            self._sampler.load_state_dict(full_state_dict(self.model))
+            self._sampler.load_state_dict(full_state_dict(self.policy()))
             self._sampler_step = self.step
         return self._sampler
 
@@ -117,20 +123,26 @@ class OnlineTrainer(Trainer):
     def engine(self):
         """The rollout engine (`aligner.rollout.make_engine`), holding the policy's current weights:
         awake, and synced whenever the policy has moved (a no-op for the torch engine, which samples from the
-        policy itself; vLLM starts from model.init_from's weights)."""
+        policy itself; colocated vLLM starts from model.init_from's weights; a vLLM server, which may hold
+        anything, is synced at the start too, by the main process while the others wait)."""
         if self._engine is None:
             from aligner.config import resolve_path
 
             checkpoint = resolve_path(self.recipe.model.init_from) if self.recipe.model.init_from else None
             self._engine = make_engine(
                 self.r, self.sampler_model(), self.pad_id, checkpoint=checkpoint,
-                max_model_len=self.recipe.data.seq_len, seed=self.cfg.seed,
+                max_model_len=self.recipe.data.seq_len, seed=self.cfg.seed, main=self.is_main,
             )  # fmt: skip
-            self._synced_at = None if self.cfg.resume else 0  # a fresh run starts from init_from's weights
+            fresh = not self.cfg.resume and self.r.engine == "vllm"
+            self._synced_at = 0 if fresh else None  # a fresh colocated vLLM holds init_from's weights
         self._engine.wake_up()
         if self._synced_at != self.step:
+            start = time.perf_counter()
             self._engine.sync_weights(self.sampler_model())
+            if self.world > 1 and self.r.engine == "vllm_server":
+                self.accelerator.wait_for_everyone()  # no process samples before the server has the new weights
             self._synced_at = self.step
+            self._sync_seconds += time.perf_counter() - start
         return self._engine
 
     def complete_and_score(self, rows: list[dict], params: SamplingParams, engine=None):
@@ -172,7 +184,10 @@ class OnlineTrainer(Trainer):
         if self._rollout is None or self._rollout[0] != rollout:
             if self._rollout is None and self.is_main and self.cfg.progress:  # the first: the bar has not moved yet
                 tqdm_write(f"{self.stage}: sampling rollout {rollout + 1} (up to {self.max_new_tokens} new tokens)")
+            self._sync_seconds = 0.0
             data, metrics = self.make_rollout(rollout)
+            if self.r.engine != "torch":  # the time this rollout spent pushing weights into vLLM
+                metrics = {**metrics, "rollout/weight_sync_s": self._sync_seconds}
             self._rollout = (rollout, data, metrics)
             self.on_rollout(metrics)
         return self._rollout[1]

@@ -57,28 +57,39 @@ class PolicyAndValue(nn.Module):
             nn.init.zeros_(self.value_head.weight)
             self.value_head.to(next(policy.parameters()).device)
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, V) and values (B, T) (fp32) of every position."""
+    def shard_units(self) -> list[nn.Module]:
+        """FSDP2: the modules to shard as units of their own (aligner.trainers.sharding.shard_model)."""
+        return [self.policy, self.critic if self.critic is not None else self.value_head]
+
+    def forward(self, input_ids: torch.Tensor, values: bool = True):
+        """Logits (B, T, V) and values (B, T) (fp32) of every position; the logits alone if not `values`."""
+        if not values:
+            return causal_lm_logits(self.policy, input_ids)
         if self.critic is not None:
             return causal_lm_logits(self.policy, input_ids), self.critic(input_ids)
         if isinstance(base_config(self.policy), GPTConfig):
-            hidden = self.policy(input_ids, return_hidden=True)  # (B, T, D)
-            core = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
-            logits = core.lm_head(hidden)
+            logits, hidden = self.policy(input_ids, hidden_too=True)  # (B, T, V), (B, T, D)
         else:
             out = self.policy(input_ids=input_ids, output_hidden_states=True, use_cache=False)
             logits, hidden = out.logits, out.hidden_states[-1]
         return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
-    def save_pretrained(self, directory, **kw) -> None:
+    def save_pretrained(self, directory, state_dict: dict | None = None, **kw) -> None:
+        """The policy into `directory`, the critic into directory/critic or the value head beside the policy.
+        `state_dict`: this module's weights to write instead of its own (a sharded model's, gathered)."""
         directory = Path(directory)
-        self.policy.save_pretrained(directory, **kw)
+
+        def part(prefix: str) -> dict | None:
+            if state_dict is None:
+                return None
+            return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+        self.policy.save_pretrained(directory, **kw, **({"state_dict": part("policy.")} if state_dict else {}))
         if self.critic is not None:
-            self.critic.save_pretrained(directory / "critic")
+            self.critic.save_pretrained(directory / "critic", state_dict=part("critic."))
         else:
-            save_file(
-                {"weight": self.value_head.weight.detach().cpu().contiguous()}, directory / "value_head.safetensors"
-            )
+            head = self.value_head.weight if state_dict is None else state_dict["value_head.weight"]
+            save_file({"weight": head.detach().cpu().contiguous()}, directory / "value_head.safetensors")
 
     def load_checkpoint(self, directory) -> None:
         directory = Path(directory)
@@ -93,7 +104,6 @@ class PPOTrainer(OnlineTrainer):
     """Training data are prompt records {"prompt", "prompt_ids", **columns} (see aligner.trainers.grpo)."""
 
     stage = "ppo"
-    shardable = False  # FSDP2: the policy-and-value wrapper is not sharded yet (DDP)
     total_name = "score"
 
     def __init__(
@@ -121,6 +131,9 @@ class PPOTrainer(OnlineTrainer):
 
     def policy(self) -> nn.Module:
         return self.unwrapped().policy
+
+    def generating_part(self, model: PolicyAndValue) -> nn.Module:
+        return model.policy
 
     # --- rollouts ------------------------------------------------------------------------------------
 
@@ -187,6 +200,10 @@ class PPOTrainer(OnlineTrainer):
 
     def reference_logps(self, batch: dict) -> torch.Tensor:
         with reference_of(self.policy(), self.ref_model) as ref:
+            if ref is self.policy():  # adapter disabled: through the wrapper, whose forward a sharded model needs
+                with self.autocast():
+                    logits = self.model(batch["input_ids"], values=False)
+                return token_logprobs(logits.float() / self.temperature, batch["labels"])
             return self.policy_logps(ref, batch)
 
     def micro_batches(self, step: int) -> list[dict]:

@@ -19,7 +19,12 @@ same Bradley-Terry loss and kept in the checkpoint, so every score uses it (held
 0.85 -> 0.90-0.94 on the task world). Checkpoints load for scoring through
 `aligner.model.heads.load_reward_model` (full models also load in transformers as
 AutoModelForSequenceClassification, the head without the likelihood term); `score_conversations`
-scores rendered conversations with it.
+(aligner.rewards) scores rendered conversations with it.
+
+Packed pairs share their prompt (`rm.share_prefix`, `aligner.data.collate.pack_shared_pairs`): each pair
+is one document, its common prefix once and the two replies as branches after it, the rejected reply
+never attending to the chosen one, so the rewards are those of the two sequences run apart, with the
+prefix's compute spent once (where the model's attention takes the mask: `ScalarHeadModel.shares_prefixes`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 
 from aligner.config import Recipe
 from aligner.data.chat import encode_preferences, pad_token_id
-from aligner.data.collate import pack_pairs, pad_pairs
+from aligner.data.collate import pack_pairs, pack_shared_pairs, pad_pairs
 from aligner.data.formats import add_system_prompt
 from aligner.data.preferences import to_preference_records
 from aligner.errors import DataError
@@ -47,11 +52,13 @@ class RewardTrainer(Trainer):
     stage = "rm"
     token_loss = False  # units are pairs
     packing = False  # the 2B sequences packed padding-free into rows of `row_len` tokens
+    share_prefix = False  # packed with each pair's common prefix once (`pack_shared_pairs`)
     row_len = 0
 
     def collate(self, pairs: list) -> dict:
         if self.packing:
-            return pack_pairs(pairs, pad_token_id(self.tokenizer), self.row_len)
+            pack = pack_shared_pairs if self.share_prefix else pack_pairs
+            return pack(pairs, pad_token_id(self.tokenizer), self.row_len)
         return pad_pairs(pairs, pad_token_id(self.tokenizer))
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -71,6 +78,8 @@ class RewardTrainer(Trainer):
                 sums, counts = summed_logps_by_doc(token_logps, labels, batch["doc_ids"], 2 * pairs)
             else:
                 sums, counts = summed_logps(token_logps, labels)  # (2B,), (2B,)
+        elif "branch_ids" in batch:  # each pair's prefix once, its replies branching from it
+            values = model(ids, positions, document_ids=batch["doc_ids"], branch_ids=batch["branch_ids"])
         else:
             values = model(ids, positions)
         rewards = values.reshape(-1)[batch["ends"]] if packed else last_token_values(values, batch["lengths"])
@@ -124,12 +133,16 @@ def rm(recipe: Recipe) -> dict:
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
     trainer = RewardTrainer(recipe, model, tokenizer, train_data, eval_data)
     trainer.packing, trainer.row_len = r.packing, d.seq_len
+    head = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm_terms = r.lm_coef or r.likelihood_coef  # their labels differ between the branches at the prefix's end
+    trainer.share_prefix = r.packing and r.share_prefix and not lm_terms and head.shares_prefixes(d.seq_len)
     if trainer.is_main:
         kind = training_kind(recipe)
         dropped = f", {counts['identical']} with identical chosen and rejected dropped" if counts["identical"] else ""
         print(f"rm: {report.summary().replace('conversations', 'pairs')}{dropped}")
         lm = f", lm_coef {r.lm_coef}" if r.lm_coef else ""
         lm += f", likelihood_coef {r.likelihood_coef}" if r.likelihood_coef else ""
-        print(f"rm: {kind}, center_coef {r.center_coef}{lm}, {trainer.total_steps} steps -> {run_dir}")
+        shared = ", prompts shared by chosen and rejected" if trainer.share_prefix else ""
+        print(f"rm: {kind}, center_coef {r.center_coef}{lm}{shared}, {trainer.total_steps} steps -> {run_dir}")
     metrics = trainer.train()
     return {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}

@@ -10,7 +10,9 @@ a unit of its own, the rest (embeddings, final norm, a tied LM head) the root un
 run that way.
 
 The online trainers generate on a full copy of the policy on each process (aligner.trainers.online:
-`sampler_model`), refreshed from the shards after every step; PPO and a 4-bit QLoRA base are not sharded.
+`sampler_model`), refreshed from the shards after every step. PPO shards its policy and its value model
+(critic or value head) as units of their own (`PolicyAndValue.shard_units`). A 4-bit QLoRA base is not
+sharded.
 
 Checkpoints of a sharded run hold the sharded state through torch.distributed.checkpoint (`sharded/`: every
 process writes its shard of the weights and of AdamW's moments, and reads it back on resume) and, beside
@@ -42,14 +44,12 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def shard_for_launch(trainer, model: torch.nn.Module) -> bool:
-    """When the launch asks for FSDP2: refuse what cannot be sharded (PPO, QLoRA), and shard
-    the model where accelerate will not (on CPUs). Returns whether the loop sharded it itself."""
+    """When the launch asks for FSDP2: refuse what cannot be sharded (QLoRA), and shard the model where
+    accelerate will not (on CPUs). Returns whether the loop sharded it itself."""
     from aligner.errors import ConfigError
 
     if not fsdp2_requested():
         return False
-    if not trainer.shardable:
-        raise ConfigError(f"{trainer.stage}: FSDP2 does not shard PPO's policy and value model yet; run it with DDP")
     if trainer.recipe.lora.quantize != "none":
         raise ConfigError(f"{trainer.stage}: a 4-bit (QLoRA) base is not sharded; launch QLoRA runs with DDP")
     if trainer.world > 1 and trainer.accelerator.distributed_type != "FSDP":
@@ -70,12 +70,14 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2 in place: `fully_shard` on every decoder block, then on the whole model (the root unit)."""
+    """FSDP2 in place: `fully_shard` on every decoder block, then on the whole model (the root unit), or on
+    each of the units a model names (`shard_units()`: PPO's policy and value model, each a root)."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in decoder_blocks(model):
-        fully_shard(block)
-    fully_shard(model)
+    for unit in model.shard_units() if hasattr(model, "shard_units") else [model]:
+        for block in decoder_blocks(unit):
+            fully_shard(block)
+        fully_shard(unit)
     return model
 
 
