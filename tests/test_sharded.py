@@ -159,3 +159,12 @@ def test_ppo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_p
     for name in (weights, value):
         a, b = load_file(runs / "fsdp2/final" / name), load_file(part / "final" / name)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_deepspeed_launch_is_refused_with_the_configs_that_work(monkeypatch, bases, tmp_path, capsys):
+    """DeepSpeed's engine owns the optimizer step and partitions the weights in a way the loop's checkpoints
+    do not read: a launch that asks for it stops at once with one line naming the FSDP2 and DDP configs."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert main(["sft", str(recipe_of(tmp_path, bases / "gpt", "sft"))]) == 2
+    err = capsys.readouterr().err
+    assert "DeepSpeed is not supported" in err and "recipes/accelerate/fsdp2.yaml" in err

@@ -45,7 +45,7 @@ from aligner.trainers.optim import (  # noqa: F401  (part of this module's API)
     resolve_precision,
     warmup_cosine,
 )
-from aligner.trainers.sharding import is_sharded, shard_for_launch, sharded_grad_norm
+from aligner.trainers.sharding import is_sharded, refuse_deepspeed, shard_for_launch, sharded_grad_norm
 
 
 class TrainingError(AlignerError):
@@ -68,6 +68,7 @@ class Trainer(Checkpointing):
         eval_data: Sequence | None = None,
         accelerator: Accelerator | None = None,
     ):
+        refuse_deepspeed(self.stage)  # before accelerate, which would import DeepSpeed
         self.recipe = recipe
         self.cfg = recipe.train
         self.tokenizer = tokenizer

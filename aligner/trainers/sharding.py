@@ -36,6 +36,23 @@ def fsdp2_requested() -> bool:
     return on and os.environ.get("FSDP_VERSION", "1") == "2"
 
 
+def deepspeed_requested() -> bool:
+    """Whether the launch asked for DeepSpeed (accelerate launch with a DeepSpeed config)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def refuse_deepspeed(stage: str) -> None:
+    """A launch that asks for DeepSpeed stops here, before anything is read or written: its engine owns the
+    optimizer step and partitions the weights in a way the loop's checkpoints do not read."""
+    from aligner.errors import ConfigError
+
+    if deepspeed_requested():
+        raise ConfigError(
+            f"{stage}: DeepSpeed is not supported; launch with recipes/accelerate/fsdp2.yaml (FSDP2 shards "
+            "weights, gradients and optimizer state as ZeRO-3 does) or recipes/accelerate/ddp.yaml"
+        )
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether the model's parameters are sharded DTensors (FSDP2, by accelerate or by `shard_model`)."""
     from torch.distributed.tensor import DTensor
