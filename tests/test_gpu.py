@@ -9,6 +9,8 @@ Skipped, with the reason, where there is no CUDA device; the main tier (`make te
   - exact resume on CUDA (`train.deterministic`): a run resumed from its step-3 checkpoint repeats the
     uninterrupted run's losses and final weights bit for bit;
   - `train.compile`: the compiled loop's losses equal the eager loop's;
+  - reward-model pairs sharing their prompt (`rm.share_prefix`: SDPA with the branch mask) give the loss and
+    gradients of the pairs run apart, on the GPT core and a transformers Llama;
   - with vLLM installed, the colocated engine: greedy tokens equal to the torch engine's, sleep / wake, and
     generations that follow the policy's weights after a sync, full and LoRA.
 """
@@ -127,6 +129,50 @@ def test_rollout_greedy_equals_transformers_generate(family):
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
     for out, row in zip(outs, ref[:, width:].tolist()):
         assert out.token_ids == row
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt"])
+def test_reward_pairs_sharing_their_prompt_on_cuda(family):
+    """rm.share_prefix on CUDA (SDPA with the branch mask, fp32 without TF32): the rewards, loss and gradients
+    of the pairs run apart."""
+    import transformers
+
+    from aligner.config import Recipe, TrainConfig
+    from aligner.data.collate import pack_shared_pairs, pad_pairs
+    from aligner.model.gpt import GPT, GPTConfig
+    from aligner.model.heads import ScalarHeadModel
+    from aligner.trainers.rm import RewardTrainer
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, attn_implementation="sdpa",
+        )  # fmt: skip
+        lm = transformers.LlamaForCausalLM(cfg)
+    else:
+        lm = GPT(GPTConfig(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                           num_key_value_heads=2))  # fmt: skip
+    model = ScalarHeadModel.from_causal_lm(lm).cuda()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, 512, (40,), generator=g).tolist()
+    pairs = [
+        {"chosen": {"input_ids": (x := prompt + torch.randint(1, 512, (a,), generator=g).tolist()), "labels": x},
+         "rejected": {"input_ids": (y := prompt + torch.randint(1, 512, (b,), generator=g).tolist()), "labels": y}}
+        for a, b in [(20, 9), (5, 31), (12, 12)]
+    ]  # fmt: skip
+    trainer = RewardTrainer(Recipe(train=TrainConfig(out_dir="/nonexistent", precision="fp32")), model, None, [])
+    results = []
+    for batch in (pad_pairs(pairs, 0), pack_shared_pairs(pairs, 0, 256)):
+        batch = trainer.to_device(batch)
+        model.zero_grad()
+        loss, _ = trainer.compute_loss(model, batch)
+        loss.backward()
+        results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert results[1][0] == pytest.approx(results[0][0], abs=1e-5)
+    for name, grad in results[0][1].items():
+        assert torch.allclose(results[1][1][name], grad, atol=1e-4), name
 
 
 def test_exact_resume_on_cuda(chain, monkeypatch):

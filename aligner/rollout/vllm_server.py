@@ -8,9 +8,10 @@ the policy's weights into it.
 Sampling: prompts go as token ids to /v1/completions, completions come back as token ids with the sampled
 tokens' log-probs (vLLM's processed log-probs, as with the colocated engine). Weight sync, after the policy
 has moved: the weights stream under Hugging Face names (gathered from the shards under FSDP2), cut into
-buckets of `rollout.sync_bucket_mb` and packed one at a time into one fixed buffer (never the whole state
-dict), each bucket posted to the server's `/collective_rpc`, which hands it to every worker's
-`WeightReceiver` (aligner/rollout/vllm_worker.py, vLLM's worker extension); the prefix cache is reset after.
+buckets of `rollout.sync_bucket_mb` (a tensor larger than that in runs of rows) and packed one at a time
+into one fixed buffer (never the whole state dict), each bucket posted to the server's `/collective_rpc`,
+which hands it to every worker's `WeightReceiver` (aligner/rollout/vllm_worker.py, vLLM's worker
+extension); the prefix cache is reset after. Tensors go in the trainer's dtype (vLLM casts them).
 Only the main process pushes; in a multi-process run the others wait for it (`OnlineTrainer.engine`).
 
 The wire is HTTP (base64 text in JSON, what `/collective_rpc` accepts), which needs nothing but the URL: no
