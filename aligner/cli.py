@@ -9,6 +9,7 @@
     aligner generate runs/sft/final --chat --prompt "What is 7 + 5?"
     aligner chat runs/sft/final                    # interactive, streamed, /reset and /exit
     aligner export runs/sft_lora/final out/merged  # merge a LoRA adapter into a full HF model
+    aligner serve-rollouts runs/sft/final          # vLLM rollout server for rollout.engine: vllm_server
 
 Errors in the user's input print one line and exit with code 2; a run stopped by a non-finite loss
 exits with code 1, and so does any other exception, which is aligner's own bug: it shows its traceback
@@ -30,13 +31,13 @@ USAGE = """usage: aligner <command> [RECIPE] [--flag value ...]
 
 commands:
 {commands}
-  generate     sample from a checkpoint: aligner generate CHECKPOINT --prompt TEXT
-  export       merge a LoRA checkpoint into a full model: aligner export CHECKPOINT OUT_DIR
-  eval         evaluate a checkpoint or Hub model on specs in evals/: aligner eval CHECKPOINT [SPEC ...] --items 500
-  chat         talk to a checkpoint, replies streamed: aligner chat CHECKPOINT
-  serve-rollouts  vLLM rollout server for rollout.engine vllm_server: aligner serve-rollouts MODEL --port 8000
-  report       plots and a markdown summary of runs: aligner report RUN_DIR... [--out DIR]
-  pipeline     pretrain -> SFT -> RM -> DPO, PPO, GRPO -> eval: aligner pipeline recipes/pipeline.yaml
+  generate       sample from a checkpoint: aligner generate CHECKPOINT --prompt TEXT
+  export         merge a LoRA checkpoint into a full model: aligner export CHECKPOINT OUT_DIR
+  eval           evaluate a checkpoint or Hub model on specs in evals/: aligner eval CHECKPOINT [SPEC ...] --items 500
+  chat           talk to a checkpoint, replies streamed: aligner chat CHECKPOINT
+  serve-rollouts vLLM rollout server for rollout.engine vllm_server: aligner serve-rollouts MODEL --port 8000
+  report         plots and a markdown summary of runs: aligner report RUN_DIR... [--out DIR]
+  pipeline       pretrain -> SFT -> RM -> DPO, PPO, GRPO -> eval: aligner pipeline recipes/pipeline.yaml
 
 Flags override the recipe: --lr 3e-4 (the command's own section first, then the one section that has
 the key) or --train.lr 3e-4 (always). Boolean flags may omit the value: --resume, --overwrite.
@@ -65,7 +66,7 @@ def sampling_params(**kw):
 
 
 def _usage() -> str:
-    lines = "\n".join(f"  {name:<12} {alg.help}" for name, alg in ALGORITHMS.items())
+    lines = "\n".join(f"  {name:<14} {alg.help}" for name, alg in ALGORITHMS.items())
     return USAGE.format(commands=lines)
 
 
