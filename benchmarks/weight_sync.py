@@ -1,12 +1,12 @@
 """Weight sync into a vLLM rollout server: time and the trainer's extra memory per bucket size.
 
-    .venv-vllm/bin/python benchmarks/weight_sync.py                   # 12 x 768 Llama, 32k vocab (~135M), fp32
+    .venv-vllm/bin/python benchmarks/weight_sync.py                   # 12 x 768 Llama, 32k vocab (128.8M), fp32
     .venv-vllm/bin/python benchmarks/weight_sync.py --buckets 16 64 256 --repeats 5
 
 Starts `aligner serve-rollouts` on a randomly initialised Llama checkpoint (written to --dir), then pushes the
 same weights --repeats times per bucket size (`rollout.sync_bucket_mb`), the sizes taking turns, after one
 warm-up push. Reports per size the median push time with its min-max, the rate in MB/s of weights, and the
-trainer process's peak resident memory above its level before the push (sampled every 2 ms): the bucket and
+trainer process's peak resident memory (the kernel's VmHWM) above its level before the push: the bucket and
 its encodings, never a second copy of the weights. Needs vLLM (`make test-vllm` builds .venv-vllm).
 """
 
@@ -18,37 +18,23 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+from compare_trl import peak_mib, reset_peak, rss_mib  # the same memory figures as the TRL comparison
 
 
 class PeakRSS:
-    """The peak resident memory while the block runs, sampled by a thread."""
+    """The kernel's peak resident memory (VmHWM) while the block runs, above its level at the start."""
 
     def __enter__(self):
-        self.base, self.peak, self.running = rss_mb(), rss_mb(), True
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
+        reset_peak()
+        self.base = rss_mib()
         return self
 
-    def sample(self):
-        while self.running:
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(0.002)
-
     def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.extra = self.peak - self.base
+        self.extra = peak_mib() - self.base
 
 
 def checkpoint(args) -> Path:
@@ -84,7 +70,7 @@ def main():
 
     from transformers import AutoModelForCausalLM
 
-    from aligner.rollout.vllm_server import VLLMServerEngine
+    from aligner.rollout.vllm_server import VLLMServerEngine, wait_for_server
 
     path = checkpoint(args)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -98,14 +84,7 @@ def main():
     )  # fmt: skip
     url = f"http://127.0.0.1:{args.port}"
     try:
-        for _ in range(1200):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise SystemExit(f"the server stopped: see {path / 'server.log'}") from None
-                time.sleep(0.5)
+        wait_for_server(url, server, timeout=600)
         engines = {mb: VLLMServerEngine(url, bucket_mb=mb) for mb in args.buckets}
         engines[args.buckets[0]].sync_weights(model)  # warm-up
         times, extra, buckets = {mb: [] for mb in args.buckets}, {mb: [] for mb in args.buckets}, {}

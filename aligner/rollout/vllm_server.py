@@ -121,23 +121,23 @@ class VLLMServerEngine(Engine):
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Push `model`'s weights (adapters merged) bucket by bucket; the prefix cache is reset after. A
         process that is not the sender only takes part in gathering sharded weights."""
+        if not self.sender:
+            if any(hasattr(p, "full_tensor") for p in model.parameters()):  # gathers run in step with the sender
+                for _ in wire_buckets(model, self.bucket_bytes):
+                    pass
+            return
         start, sent, nbytes, count = time.perf_counter(), 0, 0, 0
-        buffer = torch.empty(self.bucket_bytes, dtype=torch.uint8) if self.sender else None
-        if self.sender:
-            self._rpc("aligner_begin_weights")
+        buffer = torch.empty(self.bucket_bytes, dtype=torch.uint8)
+        self._rpc("aligner_begin_weights")
         buckets = wire_buckets(model, self.bucket_bytes)
         try:
             for bucket in buckets:
-                if not self.sender:
-                    continue
                 meta, payload = pack_bucket(bucket, buffer)
                 self._rpc("aligner_load_bucket", meta, payload=payload)
                 sent, nbytes = sent + 1, nbytes + len(payload)
                 count += sum(1 for _, t, first, rows in bucket if rows < 0 or first + t.shape[0] == rows)
         finally:
             buckets.close()
-        if not self.sender:
-            return
         loaded = self._rpc("aligner_end_weights")
         if any(int(n) != count for n in loaded):
             raise ConfigError(
@@ -146,6 +146,22 @@ class VLLMServerEngine(Engine):
             )
         self._request("/reset_prefix_cache", {})
         self.last_sync = {"buckets": sent, "bytes": nbytes, "seconds": time.perf_counter() - start}
+
+
+def wait_for_server(url: str, process=None, timeout: float = 300) -> None:
+    """Return once the server at `url` answers /health; raise if `process` (its Popen) exits first or
+    `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url.rstrip("/") + "/health", timeout=1)
+            return
+        except OSError:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the rollout server stopped (exit code {process.returncode})") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the rollout server at {url} did not answer in {timeout:.0f} s") from None
+            time.sleep(0.5)
 
 
 def server_command(

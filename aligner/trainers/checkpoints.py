@@ -29,15 +29,12 @@ class Checkpointing:
         self.accelerator.wait_for_everyone()
         ckpt.save_rng(tmp, self.rank)
         self.save_extra(tmp)
-        full = None
+        weights = {}  # the module's own, or a sharded model's gathered
         if self.sharded:  # every process: its shards to tmp/sharded, and its part of gathering the weights
             save_sharded(self.model, self.optimizer, tmp)
-            full = full_state_dict(self.model, main_only=True)
+            weights = {"state_dict": full_state_dict(self.model, main_only=True)}
         if self.is_main:
-            if full is not None:
-                self.unwrapped().save_pretrained(tmp, state_dict=full)
-            else:
-                self.unwrapped().save_pretrained(tmp)
+            self.unwrapped().save_pretrained(tmp, **weights)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             save_recipe(self.recipe, tmp)

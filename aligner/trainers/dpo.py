@@ -51,7 +51,7 @@ from aligner.tracking import phase
 from aligner.trainers.base import Trainer, prepare_run_dir
 from aligner.trainers.dpo_data import encode_pairs, weights_hash
 from aligner.trainers.reference import frozen_reference, reference_kind, reference_of
-from aligner.trainers.sharding import fsdp2_requested, shard_model
+from aligner.trainers.sharding import shard_like_policy
 
 
 class DPOTrainer(Trainer):
@@ -65,9 +65,9 @@ class DPOTrainer(Trainer):
         super().__init__(recipe, model, tokenizer, train_data, eval_data, **kw)
         self.dpo = recipe.dpo
         self.loss_fn = kto_loss if self.dpo.loss == "kto" else PREFERENCE_LOSSES[self.dpo.loss]
-        self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
-        if self.ref_model is not None and fsdp2_requested() and self.world > 1:
-            shard_model(self.ref_model)  # the frozen reference sharded like the policy (every process runs it)
+        self.ref_model = shard_like_policy(
+            ref_model.to(self.device).eval() if ref_model is not None else None, self.world
+        )
 
     packing = False  # pairs' 2B sequences packed padding-free into rows of `row_len` tokens (not KTO)
     row_len = 0

@@ -29,7 +29,7 @@ from aligner.rollout.torch_engine import TorchEngine
 from aligner.tracking import phase, tqdm_write
 from aligner.trainers.base import Trainer
 from aligner.trainers.reference import reference_of
-from aligner.trainers.sharding import fsdp2_requested, full_state_dict, shard_model
+from aligner.trainers.sharding import fsdp2_requested, full_state_dict, shard_like_policy
 
 PROMPT_KEYS = ("prompt", "prompt_ids")  # the columns of a prompt record that are not handed to rewards
 
@@ -50,9 +50,8 @@ class OnlineTrainer(Trainer):
         super().__init__(recipe, model, tokenizer, prompts, eval_prompts, **kw)
         self._sampler = sampler.to(self.device).eval() if sampler is not None else None
         self._sampler_step: int | None = None
-        self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None  # None: LoRA's base
-        if self.ref_model is not None and self._sampler is not None:
-            shard_model(self.ref_model)  # the frozen reference sharded like the policy (all processes run it)
+        ref_model = ref_model.to(self.device).eval() if ref_model is not None else None  # None: LoRA's base
+        self.ref_model = shard_like_policy(ref_model, self.world)
         self.reward_set = reward_set
         self.pad_id = pad_token_id(tokenizer)
         self.stop_ids = tuple(reply_stop_ids(tokenizer))

@@ -98,6 +98,14 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def shard_like_policy(model: torch.nn.Module | None, world: int) -> torch.nn.Module | None:
+    """A frozen companion of the policy (its reference) sharded like it in a multi-process FSDP2 launch, where
+    every process runs it; as it is otherwise (or None)."""
+    if model is not None and fsdp2_requested() and world > 1:
+        shard_model(model)
+    return model
+
+
 def full_state_dict(model: torch.nn.Module, main_only: bool = False) -> dict[str, torch.Tensor]:
     """The full weights: on every process where they are, or (`main_only`) on the CPU of the main process and
     empty elsewhere. Every process must call it (the shards are gathered)."""
