@@ -191,6 +191,35 @@ def tiny_run_recipe(tmp_path: Path, recipe: dict, sections: dict, file: str) -> 
     return path
 
 
+def grpo_recipe(tmp_path: Path, base: Path, **sections) -> Path:
+    """A short GRPO run from `base` on the task world's prompts (`sections`: overrides, merged per key)."""
+    recipe = {
+        "model": {"init_from": str(base)},
+        "grpo": {"num_generations": 4, "accuracy_items": 0},
+        "rollout": {"max_new_tokens": 12},
+        "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 4, "seq_len": 256},
+        "train": {"name": "g", "lr": 1e-2, "warmup_steps": 1, "micro_batch_size": 8},
+        "sft": {"chat_template": "chatml"},
+    }
+    return tiny_run_recipe(tmp_path, recipe, sections, "grpo.yaml")
+
+
+# an untrained model gets no reward from the answer checker; a reward that varies within groups gives signal
+ID_REWARD = (
+    "def low_ids(prompts, completions, completion_ids, **row):\n    return [-sum(c) / 1000 for c in completion_ids]\n"
+    "def some_flat(prompts, completions, completion_ids, **row):  # no signal for some prompts\n"
+    "    return [0.1 if len(str(p)) % 3 else -sum(c) / 1000 for p, c in zip(prompts, completion_ids)]\n"
+)
+
+
+@pytest.fixture
+def id_reward(tmp_path, monkeypatch):
+    (tmp_path / "id_reward.py").write_text(ID_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # for processes the test launches
+    return "id_reward:low_ids"
+
+
 def sft_recipe(tmp_path: Path, base: Path, arch: str = "gpt", **sections) -> Path:
     recipe = {
         "model": {"init_from": str(base), "arch": arch},

@@ -6,43 +6,15 @@ import shutil
 
 import pytest
 import torch
-from conftest import interrupted_copy, tiny_run_recipe
+from conftest import grpo_recipe, interrupted_copy
 from safetensors.torch import load_file
 
 from aligner.cli import main
 from aligner.trainers.grpo import informative_first
 
 
-def grpo_recipe(tmp_path, base, **sections):
-    recipe = {
-        "model": {"init_from": str(base)},
-        "grpo": {"num_generations": 4, "accuracy_items": 0},
-        "rollout": {"max_new_tokens": 12},
-        "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 4, "seq_len": 256},
-        "train": {"name": "g", "lr": 1e-2, "warmup_steps": 1, "micro_batch_size": 8},
-        "sft": {"chat_template": "chatml"},
-    }
-    return tiny_run_recipe(tmp_path, recipe, sections, "grpo.yaml")
-
-
 def metrics(tmp_path, name="g"):
     return [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-
-
-# an untrained model gets no reward from the answer checker; a reward that varies within groups gives signal
-ID_REWARD = (
-    "def low_ids(prompts, completions, completion_ids, **row):\n    return [-sum(c) / 1000 for c in completion_ids]\n"
-    "def some_flat(prompts, completions, completion_ids, **row):  # no signal for some prompts\n"
-    "    return [0.1 if len(str(p)) % 3 else -sum(c) / 1000 for p, c in zip(prompts, completion_ids)]\n"
-)
-
-
-@pytest.fixture
-def id_reward(tmp_path, monkeypatch):
-    (tmp_path / "id_reward.py").write_text(ID_REWARD)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # for processes the test launches
-    return "id_reward:low_ids"
 
 
 def test_grpo_runs_logs_rollout_metrics_and_updates_weights(bases, tmp_path, capsys, id_reward):

@@ -175,10 +175,10 @@ def test_serve_rollouts_refuses_an_adapter_directory(tmp_path, capsys):
     assert err.startswith("error:") and ("serve its base model" in err or "vLLM is not installed" in err)
 
 
-def test_grpo_trains_on_rollouts_from_a_server(stand_in, bases, tmp_path, monkeypatch):
+def test_grpo_trains_on_rollouts_from_a_server(stand_in, bases, tmp_path, id_reward):
     """The trainer pushes its weights before every rollout (the first too: a server may hold anything) and
     logs the time it took."""
-    from conftest import tiny_run_recipe
+    from conftest import grpo_recipe
 
     from aligner.cli import main
     from aligner.model.gpt import GPT
@@ -188,19 +188,10 @@ def test_grpo_trains_on_rollouts_from_a_server(stand_in, bases, tmp_path, monkey
     with torch.no_grad():
         for p in stand_in.model.parameters():
             p.zero_()  # what an unsynced server would sample from: nothing like the policy
-    (tmp_path / "ids.py").write_text(
-        "def low(prompts, completions, completion_ids, **r):\n    return [-sum(c) / 1e3 for c in completion_ids]\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    recipe = {
-        "model": {"init_from": str(checkpoint)},
-        "grpo": {"num_generations": 4, "accuracy_items": 0, "rewards": ["ids:low"], "mask_truncated": False},
-        "rollout": {"max_new_tokens": 8, "engine": "vllm_server", "server_url": stand_in.url, "sync_bucket_mb": 0.01},
-        "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 0, "seq_len": 256},
-        "train": {"name": "g", "lr": 1e-2, "warmup_steps": 1, "micro_batch_size": 8},
-        "sft": {"chat_template": "chatml"},
-    }  # fmt: skip
-    assert main(["grpo", str(tiny_run_recipe(tmp_path, recipe, {}, "grpo.yaml"))]) == 0
+    rollout = {"max_new_tokens": 8, "engine": "vllm_server", "server_url": stand_in.url, "sync_bucket_mb": 0.01}
+    grpo = {"rewards": [id_reward], "mask_truncated": False}
+    path = grpo_recipe(tmp_path, checkpoint, grpo=grpo, rollout=rollout, data={"num_eval_rows": 0})
+    assert main(["grpo", str(path)]) == 0
     rows = [json.loads(x) for x in (tmp_path / "runs/g/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["rollout/weight_sync_s"] > 0 for r in rows)
     methods = [b["method"] for p, b in stand_in.requests if p == "/collective_rpc"]
@@ -210,28 +201,20 @@ def test_grpo_trains_on_rollouts_from_a_server(stand_in, bases, tmp_path, monkey
     assert any(not torch.equal(pushed[k], v) for k, v in final.state_dict().items())  # the last step moved them
 
 
-def test_two_sharded_processes_push_once_and_both_sample(stand_in, bases, tmp_path, monkeypatch):
+def test_two_sharded_processes_push_once_and_both_sample(stand_in, bases, tmp_path, id_reward):
     """Under FSDP2 the weights are gathered on every process and pushed by the main one only; both processes
     sample their own prompts from the server after the push."""
-    from conftest import launch_two_processes, tiny_run_recipe
+    from conftest import grpo_recipe, launch_two_processes
 
     from aligner.model.gpt import GPT
 
     checkpoint = bases / "gpt"
     stand_in.model = GPT.from_pretrained(checkpoint).eval()
-    (tmp_path / "ids.py").write_text(
-        "def low(prompts, completions, completion_ids, **r):\n    return [-sum(c) / 1e3 for c in completion_ids]\n"
-    )
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    recipe = {
-        "model": {"init_from": str(checkpoint)},
-        "grpo": {"num_generations": 4, "accuracy_items": 0, "rewards": ["ids:low"], "mask_truncated": False},
-        "rollout": {"max_new_tokens": 8, "engine": "vllm_server", "server_url": stand_in.url, "sync_bucket_mb": 0.01},
-        "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 0, "seq_len": 256},
-        "train": {"name": "g", "lr": 1e-2, "warmup_steps": 1, "micro_batch_size": 4, "max_steps": 2},
-        "sft": {"chat_template": "chatml"},
-    }  # fmt: skip
-    path = tiny_run_recipe(tmp_path, recipe, {}, "grpo.yaml")
+    rollout = {"max_new_tokens": 8, "engine": "vllm_server", "server_url": stand_in.url, "sync_bucket_mb": 0.01}
+    path = grpo_recipe(
+        tmp_path, checkpoint, grpo={"rewards": [id_reward], "mask_truncated": False}, rollout=rollout,
+        data={"num_eval_rows": 0}, train={"micro_batch_size": 4, "max_steps": 2},
+    )  # fmt: skip
     launch_two_processes(["grpo", str(path)], {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
     methods = [b["method"] for p, b in stand_in.requests if p == "/collective_rpc"]
     assert methods.count("aligner_begin_weights") == 2  # one push per rollout, not one per process

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import interrupted_copy, launch_two_processes, tiny_run_recipe
+from conftest import grpo_recipe, interrupted_copy, launch_two_processes, tiny_run_recipe
 from safetensors.torch import load_file
 
 from aligner.cli import main
@@ -76,35 +76,32 @@ def test_two_processes_take_one_process_steps_and_resume_exactly(bases, tmp_path
     assert torch.equal(model.model.embed_tokens.weight, b["model.embed_tokens.weight"])
 
 
-def test_grpo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_path, monkeypatch):
-    """The online trainers generate on a full copy of the policy, refreshed from the shards after every step;
-    the frozen reference is sharded. Two processes sample what they sample under DDP (the same seeds), so
-    the FSDP2 run's steps are the DDP run's, evals included."""
-    reward = "def low_ids(prompts, completions, completion_ids, **row):\n"
-    reward += "    return [-sum(c) / 1000 for c in completion_ids]\n"
-    (tmp_path / "id_reward.py").write_text(reward)
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    grpo = {"num_generations": 4, "accuracy_items": 0, "rewards": ["id_reward:low_ids"], "mask_truncated": False}
-    recipe = {
-        "model": {"init_from": str(bases / "gpt")},
-        "grpo": {**grpo, "num_iterations": 2, "beta": 0.05},
-        "rollout": {"max_new_tokens": 12},
-        "sft": {"chat_template": "chatml"},
-        "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 4, "seq_len": 256},
-        "train": {"name": "ddp", "lr": 1e-2, "max_steps": 3, "micro_batch_size": 4, "save_every": 1, "eval_every": 2},
-    }
-    path = tiny_run_recipe(tmp_path, recipe, {}, "grpo.yaml")
-    runs = tmp_path / "runs"
-    launch_two_processes(["grpo", str(path)])
-    launch_two_processes(["grpo", str(path), "--train.name", "fsdp2"], FSDP2)
-    keys = ("train/loss", "train/grad_norm", "grpo/kl", "rollout/reward_mean", "eval/reward_mean")
+# the online trainers' two-process runs: 3 steps of 4 completions per process, checkpoints every step, an eval at 2
+TWO_PROCESS_RUN = {"name": "ddp", "max_steps": 3, "micro_batch_size": 4, "save_every": 1, "eval_every": 2}
+
+
+def same_logged_steps(runs, *keys):
+    """The FSDP2 run's logged `keys` are the DDP run's at each of its 3 steps (to float rounding), and the
+    last key (an eval) was logged at step 2."""
     ddp, sharded = ([{k: r.get(k) for k in keys} for r in map(json.loads, (runs / n / "metrics.jsonl").open())]
                     for n in ("ddp", "fsdp2"))  # fmt: skip
-    assert len(ddp) == len(sharded) == 3 and ddp[1]["eval/reward_mean"] is not None
+    assert len(ddp) == len(sharded) == 3 and ddp[1][keys[-1]] is not None
     for a, b in zip(ddp, sharded):
         assert a.keys() == b.keys() and all(
             b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6) for k in a if a[k] is not None
         )
+
+
+def test_grpo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_path, id_reward):
+    """The online trainers generate on a full copy of the policy, refreshed from the shards after every step;
+    the frozen reference is sharded. Two processes sample what they sample under DDP (the same seeds), so
+    the FSDP2 run's steps are the DDP run's, evals included."""
+    grpo = {"rewards": [id_reward], "mask_truncated": False, "num_iterations": 2, "beta": 0.05}
+    path = grpo_recipe(tmp_path, bases / "gpt", grpo=grpo, train={**TWO_PROCESS_RUN, "warmup_steps": None})
+    runs = tmp_path / "runs"
+    launch_two_processes(["grpo", str(path)])
+    launch_two_processes(["grpo", str(path), "--train.name", "fsdp2"], FSDP2)
+    same_logged_steps(runs, "train/loss", "train/grad_norm", "grpo/kl", "rollout/reward_mean", "eval/reward_mean")
     part = interrupted_copy(runs / "fsdp2", runs / "part", 2)  # killed after step 2: in its second rollout
     launch_two_processes(["grpo", str(path), "--train.name", "part", "--resume"], FSDP2)
     a, b = load_file(runs / "fsdp2/final/model.safetensors"), load_file(part / "final/model.safetensors")
@@ -112,17 +109,13 @@ def test_grpo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_
 
 
 @pytest.mark.parametrize("value_model", ["separate", "shared-lora"])
-def test_ppo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_path, monkeypatch, value_model):
+def test_ppo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_path, id_reward, value_model):
     """PPO shards its policy and its value model (a critic of its own, or a head on a LoRA policy whose
     reference is the policy with its adapter disabled) as units of their own; rollouts come from a full copy
     of the policy. The FSDP2 run's steps are the DDP run's, and a run killed in the middle of a rollout
     resumes to the same final weights."""
-    reward = "def low_ids(prompts, completions, completion_ids, **row):\n"
-    reward += "    return [-sum(c) / 1000 for c in completion_ids]\n"
-    (tmp_path / "id_reward.py").write_text(reward)
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     lora = value_model == "shared-lora"
-    ppo = {"reward_model": None, "rewards": ["id_reward:low_ids"], "rollout_prompts": 8, "ppo_epochs": 2,
+    ppo = {"reward_model": None, "rewards": [id_reward], "rollout_prompts": 8, "ppo_epochs": 2,
            "accuracy_items": 0, "value_model": "shared" if lora else "separate"}  # fmt: skip
     recipe = {
         "model": {"init_from": str(bases / "gpt")},
@@ -130,21 +123,16 @@ def test_ppo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_p
         "rollout": {"max_new_tokens": 12},
         "sft": {"chat_template": "chatml"},
         "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 4, "seq_len": 256},
-        "train": {"name": "ddp", "lr": 1e-2, "max_steps": 3, "micro_batch_size": 4, "save_every": 1, "eval_every": 2},
+        "train": {"lr": 1e-2, **TWO_PROCESS_RUN},
     }
     extra = {"lora": {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0}} if lora else {}
     path = tiny_run_recipe(tmp_path, recipe, extra, "ppo.yaml")
     runs = tmp_path / "runs"
     launch_two_processes(["ppo", str(path)])
     launch_two_processes(["ppo", str(path), "--train.name", "fsdp2"], FSDP2)
-    keys = ("train/loss", "train/grad_norm", "ppo/value_loss", "kl/mean", "rollout/score_mean", "eval/score")
-    ddp, sharded = ([{k: r.get(k) for k in keys} for r in map(json.loads, (runs / n / "metrics.jsonl").open())]
-                    for n in ("ddp", "fsdp2"))  # fmt: skip
-    assert len(ddp) == len(sharded) == 3 and ddp[1]["eval/score"] is not None
-    for a, b in zip(ddp, sharded):
-        assert a.keys() == b.keys() and all(
-            b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6) for k in a if a[k] is not None
-        )
+    same_logged_steps(
+        runs, "train/loss", "train/grad_norm", "ppo/value_loss", "kl/mean", "rollout/score_mean", "eval/score"
+    )
     shards = sorted(p.name for p in (runs / "fsdp2/step_000003/sharded").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # policy and value model sharded
     weights = "adapter_model.safetensors" if lora else "model.safetensors"

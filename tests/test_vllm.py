@@ -120,43 +120,28 @@ def test_lora_adapter_is_synced_merged(checkpoint, engine):
     engine.sync_weights(GPT.from_pretrained(checkpoint))
 
 
-def test_grpo_with_the_vllm_engine(checkpoint, tmp_path, monkeypatch, capsys):
+def test_grpo_with_the_vllm_engine(checkpoint, tmp_path, id_reward):
     """A short GRPO run whose rollouts come from vLLM; every optimizer step is synced into it."""
-    from conftest import tiny_run_recipe
+    from conftest import grpo_recipe
 
     from aligner.cli import main
 
-    (tmp_path / "ids.py").write_text(
-        "def low(prompts, completions, completion_ids, **r):\n    return [-sum(c) / 1e3 for c in completion_ids]\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    recipe = {
-        "model": {"init_from": str(checkpoint)},
-        "grpo": {"num_generations": 4, "accuracy_items": 0, "rewards": ["ids:low"], "mask_truncated": False},
-        "rollout": {"max_new_tokens": 12, "engine": "vllm"},
-        "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 0, "seq_len": 256},
-        "train": {"name": "g", "lr": 1e-2, "warmup_steps": 1, "micro_batch_size": 8},
-        "sft": {"chat_template": "chatml"},
-    }  # fmt: skip
-    path = tiny_run_recipe(tmp_path, recipe, {}, "grpo.yaml")
+    grpo = {"rewards": [id_reward], "mask_truncated": False}
+    path = grpo_recipe(tmp_path, checkpoint, grpo=grpo, rollout={"engine": "vllm"}, data={"num_eval_rows": 0})
     assert main(["grpo", str(path)]) == 0
     rows = [json.loads(x) for x in (tmp_path / "runs/g/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("rollout/reward_mean" in r for r in rows)
     assert rows[-1]["rollout/reward_mean"] != rows[0]["rollout/reward_mean"]
 
 
-def test_ppo_with_the_vllm_engine(checkpoint, tmp_path, monkeypatch):
+def test_ppo_with_the_vllm_engine(checkpoint, tmp_path, id_reward):
     from conftest import tiny_run_recipe
 
     from aligner.cli import main
 
-    (tmp_path / "ids.py").write_text(
-        "def low(prompts, completions, completion_ids, **r):\n    return [-sum(c) / 1e3 for c in completion_ids]\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
     recipe = {
         "model": {"init_from": str(checkpoint)},
-        "ppo": {"reward_model": None, "rewards": ["ids:low"], "rollout_prompts": 8, "ppo_epochs": 1,
+        "ppo": {"reward_model": None, "rewards": [id_reward], "rollout_prompts": 8, "ppo_epochs": 1,
                 "accuracy_items": 0},
         "rollout": {"max_new_tokens": 12, "engine": "vllm"},
         "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 0, "seq_len": 256},
@@ -177,8 +162,8 @@ def server(checkpoint):
     import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
+
+    from aligner.rollout.vllm_server import wait_for_server
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -191,16 +176,10 @@ def server(checkpoint):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise RuntimeError("the server stopped:\n" + (checkpoint.parent / "server.log").read_text()[-3000:])
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("the server did not come up in 5 minutes")
+        try:
+            wait_for_server(url, proc)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}:\n" + (checkpoint.parent / "server.log").read_text()[-3000:]) from None
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -235,29 +214,21 @@ def test_the_server_after_a_bucketed_sync_is_greedy_like_the_trainer(checkpoint,
     assert [c.token_ids for c in remote.generate(prompts(checkpoint), greedy())] == [c.token_ids for c in before]
 
 
-def test_grpo_with_a_vllm_server(checkpoint, server, tmp_path, monkeypatch):
+def test_grpo_with_a_vllm_server(checkpoint, server, tmp_path, id_reward):
     """GRPO trains 3 steps on rollouts from the server, pushing its weights in buckets before each; the server
     then generates what the trainer's own weights of that step generate."""
-    from conftest import tiny_run_recipe
+    from conftest import grpo_recipe
 
     from aligner.cli import main
     from aligner.model.gpt import GPT
     from aligner.rollout.vllm_server import VLLMServerEngine
 
-    (tmp_path / "ids.py").write_text(
-        "def low(prompts, completions, completion_ids, **r):\n    return [-sum(c) / 1e3 for c in completion_ids]\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    recipe = {
-        "model": {"init_from": str(checkpoint)},
-        "grpo": {"num_generations": 4, "accuracy_items": 0, "rewards": ["ids:low"], "mask_truncated": False},
-        "rollout": {"max_new_tokens": 12, "engine": "vllm_server", "server_url": server, "sync_bucket_mb": 0.05},
-        "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 0, "seq_len": 256},
-        "train": {"name": "g", "lr": 1e-2, "warmup_steps": 1, "micro_batch_size": 8, "save_every": 1,
-                  "keep_checkpoints": 3},
-        "sft": {"chat_template": "chatml"},
-    }  # fmt: skip
-    assert main(["grpo", str(tiny_run_recipe(tmp_path, recipe, {}, "grpo.yaml"))]) == 0
+    path = grpo_recipe(
+        tmp_path, checkpoint, grpo={"rewards": [id_reward], "mask_truncated": False}, data={"num_eval_rows": 0},
+        rollout={"engine": "vllm_server", "server_url": server, "sync_bucket_mb": 0.05},
+        train={"save_every": 1, "keep_checkpoints": 3},
+    )  # fmt: skip
+    assert main(["grpo", str(path)]) == 0
     rows = [json.loads(x) for x in (tmp_path / "runs/g/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["rollout/weight_sync_s"] > 0 for r in rows)
     assert rows[-1]["rollout/reward_mean"] != rows[0]["rollout/reward_mean"]
