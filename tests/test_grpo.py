@@ -2,6 +2,7 @@
 per rollout, the KL reference (frozen copy or adapter disabled), exact resume, and bad inputs."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -245,3 +246,22 @@ def test_sampler_mismatch_is_logged_and_truncated_importance_sampling_runs(bases
     assert 0 <= a["grpo/mismatch_kl"] < 1e-4 and a["grpo/mismatch_max"] < 1e-2
     assert b["grpo/tis_capped"] == 0.0
     assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-3)
+
+
+def test_rollouts_sample_in_bf16_when_training_runs_under_bf16(bases, tmp_path, id_reward):
+    """rollout.dtype auto: the torch engine samples in bf16 under bf16 autocast (a bf16 copy of the weights),
+    else in the weights' own precision; a bf16 run's sampler stays close to its trainer (mismatch logged)."""
+    from types import SimpleNamespace
+
+    from aligner.trainers.online import OnlineTrainer
+
+    def dtype(setting, precision):
+        return OnlineTrainer.sampling_dtype(SimpleNamespace(r=SimpleNamespace(dtype=setting), precision=precision))
+
+    assert dtype("auto", "bf16") == torch.bfloat16 and dtype("bf16", "fp32") == torch.bfloat16
+    assert dtype("auto", "fp32") is None and dtype("fp32", "bf16") is None
+    grpo = {"rewards": [id_reward], "mask_truncated": False}
+    recipe = grpo_recipe(tmp_path, bases / "gpt", grpo=grpo, train={"name": "b", "max_steps": 1, "precision": "bf16"})
+    assert main(["grpo", str(recipe)]) == 0
+    m = metrics(tmp_path, "b")[0]
+    assert 0 <= m["grpo/mismatch_kl"] < 0.05 and math.isfinite(m["train/grad_norm"])

@@ -9,7 +9,7 @@ from conftest import tiny_gpt, tiny_llama
 
 from aligner.model.gpt import GPT
 from aligner.rollout.engine import Completion, Engine, SamplingParams
-from aligner.rollout.torch_engine import TorchEngine, argmax_rows, filter_logits
+from aligner.rollout.torch_engine import TorchEngine, argmax_rows, filter_logits, sample_categorical
 
 VOCAB = 64
 PAD = 0
@@ -245,6 +245,95 @@ def test_filter_logits():
     # top-p acts on what top-k left: renormalised over 2 tokens, the first holds 73% of the mass
     assert kept(filter_logits(logits, top_k=2, top_p=0.75)) == [0, 1]
     assert kept(filter_logits(logits, top_k=2, top_p=0.7)) == [0]
+
+
+@pytest.mark.parametrize("vocab", [512, 300])  # blocks of 128 (two-level CDF), and a vocabulary that is not
+def test_sample_categorical_draws_each_token_at_its_probability(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    probs = torch.rand(2, vocab, generator=g) ** 4  # uneven, unnormalised
+    probs[:, ::7] = 0.0  # tokens that must never be drawn (filtered out), block edges among them
+    probs[1, 128:256] = 0.0  # a whole block without mass
+    rows = probs.repeat_interleave(50_000, 0)  # 50k draws per distribution
+    tokens = sample_categorical(rows, torch.Generator().manual_seed(0)).view(2, -1)
+    for r in range(2):
+        counts = torch.bincount(tokens[r], minlength=vocab).float()
+        assert counts[probs[r] == 0].sum() == 0
+        expected = probs[r] / probs[r].sum() * tokens.shape[1]
+        # a chi-square statistic near its degrees of freedom (a wrong sampler is off by orders of magnitude)
+        live = expected > 0
+        chi2 = ((counts[live] - expected[live]) ** 2 / expected[live]).sum()
+        dof = int(live.sum()) - 1
+        assert chi2 < dof + 5 * (2 * dof) ** 0.5
+
+
+def test_bf16_sampling_from_fp32_weights_equals_a_bf16_model():
+    """dtype=bf16 samples from a bf16 copy of fp32 weights (GPT core, a transformers Llama decoded
+    through it): the tokens and log-probs of the same model cast to bf16, the weights left in fp32; a
+    model the core cannot decode (peft-wrapped) runs under autocast."""
+    import copy
+
+    for model in (make_gpt(), make_llama()):
+        params = SamplingParams(max_new_tokens=10, n=3, seed=5)
+        ours = TorchEngine(model, PAD, dtype=torch.bfloat16).generate(PROMPTS, params)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        cast = copy.deepcopy(model).to(torch.bfloat16)
+        theirs = TorchEngine(cast, PAD).generate(PROMPTS, params)
+        assert ours == theirs
+        fp32 = TorchEngine(model, PAD).generate(PROMPTS, greedy())
+        bf16 = TorchEngine(model, PAD, dtype=torch.bfloat16).generate(PROMPTS, greedy())
+        assert bf16 != fp32  # another precision's log-probs
+        for a, b in zip(bf16, fp32):  # close to fp32's where the tokens agree
+            n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
+            torch.testing.assert_close(torch.tensor(a.logprobs[:n]), torch.tensor(b.logprobs[:n]), atol=0.1, rtol=0)
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(make_gpt(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    seen = []
+    mlp = lora.get_base_model().model.layers[0].mlp
+    hook = mlp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    TorchEngine(lora, PAD, dtype=torch.bfloat16).generate(PROMPTS, greedy(3))
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # autocast's matmuls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_over_the_whole_cache_equals_the_filled_part(dtype):
+    """A `whole` KV cache (decoding attends over every preallocated position, the unfilled ones masked)
+    gives the logits of attending over the filled positions only."""
+    from aligner.model.kv_cache import KVCache
+
+    model = make_gpt().to(dtype).eval()
+    ids = torch.tensor([[PAD, PAD, 5, 9, 13], [3, 17, 60, 1, 8]])
+    mask = (ids != PAD).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = {}
+    for whole in (False, True):
+        cache = KVCache(model.config, 2, 12, dtype=dtype, model=model, whole=whole)
+        with torch.no_grad():
+            out = [model(ids, positions, mask, cache=cache)[:, -1]]
+            step_mask, pos = mask, positions[:, -1:]
+            for _ in range(5):
+                step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=torch.long)], -1)
+                pos = pos + 1
+                out.append(model(out[-1].argmax(-1)[:, None], pos, step_mask, cache=cache)[:, -1])
+        logits[whole] = torch.stack(out).float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(logits[True], logits[False], atol=tol, rtol=0)
+
+
+def test_the_samples_of_a_prompt_share_its_prefill():
+    """n samples per prompt prefill each prompt once (the GPT core's cache rows repeated): the same
+    samples as asking for each prompt n times with n = 1."""
+    model = make_gpt()
+    params = SamplingParams(max_new_tokens=10, n=3, seed=7)
+    shared = TorchEngine(model, PAD).generate(PROMPTS, params)
+    repeated = TorchEngine(model, PAD).generate(
+        [p for p in PROMPTS for _ in range(3)], SamplingParams(max_new_tokens=10, n=1, seed=7)
+    )
+    assert [c.token_ids for c in shared] == [c.token_ids for c in repeated]
+    for a, b in zip(shared, repeated):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
 
 # --- plumbing -------------------------------------------------------------------------------------

@@ -313,6 +313,8 @@ class GPT(nn.Module):
                 mask = build_attn_mask(T, past, attention_mask, input_ids.device, docs)
                 if mask is not None:
                     mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            if cache.whole_step(T):  # past > 0, so the mask is not None
+                mask = cache.decode_mask(mask)  # over the keys `cache.update` returns
             cos, sin = cache.rope(position_ids, x.dtype)  # (B, T, hd)
         else:
             mask = build_attn_mask(T, past, attention_mask, input_ids.device, docs, branch_ids)

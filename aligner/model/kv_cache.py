@@ -56,7 +56,10 @@ class KVCache:
     """Preallocated keys and values, (B, KV, max_len, hd) per layer, filled left to right.
 
     One forward writes its T new positions into every layer, then `GPT.forward` advances `length`.
-    Works for a prefill of many tokens and for decoding one token at a time. Given `model`, the cache
+    Works for a prefill of many tokens and for decoding one token at a time. With `whole` (the default on
+    the CPU for caches below fp32), decoding attends over all max_len positions, the unfilled ones masked
+    out: the keys stay one contiguous tensor, where a slice of them would be copied by the CPU's bf16
+    batched matmuls at every layer and step (more than a third of bf16 decoding's time). Given `model`, the cache
     also holds each layer's fused projection weights (`FusedWeights`), so a cache must not outlive
     an optimizer step of that model: make a new one per generation, as the torch engine does.
     """
@@ -69,8 +72,11 @@ class KVCache:
         device=None,
         dtype=torch.float32,
         model: GPT | None = None,
+        whole: bool | None = None,
     ):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        cpu = torch.device(device or "cpu").type == "cpu"
+        self.whole = (cpu and dtype != torch.float32) if whole is None else whole
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
@@ -103,13 +109,25 @@ class KVCache:
         return hidden @ self.head if self.head is not None else model.lm_head(hidden)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
-        """Store new (B, KV, T, hd) keys/values after the cached ones; return all (B, KV, S, hd)."""
+        """Store new (B, KV, T, hd) keys/values after the cached ones; return all (B, KV, S, hd): the filled
+        S positions, or when decoding (T = 1) into a `whole` cache all max_len of them (see `decode_mask`)."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KVCache overflow: {end} positions needed, max_len is {self.max_len}")
         self.keys[layer_idx][:, :, self.length : end] = k
         self.values[layer_idx][:, :, self.length : end] = v
+        if self.whole_step(k.shape[2]):
+            return self.keys[layer_idx], self.values[layer_idx]
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def whole_step(self, new: int) -> bool:
+        """Whether a forward of `new` tokens attends over every position (decoding into a `whole` cache)."""
+        return self.whole and new == 1 and self.length > 0
+
+    def decode_mask(self, bias: torch.Tensor) -> torch.Tensor:
+        """A decoding step's additive mask (B, 1, 1, S) over the filled positions, widened to every position
+        that `update` returns (`whole_step`): -inf over the unfilled ones."""
+        return torch.nn.functional.pad(bias, (0, self.max_len - bias.shape[-1]), value=float("-inf"))
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only the batch rows `index` (a 1-D tensor of row numbers), in that order."""

@@ -16,14 +16,16 @@ def make_engine(
     max_model_len: int | None = None,
     seed: int = 0,
     main: bool = True,
+    dtype=None,
 ) -> Engine:
     """The rollout engine a recipe's `rollout` section names: the torch engine over `model` itself, vLLM
     started from `checkpoint` (the policy's starting weights; `sync_weights` brings it up to date), or a
-    client of a vLLM server at `cfg.server_url` (the `main` process pushes the weights)."""
+    client of a vLLM server at `cfg.server_url` (the `main` process pushes the weights). `dtype`: the torch
+    engine's sampling precision (None: the weights' own)."""
     if cfg.engine == "torch":
         from aligner.rollout.torch_engine import TorchEngine
 
-        return TorchEngine(model, pad_id=pad_id, compile=cfg.compile)
+        return TorchEngine(model, pad_id=pad_id, compile=cfg.compile, dtype=dtype)
     if cfg.engine == "vllm_server":
         from aligner.rollout.vllm_server import VLLMServerEngine
 

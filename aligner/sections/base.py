@@ -143,6 +143,9 @@ class RolloutConfig:
     top_k: int = 0  # top-k sampling; 0 = off
     min_p: float = 0.0  # min-p sampling; 0 = off
     compile: bool = False  # torch engine: torch.compile its decoding step (~20 s once; ~1.1x tokens/s)
+    # torch engine: the precision it samples in; auto = bf16 where training runs under bf16 autocast (a bf16
+    # copy of the weights per rollout, as vLLM samples in bf16), else the weights' own
+    dtype: str = choice("auto", "auto", "fp32", "bf16")
     vllm_memory: float = 0.2  # vLLM's gpu_memory_utilization (on its CPU backend: the share of CPU memory)
     vllm_sleep: bool = False  # free vLLM's GPU memory while training (CUDA sleep mode)
     server_url: str = "http://127.0.0.1:8000"  # vllm_server: where `aligner serve-rollouts` listens

@@ -131,6 +131,7 @@ class OnlineTrainer(Trainer):
             self._engine = make_engine(
                 self.r, self.sampler_model(), self.pad_id, checkpoint=checkpoint,
                 max_model_len=self.recipe.data.seq_len, seed=self.cfg.seed, main=self.is_main,
+                dtype=self.sampling_dtype(),
             )  # fmt: skip
             fresh = not self.cfg.resume and self.r.engine == "vllm"
             self._synced_at = 0 if fresh else None  # a fresh colocated vLLM holds init_from's weights
@@ -143,6 +144,13 @@ class OnlineTrainer(Trainer):
             self._synced_at = self.step
             self._sync_seconds += time.perf_counter() - start
         return self._engine
+
+    def sampling_dtype(self) -> torch.dtype | None:
+        """The torch engine's precision (`rollout.dtype`): bf16 when asked, or under `auto` when training runs
+        under bf16 autocast; else None (the weights' own)."""
+        if self.r.dtype == "bf16" or (self.r.dtype == "auto" and self.precision == "bf16"):
+            return torch.bfloat16
+        return None
 
     def complete_and_score(self, rows: list[dict], params: SamplingParams, engine=None):
         """Completions of `rows` (params.n each), their texts and the reward set's (totals, per-function)."""
