@@ -3,8 +3,9 @@
     engine = TorchEngine(model, pad_id=tokenizer.pad_token_id)
     completions = engine.generate(prompt_ids, SamplingParams(temperature=0.7, n=8, stop_ids=(eos,)))
 
-Prompts are left-padded into one batch (each repeated n times), prefilled once, then decoded one
-token per step from the cache: the GPT core's `KVCache`, or the model's own `past_key_values` for
+Prompts are left-padded into one batch (each repeated n times; with the GPT core's cache each prompt is
+prefilled once and its cache rows repeated for its n samples), then decoded one token per step from the
+cache: the GPT core's `KVCache`, or the model's own `past_key_values` for
 transformers models, with `attention_mask` and `position_ids = cumsum(mask) - 1` so that a padded
 row computes what it would alone. A row that emits a stop id is finished: it is fed padding (which no
 other row attends to) until every row is done or `max_new_tokens` is reached; with the GPT core's
