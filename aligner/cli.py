@@ -82,9 +82,13 @@ def run_training(command: str, argv: list[str]) -> int:
         recipe_path = default_recipe_path(command)
     recipe = load_recipe(recipe_path, parse_flags(argv), command=command)
     from aligner.tracking import main_process
-    from aligner.trainers.sharding import refuse_deepspeed
+    from aligner.trainers import zero
 
-    refuse_deepspeed(command)  # before the run directory or the data is touched
+    if zero.requested() and "rollout" in ALGORITHMS[command].reads:  # before the run directory or data is touched
+        raise ConfigError(
+            f"{command}: the online trainers sample from a full copy of the policy on every process, which DeepSpeed "
+            "does not give; launch with recipes/accelerate/fsdp2.yaml or recipes/accelerate/ddp.yaml"
+        )
 
     check_writable(Path(recipe.train.out_dir) / recipe.train.name, "train.out_dir")  # before the data is read
     if main_process():  # at once, before the heavy imports and the data: the run has started
@@ -305,10 +309,15 @@ def run_report(argv: list[str]) -> int:
 
 def leave_process_group() -> None:
     """Processes of a launch leave their group together: a barrier, then the group destroyed (a process that
-    exits while torch.distributed.checkpoint's threads still hold the group can abort)."""
+    exits while torch.distributed.checkpoint's threads still hold the group can abort). What is left of the
+    run is collected first, while the group exists: a DeepSpeed engine (kept in reference cycles) tears its
+    optimizer down when collected, which at exit, after the group, aborts the process."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # not vLLM's own, in-process
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

@@ -235,11 +235,15 @@ def python() -> str:
     return sys.executable
 
 
-def launch_two_processes(argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+def launch_two_processes(argv: list[str], env: dict | None = None, config: str | None = None):
     """`accelerate launch` 2 CPU processes (gloo) running `python -m aligner ARGV`; asserts success. `env`:
-    more environment (ACCELERATE_USE_FSDP and FSDP_VERSION, as an FSDP2 config file sets them)."""
+    more environment (ACCELERATE_USE_FSDP and FSDP_VERSION, as an FSDP2 config file sets them); `config`: a
+    launch config file of the repository's (recipes/accelerate/zero3.yaml)."""
     launcher = str(Path(sys.executable).parent / "accelerate")
-    cmd = [launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu"]
+    if config:
+        cmd = [launcher, "launch", "--config_file", str(REPO / config), "--num_processes", "2"]
+    else:
+        cmd = [launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "aligner", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

@@ -37,15 +37,31 @@ def steps(run):
 
 @pytest.mark.parametrize(
     ("command", "mode"),
-    [("sft", "ddp"), ("sft", "fsdp2"), ("sft-lora", "fsdp2"), ("dpo", "ddp"), ("dpo", "fsdp2"), ("rm", "fsdp2")],
+    [
+        ("sft", "ddp"),
+        ("sft", "fsdp2"),
+        ("sft-lora", "fsdp2"),
+        ("dpo", "ddp"),
+        ("dpo", "fsdp2"),
+        ("rm", "fsdp2"),
+        ("sft", "zero3"),
+        ("sft-lora", "zero3"),
+        ("dpo", "zero3"),
+        ("rm", "zero3"),
+    ],
 )
 def test_two_processes_take_one_process_steps_and_resume_exactly(bases, tmp_path, command, mode):
+    if mode == "zero3":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
     env = FSDP2 if mode == "fsdp2" else {}
+    config = "recipes/accelerate/zero3.yaml" if mode == "zero3" else None
     command, lora = command.removesuffix("-lora"), command.endswith("-lora")  # LoRA: its adapters sharded
     recipe = recipe_of(tmp_path, bases / "gpt", command, lora)
     runs = tmp_path / "runs"
     assert main([command, str(recipe)]) == 0  # one process, micro-batch 4
-    launch_two_processes([command, str(recipe), "--micro_batch_size", "2", "--train.name", "two"], env)
+    # under DeepSpeed also with accumulation: micro-batches of 1, two per step (the engine's boundary)
+    batch = ["--micro_batch_size", "1", "--grad_accum", "2"] if mode == "zero3" else ["--micro_batch_size", "2"]
+    launch_two_processes([command, str(recipe), *batch, "--train.name", "two"], env, config)
     (a, ga), *later_one = steps(runs / "one")
     (b, gb), *later_two = steps(runs / "two")
     assert b == pytest.approx(a, abs=1e-6) and gb == pytest.approx(ga, rel=1e-5)  # the first step: equal
@@ -56,10 +72,13 @@ def test_two_processes_take_one_process_steps_and_resume_exactly(bases, tmp_path
             "__0_0.distcp",
             "__1_0.distcp",
         ]
+    if mode == "zero3":  # DeepSpeed's partitions of the weights and of AdamW's moments, one file per process
+        files = sorted(p.name for p in (runs / "two/step_000003/sharded/zero").glob("*optim_states.pt"))
+        assert len(files) == 2 and "rank_0" in files[0] and "rank_1" in files[1]
 
     part = interrupted_copy(runs / "two", runs / "part", 2)  # killed after step 2
-    args = [command, str(recipe), "--micro_batch_size", "2", "--train.name", "part", "--resume"]
-    proc = launch_two_processes(args, env)
+    args = [command, str(recipe), *batch, "--train.name", "part", "--resume"]
+    proc = launch_two_processes(args, env, config)
     assert "resumed from" in proc.stdout and "step_000002" in proc.stdout
     weights = "adapter_model.safetensors" if lora else "model.safetensors"
     a, b = load_file(runs / "two/final" / weights), load_file(part / "final" / weights)
@@ -149,10 +168,14 @@ def test_ppo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_p
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_deepspeed_launch_is_refused_with_the_configs_that_work(monkeypatch, bases, tmp_path, capsys):
-    """DeepSpeed's engine owns the optimizer step and partitions the weights in a way the loop's checkpoints
-    do not read: a launch that asks for it stops at once with one line naming the FSDP2 and DDP configs."""
+def test_an_online_trainer_under_deepspeed_is_refused_with_the_configs_that_work(
+    monkeypatch, bases, tmp_path, capsys, id_reward
+):
+    """The online trainers sample from a full copy of the policy on every process, which DeepSpeed does not
+    give: a DeepSpeed launch of one stops at once, before its run directory exists, naming FSDP2 and DDP."""
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    assert main(["sft", str(recipe_of(tmp_path, bases / "gpt", "sft"))]) == 2
+    recipe = grpo_recipe(tmp_path, bases / "gpt", grpo={"rewards": [id_reward]})
+    assert main(["grpo", str(recipe)]) == 2
     err = capsys.readouterr().err
-    assert "DeepSpeed is not supported" in err and "recipes/accelerate/fsdp2.yaml" in err
+    assert "DeepSpeed" in err and "recipes/accelerate/fsdp2.yaml" in err
+    assert not (tmp_path / "runs" / "g").exists()

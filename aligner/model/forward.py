@@ -87,8 +87,10 @@ def fused_head(model: torch.nn.Module) -> torch.Tensor | None:
     forward that can skip the head (GPT core: return_hidden; transformers: logits_to_keep). Else None."""
     inner = _innermost(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or head.bias is not None:
-        return None  # e.g. a LoRA-wrapped or quantized head: the full path applies it properly
+    if type(head) is not torch.nn.Linear or head.bias is not None or hasattr(head.weight, "ds_id"):
+        # e.g. a LoRA-wrapped or quantized head, or a ZeRO-3 partition (whole only inside the head's own
+        # forward): the full path applies it properly
+        return None
     cfg = inner.config
     if isinstance(cfg, GPTConfig):
         return head.weight

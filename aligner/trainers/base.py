@@ -38,6 +38,7 @@ from aligner.config import Recipe, save_recipe
 from aligner.errors import AlignerError, DataError
 from aligner.model.forward import enable_gradient_checkpointing
 from aligner.tracking import Progress, Tracker, plot_metrics
+from aligner.trainers import zero
 from aligner.trainers.checkpoints import Checkpointing, prepare_run_dir  # noqa: F401  (part of this module's API)
 from aligner.trainers.optim import (  # noqa: F401  (part of this module's API)
     make_accelerator,
@@ -45,7 +46,7 @@ from aligner.trainers.optim import (  # noqa: F401  (part of this module's API)
     resolve_precision,
     warmup_cosine,
 )
-from aligner.trainers.sharding import is_sharded, refuse_deepspeed, shard_for_launch, sharded_grad_norm
+from aligner.trainers.sharding import clip_gradients, is_sharded, shard_for_launch
 
 
 class TrainingError(AlignerError):
@@ -68,8 +69,8 @@ class Trainer(Checkpointing):
         eval_data: Sequence | None = None,
         accelerator: Accelerator | None = None,
     ):
-        refuse_deepspeed(self.stage)  # before accelerate, which would import DeepSpeed
         self.recipe = recipe
+        zero.check(self)  # before accelerate, which would import DeepSpeed
         self.cfg = recipe.train
         self.tokenizer = tokenizer
         self.train_data = train_data
@@ -266,12 +267,14 @@ class Trainer(Checkpointing):
         for j, batch in enumerate(micro):
             batch = self.to_device(batch)
             last = j == len(micro) - 1
-            sync = contextlib.nullcontext() if last or self.world == 1 else self.accelerator.no_sync(model)
+            ds = zero.is_engine(model)  # DeepSpeed: the engine accumulates until the step's last micro-batch
+            sync = contextlib.nullcontext() if last or self.world == 1 or ds else self.accelerator.no_sync(model)
             with sync:
                 with self.autocast():
                     loss_sum, stats = self.compute_loss(model, batch)
                 # DDP averages gradients over processes; scale so the result is sum / n_global.
-                self.accelerator.backward(loss_sum * (self.world / n_global))
+                scaled = loss_sum * (self.world / n_global)
+                zero.backward(model, scaled, last) if ds else self.accelerator.backward(scaled)
             loss_sum_local += loss_sum.detach().double()
             for k, v in stats.items():  # tensors stay on the device: one synchronisation per step, below
                 stats_sum[k] = stats_sum.get(k, 0.0) + v * int(batch["n_loss"])
@@ -281,13 +284,8 @@ class Trainer(Checkpointing):
         if not math.isfinite(loss):
             raise TrainingError(self._stop_message(step, f"train/loss is {loss}"))
         params = [p for p in model.parameters() if p.requires_grad]
-        if self.sharded:  # the norm over every process's shards
-            grad_norm = sharded_grad_norm(params, self.cfg.grad_clip)
-        elif self.cfg.grad_clip > 0:
-            grad_norm = float(self.accelerator.clip_grad_norm_(params, self.cfg.grad_clip))
-        else:
-            norms = [p.grad.norm() for p in params if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        # the norm before clipping; a DeepSpeed engine clips and steps here (so its step is taken before the check)
+        grad_norm = zero.step(model) if zero.is_engine(model) else clip_gradients(params, self.cfg.grad_clip, self)
         if not math.isfinite(grad_norm):
             raise TrainingError(self._stop_message(step, f"the gradient norm is {grad_norm}"))
         lr = self.scheduler.get_last_lr()[0]
@@ -345,6 +343,7 @@ class Trainer(Checkpointing):
 
     def train(self) -> dict:
         """Run to `total_steps`; returns the last eval metrics (and writes runs/<name>/final)."""
+        zero.configure(self.accelerator, self.cfg, self.world)  # under DeepSpeed: the loop's settings
         if not self.shard_here:  # (a model the loop sharded itself must not be wrapped in DDP on top)
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.sharded = is_sharded(self.model)

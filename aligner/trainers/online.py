@@ -40,6 +40,7 @@ class OnlineTrainer(Trainer):
 
     token_loss = False
     empty_steps_ok = True  # every completion masked out (truncated): no update; the rollout metrics say why
+    deepspeed_ok = False  # each process samples from a full copy of the policy (aligner.trainers.zero)
     total_name = "reward_mean"  # the eval metric of the weighted reward total
 
     def __init__(self, recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw):

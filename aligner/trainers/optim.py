@@ -24,8 +24,17 @@ def make_accelerator(precision: str) -> Accelerator:
     # bf16 autocast is applied by the loop itself (accelerate would cast every output, logits
     # included, back to fp32); fp16 needs accelerate's gradient scaler.
     # cpu=True on machines without an accelerator makes a multi-process launch use gloo on the CPU.
+    # DeepSpeed runs on CPUs through its own CPU accelerator: not with cpu=True (which turns DeepSpeed off), and
+    # with the gloo backend named (else accelerate counts one process on every rank)
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from aligner.trainers import zero
+
     no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    return Accelerator(mixed_precision="fp16" if precision == "fp16" else "no", cpu=no_accelerator)
+    mixed = "fp16" if precision == "fp16" else "no"
+    if zero.requested() and no_accelerator:
+        return Accelerator(mixed_precision=mixed, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    return Accelerator(mixed_precision=mixed, cpu=no_accelerator)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -44,4 +53,5 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # no empty group (DeepSpeed drops them, the schedule would not)

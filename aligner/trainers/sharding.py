@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from aligner.trainers import zero
+
 SHARDED_DIR = "sharded"  # in a checkpoint directory: torch.distributed.checkpoint's files
 
 
@@ -36,28 +38,12 @@ def fsdp2_requested() -> bool:
     return on and os.environ.get("FSDP_VERSION", "1") == "2"
 
 
-def deepspeed_requested() -> bool:
-    """Whether the launch asked for DeepSpeed (accelerate launch with a DeepSpeed config)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def refuse_deepspeed(stage: str) -> None:
-    """A launch that asks for DeepSpeed stops here, before anything is read or written: its engine owns the
-    optimizer step and partitions the weights in a way the loop's checkpoints do not read."""
-    from aligner.errors import ConfigError
-
-    if deepspeed_requested():
-        raise ConfigError(
-            f"{stage}: DeepSpeed is not supported; launch with recipes/accelerate/fsdp2.yaml (FSDP2 shards "
-            "weights, gradients and optimizer state as ZeRO-3 does) or recipes/accelerate/ddp.yaml"
-        )
-
-
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether the model's parameters are sharded DTensors (FSDP2, by accelerate or by `shard_model`)."""
+    """Whether the model's parameters are sharded DTensors (FSDP2, by accelerate or by `shard_model`), or the
+    model is a DeepSpeed engine (its weights or optimizer state partitioned: aligner.trainers.zero)."""
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return zero.is_engine(model) or any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def shard_for_launch(trainer, model: torch.nn.Module) -> bool:
@@ -111,6 +97,8 @@ def full_state_dict(model: torch.nn.Module, main_only: bool = False) -> dict[str
     empty elsewhere. Every process must call it (the shards are gathered)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    if zero.is_engine(model):
+        return zero.full_state_dict(model, main_only)
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=main_only))
 
 
@@ -119,6 +107,8 @@ def save_sharded(model: torch.nn.Module, optimizer, directory: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    if zero.is_engine(model):
+        return zero.save(model, directory)
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(Path(directory) / SHARDED_DIR))
 
@@ -128,6 +118,8 @@ def load_sharded(model: torch.nn.Module, optimizer, directory: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    if zero.is_engine(model):
+        return zero.load(model, directory)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(Path(directory) / SHARDED_DIR))
@@ -145,3 +137,14 @@ def sharded_grad_norm(params: list[torch.nn.Parameter], clip: float) -> float:
     if clip > 0:
         torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def clip_gradients(params: list[torch.nn.Parameter], clip: float, trainer) -> float:
+    """The global gradient norm of `params` (over every process's shards when sharded), clipped to `clip`
+    when > 0, through the trainer's accelerator where the parameters are whole (DDP, one process)."""
+    if trainer.sharded:
+        return sharded_grad_norm(params, clip)
+    if clip > 0:
+        return float(trainer.accelerator.clip_grad_norm_(params, clip))
+    norms = [p.grad.norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
