@@ -30,7 +30,7 @@ def test_every_recipe_in_repo_loads():
         if path.parent.name == "accelerate":  # launcher configs (accelerate launch --config_file), not recipes
             import yaml
 
-            assert yaml.safe_load(text)["distributed_type"] in ("MULTI_GPU", "FSDP"), path
+            assert yaml.safe_load(text)["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED"), path
         elif path.name.startswith("pipeline"):  # pipeline files: their stages' recipes, with their flags
             from aligner.pipeline import load_pipeline, stage_recipe
 

@@ -108,7 +108,7 @@ def save_sharded(model: torch.nn.Module, optimizer, directory: Path) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     if zero.is_engine(model):
-        return zero.save(model, directory)
+        return zero.save(model, Path(directory) / SHARDED_DIR)
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(Path(directory) / SHARDED_DIR))
 
@@ -119,7 +119,7 @@ def load_sharded(model: torch.nn.Module, optimizer, directory: Path) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     if zero.is_engine(model):
-        return zero.load(model, directory)
+        return zero.load(model, Path(directory) / SHARDED_DIR)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(Path(directory) / SHARDED_DIR))

@@ -90,22 +90,18 @@ def step(engine) -> float:
     return float(norm) if norm is not None else 0.0
 
 
-def save(engine, directory: Path) -> None:
-    """Every process's partitions of the weights and optimizer state into directory/sharded (collective)."""
-    from aligner.trainers.sharding import SHARDED_DIR
-
-    engine.save_checkpoint(str(Path(directory) / SHARDED_DIR), tag="zero", save_latest=False)
+def save(engine, path: Path) -> None:
+    """Every process's partitions of the weights and optimizer state into `path` (collective)."""
+    engine.save_checkpoint(str(path), tag="zero", save_latest=False)
 
 
-def load(engine, directory: Path) -> None:
-    """The partitions back from directory/sharded (collective); the loop's scheduler is restored by the loop."""
-    from aligner.trainers.sharding import SHARDED_DIR
-
-    path, _ = engine.load_checkpoint(
-        str(Path(directory) / SHARDED_DIR), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
+def load(engine, path: Path) -> None:
+    """The partitions back from `path` (collective); the loop's scheduler is restored by the loop."""
+    found, _ = engine.load_checkpoint(
+        str(path), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
     )
-    if path is None:
-        raise FileNotFoundError(f"no DeepSpeed checkpoint in {Path(directory) / SHARDED_DIR}")
+    if found is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint in {path}")
 
 
 def full_state_dict(engine, main_only: bool) -> dict[str, torch.Tensor]:
