@@ -85,10 +85,7 @@ def run_training(command: str, argv: list[str]) -> int:
     from aligner.trainers import zero
 
     if zero.requested() and "rollout" in ALGORITHMS[command].reads:  # before the run directory or data is touched
-        raise ConfigError(
-            f"{command}: the online trainers sample from a full copy of the policy on every process, which DeepSpeed "
-            "does not give; launch with recipes/accelerate/fsdp2.yaml or recipes/accelerate/ddp.yaml"
-        )
+        zero.refuse_online(command)
 
     check_writable(Path(recipe.train.out_dir) / recipe.train.name, "train.out_dir")  # before the data is read
     if main_process():  # at once, before the heavy imports and the data: the run has started

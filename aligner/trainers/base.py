@@ -264,17 +264,20 @@ class Trainer(Checkpointing):
             return {"train/loss": 0.0, "train/lr": lr, "train/grad_norm": 0.0, "train/tokens": tokens_global}
         loss_sum_local = torch.zeros((), dtype=torch.float64, device=self.device)
         stats_sum: dict[str, float] = {}
+        ds = zero.is_engine(model)  # DeepSpeed: the engine accumulates until the step's last micro-batch
         for j, batch in enumerate(micro):
             batch = self.to_device(batch)
             last = j == len(micro) - 1
-            ds = zero.is_engine(model)  # DeepSpeed: the engine accumulates until the step's last micro-batch
             sync = contextlib.nullcontext() if last or self.world == 1 or ds else self.accelerator.no_sync(model)
             with sync:
                 with self.autocast():
                     loss_sum, stats = self.compute_loss(model, batch)
                 # DDP averages gradients over processes; scale so the result is sum / n_global.
                 scaled = loss_sum * (self.world / n_global)
-                zero.backward(model, scaled, last) if ds else self.accelerator.backward(scaled)
+                if ds:
+                    zero.backward(model, scaled, last)
+                else:
+                    self.accelerator.backward(scaled)
             loss_sum_local += loss_sum.detach().double()
             for k, v in stats.items():  # tensors stay on the device: one synchronisation per step, below
                 stats_sum[k] = stats_sum.get(k, 0.0) + v * int(batch["n_loss"])
@@ -285,7 +288,7 @@ class Trainer(Checkpointing):
             raise TrainingError(self._stop_message(step, f"train/loss is {loss}"))
         params = [p for p in model.parameters() if p.requires_grad]
         # the norm before clipping; a DeepSpeed engine clips and steps here (so its step is taken before the check)
-        grad_norm = zero.step(model) if zero.is_engine(model) else clip_gradients(params, self.cfg.grad_clip, self)
+        grad_norm = zero.step(model) if ds else clip_gradients(params, self.cfg.grad_clip, self)
         if not math.isfinite(grad_norm):
             raise TrainingError(self._stop_message(step, f"the gradient norm is {grad_norm}"))
         lr = self.scheduler.get_last_lr()[0]

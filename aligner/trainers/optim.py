@@ -26,13 +26,13 @@ def make_accelerator(precision: str) -> Accelerator:
     # cpu=True on machines without an accelerator makes a multi-process launch use gloo on the CPU.
     # DeepSpeed runs on CPUs through its own CPU accelerator: not with cpu=True (which turns DeepSpeed off), and
     # with the gloo backend named (else accelerate counts one process on every rank)
-    from accelerate.utils import InitProcessGroupKwargs
-
     from aligner.trainers import zero
 
     no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     mixed = "fp16" if precision == "fp16" else "no"
     if zero.requested() and no_accelerator:
+        from accelerate.utils import InitProcessGroupKwargs
+
         return Accelerator(mixed_precision=mixed, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     return Accelerator(mixed_precision=mixed, cpu=no_accelerator)
 

@@ -34,14 +34,17 @@ def requested() -> bool:
 
 def is_engine(model: torch.nn.Module) -> bool:
     """Whether `model` is a DeepSpeed engine (what accelerate's prepare returns under DeepSpeed)."""
-    return type(model).__name__ == "DeepSpeedEngine" or any(
-        c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
+
+
+def refuse_online(stage: str) -> None:
+    """The online trainers sample from a full copy of the policy on every process: not under DeepSpeed."""
+    from aligner.errors import ConfigError
+
+    raise ConfigError(
+        f"{stage}: the online trainers sample from a full copy of the policy on every process, which DeepSpeed "
+        "does not give; launch with recipes/accelerate/fsdp2.yaml or recipes/accelerate/ddp.yaml"
     )
-
-
-def is_partitioned(param: torch.Tensor) -> bool:
-    """Whether a parameter is a ZeRO-3 partition (its full value exists only inside its module's forward)."""
-    return hasattr(param, "ds_id")
 
 
 def check(trainer) -> None:
@@ -51,10 +54,7 @@ def check(trainer) -> None:
     if not requested():
         return
     if not getattr(trainer, "deepspeed_ok", True):
-        raise ConfigError(
-            f"{trainer.stage}: the online trainers sample from a full copy of the policy on every process, which "
-            "DeepSpeed does not give; launch with recipes/accelerate/fsdp2.yaml or recipes/accelerate/ddp.yaml"
-        )
+        refuse_online(trainer.stage)
     if trainer.recipe.lora.quantize != "none":
         raise ConfigError(f"{trainer.stage}: a 4-bit (QLoRA) base is not partitioned; launch QLoRA runs with DDP")
 
@@ -112,6 +112,6 @@ def full_state_dict(engine, main_only: bool) -> dict[str, torch.Tensor]:
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
         state = engine.module.state_dict()
-    if state is None or not engine.global_rank == 0:
+    if state is None or engine.global_rank != 0:
         return {}
     return {k: v.detach().cpu() for k, v in state.items()}
