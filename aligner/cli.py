@@ -82,10 +82,6 @@ def run_training(command: str, argv: list[str]) -> int:
         recipe_path = default_recipe_path(command)
     recipe = load_recipe(recipe_path, parse_flags(argv), command=command)
     from aligner.tracking import main_process
-    from aligner.trainers import zero
-
-    if zero.requested() and "rollout" in ALGORITHMS[command].reads:  # before the run directory or data is touched
-        zero.refuse_online(command)
 
     check_writable(Path(recipe.train.out_dir) / recipe.train.name, "train.out_dir")  # before the data is read
     if main_process():  # at once, before the heavy imports and the data: the run has started

@@ -1,9 +1,9 @@
 """Two CPU processes (gloo) with DDP, FSDP2 (weights, gradients and optimizer state sharded) and DeepSpeed ZeRO-3
 (partitioned by DeepSpeed's engine, through recipes/accelerate/zero3.yaml): sft, dpo and the reward model take
 the steps of one process with the same global batch, checkpoint, resume exactly after a kill, and leave a final
-checkpoint that transformers loads; GRPO and PPO take the steps of DDP under FSDP2. FSDP2 is asked for as an
-FSDP config file asks for it (ACCELERATE_USE_FSDP, FSDP_VERSION=2); accelerate shards only on accelerators, so
-on CPUs the loop does."""
+checkpoint that transformers loads; GRPO and PPO take the steps of DDP under FSDP2, GRPO under ZeRO-3. FSDP2
+is asked for as an FSDP config file asks for it (ACCELERATE_USE_FSDP, FSDP_VERSION=2); accelerate shards only on
+accelerators, so on CPUs the loop does."""
 
 import json
 
@@ -62,7 +62,11 @@ def test_two_processes_take_one_process_steps_and_resume_exactly(bases, tmp_path
     assert main([command, str(recipe)]) == 0  # one process, micro-batch 4
     # under DeepSpeed also with accumulation: micro-batches of 1, two per step (the engine's boundary)
     batch = ["--micro_batch_size", "1", "--grad_accum", "2"] if mode == "zero3" else ["--micro_batch_size", "2"]
-    launch_two_processes([command, str(recipe), *batch, "--train.name", "two"], env, config)
+    if mode == "zero3" and command == "dpo":  # the reference's log-probs from its partitions, cached before step 1
+        batch.append("--precompute_ref")
+    proc = launch_two_processes([command, str(recipe), *batch, "--train.name", "two"], env, config)
+    if command == "dpo" and not lora:
+        assert ("reference precomputed" if mode == "zero3" else "reference frozen copy") in proc.stdout
     (a, ga), *later_one = steps(runs / "one")
     (b, gb), *later_two = steps(runs / "two")
     assert b == pytest.approx(a, abs=1e-6) and gb == pytest.approx(ga, rel=1e-5)  # the first step: equal
@@ -100,11 +104,11 @@ def test_two_processes_take_one_process_steps_and_resume_exactly(bases, tmp_path
 TWO_PROCESS_RUN = {"name": "ddp", "max_steps": 3, "micro_batch_size": 4, "save_every": 1, "eval_every": 2}
 
 
-def same_logged_steps(runs, *keys):
-    """The FSDP2 run's logged `keys` are the DDP run's at each of its 3 steps (to float rounding), and the
-    last key (an eval) was logged at step 2."""
+def same_logged_steps(runs, *keys, other="fsdp2"):
+    """The `other` (sharded) run's logged `keys` are the DDP run's at each of its 3 steps (to float rounding),
+    and the last key (an eval) was logged at step 2."""
     ddp, sharded = ([{k: r.get(k) for k in keys} for r in map(json.loads, (runs / n / "metrics.jsonl").open())]
-                    for n in ("ddp", "fsdp2"))  # fmt: skip
+                    for n in ("ddp", other))  # fmt: skip
     assert len(ddp) == len(sharded) == 3 and ddp[1][keys[-1]] is not None
     for a, b in zip(ddp, sharded):
         assert a.keys() == b.keys() and all(
@@ -128,12 +132,17 @@ def test_grpo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("value_model", ["separate", "shared-lora"])
-def test_ppo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_path, id_reward, value_model):
+@pytest.mark.parametrize(
+    ("value_model", "mode"), [("separate", "fsdp2"), ("shared-lora", "fsdp2"), ("separate", "zero3")]
+)
+def test_ppo_sharded_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_path, id_reward, value_model, mode):
     """PPO shards its policy and its value model (a critic of its own, or a head on a LoRA policy whose
-    reference is the policy with its adapter disabled) as units of their own; rollouts come from a full copy
-    of the policy. The FSDP2 run's steps are the DDP run's, and a run killed in the middle of a rollout
-    resumes to the same final weights."""
+    reference is the policy with its adapter disabled) as units of their own under FSDP2, DeepSpeed
+    partitions both; rollouts come from a full copy of the policy. The sharded run's steps are the DDP
+    run's, and a run killed in the middle of a rollout resumes to the same final weights."""
+    if mode == "zero3":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    launch = {"config": "recipes/accelerate/zero3.yaml"} if mode == "zero3" else {"env": FSDP2}
     lora = value_model == "shared-lora"
     ppo = {"reward_model": None, "rewards": [id_reward], "rollout_prompts": 8, "ppo_epochs": 2,
            "accuracy_items": 0, "value_model": "shared" if lora else "separate"}  # fmt: skip
@@ -149,34 +158,47 @@ def test_ppo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_p
     path = tiny_run_recipe(tmp_path, recipe, extra, "ppo.yaml")
     runs = tmp_path / "runs"
     launch_two_processes(["ppo", str(path)])
-    launch_two_processes(["ppo", str(path), "--train.name", "fsdp2"], FSDP2)
+    launch_two_processes(["ppo", str(path), "--train.name", mode], **launch)
     same_logged_steps(
-        runs, "train/loss", "train/grad_norm", "ppo/value_loss", "kl/mean", "rollout/score_mean", "eval/score"
-    )
-    shards = sorted(p.name for p in (runs / "fsdp2/step_000003/sharded").glob("*.distcp"))
-    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # policy and value model sharded
+        runs, "train/loss", "train/grad_norm", "ppo/value_loss", "kl/mean", "rollout/score_mean", "eval/score",
+        other=mode,
+    )  # fmt: skip
+    if mode == "fsdp2":
+        shards = sorted(p.name for p in (runs / "fsdp2/step_000003/sharded").glob("*.distcp"))
+        assert shards == ["__0_0.distcp", "__1_0.distcp"]  # policy and value model sharded
+    else:  # DeepSpeed's partitions, one file of AdamW's moments per process
+        assert len(list((runs / "zero3/step_000003/sharded/zero").glob("*optim_states.pt"))) == 2
     weights = "adapter_model.safetensors" if lora else "model.safetensors"
     value = "value_head.safetensors" if lora else "critic/model.safetensors"
     for name in (weights, value):  # the gathered final checkpoint: the DDP run's weights
-        a, b = load_file(runs / "ddp/final" / name), load_file(runs / "fsdp2/final" / name)
+        a, b = load_file(runs / "ddp/final" / name), load_file(runs / mode / "final" / name)
         assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     if lora:
         return
-    part = interrupted_copy(runs / "fsdp2", runs / "part", 1)  # killed after step 1: inside its first rollout
-    launch_two_processes(["ppo", str(path), "--train.name", "part", "--resume"], FSDP2)
+    part = interrupted_copy(runs / mode, runs / "part", 1)  # killed after step 1: inside its first rollout
+    launch_two_processes(["ppo", str(path), "--train.name", "part", "--resume"], **launch)
     for name in (weights, value):
-        a, b = load_file(runs / "fsdp2/final" / name), load_file(part / "final" / name)
+        a, b = load_file(runs / mode / "final" / name), load_file(part / "final" / name)
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_an_online_trainer_under_deepspeed_is_refused_with_the_configs_that_work(
-    monkeypatch, bases, tmp_path, capsys, id_reward
-):
-    """The online trainers sample from a full copy of the policy on every process, which DeepSpeed does not
-    give: a DeepSpeed launch of one stops at once, before its run directory exists, naming FSDP2 and DDP."""
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    recipe = grpo_recipe(tmp_path, bases / "gpt", grpo={"rewards": [id_reward]})
-    assert main(["grpo", str(recipe)]) == 2
-    err = capsys.readouterr().err
-    assert "DeepSpeed" in err and "recipes/accelerate/fsdp2.yaml" in err
-    assert not (tmp_path / "runs" / "g").exists()
+def test_grpo_under_deepspeed_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_path, id_reward):
+    """Under ZeRO-3 each process samples from a full copy of the policy, gathered from DeepSpeed's partitions
+    one module at a time after every step: the steps are the DDP run's (same seeds, same samples), and a run
+    killed in the middle of a rollout resumes to the same final weights."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    grpo = {"rewards": [id_reward], "mask_truncated": False, "num_iterations": 2, "beta": 0.05}
+    path = grpo_recipe(tmp_path, bases / "gpt", grpo=grpo, train={**TWO_PROCESS_RUN, "warmup_steps": None})
+    runs = tmp_path / "runs"
+    launch_two_processes(["grpo", str(path)])
+    proc = launch_two_processes(["grpo", str(path), "--train.name", "zero3"], config="recipes/accelerate/zero3.yaml")
+    assert "reference frozen copy, partitioned by ZeRO-3" in proc.stdout
+    same_logged_steps(
+        runs, "train/loss", "train/grad_norm", "grpo/kl", "rollout/reward_mean", "eval/reward_mean", other="zero3"
+    )
+    assert len(list((runs / "zero3/step_000003/sharded/zero").glob("*optim_states.pt"))) == 2  # partitioned
+    part = interrupted_copy(runs / "zero3", runs / "part", 2)  # killed after step 2: in its second rollout
+    argv = ["grpo", str(path), "--train.name", "part", "--resume"]
+    launch_two_processes(argv, config="recipes/accelerate/zero3.yaml")
+    a, b = load_file(runs / "zero3/final/model.safetensors"), load_file(part / "final/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -65,9 +65,7 @@ class DPOTrainer(Trainer):
         super().__init__(recipe, model, tokenizer, train_data, eval_data, **kw)
         self.dpo = recipe.dpo
         self.loss_fn = kto_loss if self.dpo.loss == "kto" else PREFERENCE_LOSSES[self.dpo.loss]
-        self.ref_model = shard_like_policy(
-            ref_model.to(self.device).eval() if ref_model is not None else None, self.world
-        )
+        self.ref_model = shard_like_policy(ref_model.to(self.device).eval() if ref_model is not None else None, self)
 
     packing = False  # pairs' 2B sequences packed padding-free into rows of `row_len` tokens (not KTO)
     row_len = 0
@@ -225,7 +223,7 @@ def dpo(recipe: Recipe, share: tuple[int, int] = (1, 1)) -> dict:
         if trainer.is_main:
             print(f"dpo: reference log-probs {'read from' if cached else 'computed and saved to'} {o.ref_cache_dir}")
     if trainer.is_main:
-        ref = reference_kind(recipe, needs_ref, precomputed=o.precompute_ref)
+        ref = reference_kind(recipe, needs_ref, o.precompute_ref, trainer.ref_model)
         print(f"dpo: {report}")
         print(f"dpo: loss {o.loss}, beta {o.beta}, reference {ref}, {trainer.total_steps} steps -> {run_dir}")
     return train_and_score(trainer, trainer.unwrapped, tokenizer, o.accuracy_items, o.accuracy_tokens)

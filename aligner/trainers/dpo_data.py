@@ -22,10 +22,20 @@ from aligner.tracking import main_process, phase
 
 
 def weights_hash(model: torch.nn.Module) -> hashlib._Hash:
-    """A hash of the model's weights (a sharded model's whole weights: every process must call it then)."""
+    """A hash of the model's weights (a sharded or partitioned model's whole weights: every process must call it
+    then; ZeRO-3 partitions are hashed a gathered tensor at a time)."""
     from torch.distributed.tensor import DTensor
 
+    from aligner.trainers import zero
+
     h = hashlib.sha256()
+    if zero.partitioned(model):
+        digests = {
+            k: hashlib.sha256(p.float().cpu().numpy().tobytes()).digest() for k, p in zero.gathered_parameters(model)
+        }
+        for name in sorted(digests):
+            h.update(name.encode() + digests[name])
+        return h
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
         p = p.full_tensor() if isinstance(p, DTensor) else p

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from aligner.rollout.torch_engine import TorchEngine
 from aligner.tracking import phase, tqdm_write
 from aligner.trainers.base import Trainer
 from aligner.trainers.reference import reference_of
-from aligner.trainers.sharding import fsdp2_requested, full_state_dict, shard_like_policy
+from aligner.trainers.sharding import copy_full_weights, sampler_copy_needed, shard_like_policy
 
 PROMPT_KEYS = ("prompt", "prompt_ids")  # the columns of a prompt record that are not handed to rewards
 
@@ -40,19 +39,18 @@ class OnlineTrainer(Trainer):
 
     token_loss = False
     empty_steps_ok = True  # every completion masked out (truncated): no update; the rollout metrics say why
-    deepspeed_ok = False  # each process samples from a full copy of the policy (aligner.trainers.zero)
     total_name = "reward_mean"  # the eval metric of the weighted reward total
 
     def __init__(self, recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw):
-        # FSDP2: each process generates on its own, which a sharded forward (all processes in step) cannot serve,
-        # so generation runs on a full copy of the policy, taken before the loop shards it (`sampler_model`)
-        sharded_launch = fsdp2_requested() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        sampler = copy.deepcopy(self.generating_part(model)).requires_grad_(False) if sharded_launch else None
+        # FSDP2, DeepSpeed: each process generates on its own, which a sharded forward (all processes in step)
+        # cannot serve, so generation runs on a full copy of the policy, taken before it is sharded (`sampler_model`)
+        copied = sampler_copy_needed()
+        sampler = copy.deepcopy(self.generating_part(model)).requires_grad_(False) if copied else None
         super().__init__(recipe, model, tokenizer, prompts, eval_prompts, **kw)
         self._sampler = sampler.to(self.device).eval() if sampler is not None else None
         self._sampler_step: int | None = None
         ref_model = ref_model.to(self.device).eval() if ref_model is not None else None  # None: LoRA's base
-        self.ref_model = shard_like_policy(ref_model, self.world)
+        self.ref_model = shard_like_policy(ref_model, self)
         self.reward_set = reward_set
         self.pad_id = pad_token_id(tokenizer)
         self.stop_ids = tuple(reply_stop_ids(tokenizer))
@@ -95,7 +93,7 @@ class OnlineTrainer(Trainer):
         if self._sampler is None or not self.sharded:
             return self.policy()
         if self._sampler_step != self.step:
-            self._sampler.load_state_dict(full_state_dict(self.policy()))
+            copy_full_weights(self._sampler, self.policy())
             self._sampler_step = self.step
         return self._sampler
 
@@ -393,6 +391,6 @@ def run_online(recipe, trainer_class: type, describe, reference: bool = True, gr
     trainer = trainer_class(recipe, model, tokenizer, prompts, evals, reward_set, ref_model=ref_model)
     if trainer.is_main:
         print(f"{name}: {note}")
-        what = describe(trainer, reference_kind(recipe, reference))
+        what = describe(trainer, reference_kind(recipe, reference, ref_model=trainer.ref_model))
         print(f"{name}: {training_kind(recipe)}, {what}, {trainer.total_steps} steps -> {run_dir}")
     return train_and_score(trainer, trainer.unwrapped, tokenizer, c.accuracy_items, c.accuracy_tokens)

@@ -292,7 +292,7 @@ def ppo(recipe: Recipe) -> dict:
     prepare_run_dir(run_dir, recipe.train.resume, recipe.train.overwrite)
     trainer = PPOTrainer(recipe, model, tokenizer, prompts, evals, reward_set, ref_model=ref_model)
     if trainer.is_main:
-        ref = reference_kind(recipe)
+        ref = reference_kind(recipe, ref_model=trainer.ref_model)
         print(f"ppo: {note}; value model {p.value_model}")
         print(
             f"ppo: {training_kind(recipe)}, {p.rollout_prompts} prompts per rollout x {p.ppo_epochs} epochs "

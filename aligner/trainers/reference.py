@@ -38,10 +38,16 @@ def reference_of(policy: torch.nn.Module, ref_model: torch.nn.Module | None = No
         yield policy
 
 
-def reference_kind(recipe, needed: bool = True, precomputed: bool = False) -> str:
-    """How the run's reference is made, for its start-up line."""
+def reference_kind(recipe, needed: bool = True, precomputed: bool = False, ref_model=None) -> str:
+    """How the run's reference is made, for its start-up line (`ref_model`: the trainer's)."""
+    from aligner.trainers import zero
+
     if not needed:
         return "none"
     if precomputed:
         return "precomputed"
-    return "adapter disabled" if recipe.lora.enabled else "frozen copy"
+    if recipe.lora.enabled:
+        return "adapter disabled"
+    return (
+        "frozen copy, partitioned by ZeRO-3" if ref_model is not None and zero.is_engine(ref_model) else "frozen copy"
+    )

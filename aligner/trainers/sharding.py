@@ -10,9 +10,9 @@ a unit of its own, the rest (embeddings, final norm, a tied LM head) the root un
 run that way.
 
 The online trainers generate on a full copy of the policy on each process (aligner.trainers.online:
-`sampler_model`), refreshed from the shards after every step. PPO shards its policy and its value model
-(critic or value head) as units of their own (`PolicyAndValue.shard_units`). A 4-bit QLoRA base is not
-sharded.
+`sampler_model`), refreshed from the shards after every step (`copy_full_weights`, DeepSpeed's partitions
+too). PPO shards its policy and its value model (critic or value head) as units of their own
+(`PolicyAndValue.shard_units`). A 4-bit QLoRA base is not sharded.
 
 Checkpoints of a sharded run hold the sharded state through torch.distributed.checkpoint (`sharded/`: every
 process writes its shard of the weights and of AdamW's moments, and reads it back on resume) and, beside
@@ -36,6 +36,21 @@ def fsdp2_requested() -> bool:
     """Whether the launch asked for FSDP2 (accelerate launch with an FSDP config of fsdp_version 2)."""
     on = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     return on and os.environ.get("FSDP_VERSION", "1") == "2"
+
+
+def sampler_copy_needed() -> bool:
+    """Whether the launch shards or partitions the policy so that a process cannot generate from it alone
+    (FSDP2 over several processes, DeepSpeed): the online trainers then sample from a full copy."""
+    return zero.requested() or (fsdp2_requested() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
+def copy_full_weights(target: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Load the full weights of `model` (FSDP2 shards, ZeRO partitions, or whole) into `target`, a whole module
+    of the same structure. Every process must call it."""
+    if zero.partitioned(model):
+        zero.copy_gathered(target, model)
+    else:
+        target.load_state_dict(full_state_dict(model))
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -84,10 +99,15 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def shard_like_policy(model: torch.nn.Module | None, world: int) -> torch.nn.Module | None:
-    """A frozen companion of the policy (its reference) sharded like it in a multi-process FSDP2 launch, where
-    every process runs it; as it is otherwise (or None)."""
-    if model is not None and fsdp2_requested() and world > 1:
+def shard_like_policy(model: torch.nn.Module | None, trainer) -> torch.nn.Module | None:
+    """A frozen companion of the policy (its reference) sharded like it in a multi-process FSDP2 launch, or
+    partitioned like it under DeepSpeed ZeRO-3 (`zero.partition_frozen`), where every process runs it in step;
+    as it is otherwise (or None)."""
+    if model is None:
+        return None
+    if zero.requested():
+        return zero.partition_frozen(model, trainer.accelerator, trainer.cfg.micro_batch_size)
+    if fsdp2_requested() and trainer.world > 1:
         shard_model(model)
     return model
 

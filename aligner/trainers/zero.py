@@ -14,9 +14,13 @@ step, with the loop's own learning-rate schedule on AdamW's parameter groups.
 Checkpoints hold the engine's own (every process writes its partitions of the weights and of the
 optimizer state to `sharded/`, read back on resume) and, beside them, the weights gathered into a
 normal Hugging Face directory by the main process, as for FSDP2 (aligner.trainers.sharding). DeepSpeed
-runs on CPUs too (its CPU accelerator and gloo), which is how the 2-process tests run it. The online
-trainers, which sample from a full copy of the policy on every process, are refused under DeepSpeed
-(FSDP2 runs them).
+runs on CPUs too (its CPU accelerator and gloo), which is how the 2-process tests run it.
+
+A frozen reference (DPO, GRPO, PPO, ...) is partitioned like the policy under ZeRO-3, and offloaded where
+the config offloads parameters (`partition_frozen`). The online trainers sample on every process from a
+full copy of the policy, as under FSDP2: the copy is refreshed after each optimizer step from the
+partitions, gathered one module at a time (`copy_gathered`), so the gathered weights never exceed the
+largest module's beside the copy.
 """
 
 from __future__ import annotations
@@ -37,14 +41,72 @@ def is_engine(model: torch.nn.Module) -> bool:
     return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
 
 
-def refuse_online(stage: str) -> None:
-    """The online trainers sample from a full copy of the policy on every process: not under DeepSpeed."""
-    from aligner.errors import ConfigError
+def partitioned(model: torch.nn.Module) -> bool:
+    """Whether `model`'s parameters are ZeRO-3 partitions (outside a gather each holds an empty tensor)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
-    raise ConfigError(
-        f"{stage}: the online trainers sample from a full copy of the policy on every process, which DeepSpeed "
-        "does not give; launch with recipes/accelerate/fsdp2.yaml or recipes/accelerate/ddp.yaml"
-    )
+
+def gathered_parameters(model: torch.nn.Module):
+    """(name, full tensor) of every parameter of ZeRO-3 partitioned `model` (or engine), gathered one module at
+    a time; a tensor is valid until the next is yielded. Collective: every process takes them all, in order."""
+    import deepspeed
+
+    model = model.module if is_engine(model) else model
+    seen: set[int] = set()  # a tied weight comes once, under the name `named_parameters` gives it
+    for name, module in model.named_modules():
+        own = [(k, p) for k, p in module.named_parameters(prefix=name, recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in own)
+        if own:
+            with deepspeed.zero.GatheredParameters([p for _, p in own]):
+                yield from ((k, p.data) for k, p in own)
+
+
+@torch.no_grad()
+def copy_gathered(target: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Copy ZeRO-3 partitioned `model`'s full weights into `target`, a whole module of the same structure, one
+    module's parameters gathered at a time (collective)."""
+    params, buffers = dict(target.named_parameters()), dict(target.named_buffers())
+    for key, p in gathered_parameters(model):
+        params[key].copy_(p)
+    for key, b in model.named_buffers():
+        if key in buffers:
+            buffers[key].copy_(b)
+
+
+def partition_frozen(model: torch.nn.Module, accelerator, micro_batch: int) -> torch.nn.Module:
+    """Under ZeRO-3, a frozen companion of the policy (its reference) partitioned over the processes as the
+    launch's config partitions the policy, its parameters offloaded where the config offloads them: DeepSpeed's
+    engine without an optimizer, whose forward is the model's (every process runs it in step, as the policy).
+    Under ZeRO-1/2, which partition only what training holds, the model as it is."""
+    import copy
+
+    import deepspeed
+
+    from aligner.model.forward import base_config
+
+    zero = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}))
+    if int(zero.get("stage", 0)) != 3:
+        return model
+    hidden = base_config(model).hidden_size  # what accelerate fills the policy's "auto" sizes from
+    auto = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    zero = {k: auto.get(k) if v == "auto" else v for k, v in zero.items() if v != "auto" or k in auto}
+    zero.pop("offload_optimizer", None)
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "train_batch_size": micro_batch * accelerator.num_processes,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": False},  # the loop's autocast, as for the policy
+        "fp16": {"enabled": False},
+        "steps_per_print": 2**31 - 1,
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()  # (DeepSpeed's train/eval return None)
+    return engine
 
 
 def check(trainer) -> None:
@@ -53,8 +115,6 @@ def check(trainer) -> None:
 
     if not requested():
         return
-    if not getattr(trainer, "deepspeed_ok", True):
-        refuse_online(trainer.stage)
     if trainer.recipe.lora.quantize != "none":
         raise ConfigError(f"{trainer.stage}: a 4-bit (QLoRA) base is not partitioned; launch QLoRA runs with DDP")
 
