@@ -260,3 +260,19 @@ def interrupted_copy(run: Path, dest: Path, step: int) -> Path:
     kept = [x for x in (dest / "metrics.jsonl").read_text().splitlines() if json.loads(x)["step"] <= step]
     (dest / "metrics.jsonl").write_text("\n".join(kept) + "\n")
     return dest
+
+
+@pytest.fixture(scope="session")
+def reward_model(bases, tmp_path_factory):
+    """A reward model on the tiny GPT core's backbone, its head random (scores that differ between completions)."""
+    from aligner.model.gpt import GPT
+    from aligner.model.heads import ScalarHeadModel
+    from aligner.model.load import load_tokenizer
+
+    path = tmp_path_factory.mktemp("rm") / "rm"
+    torch.manual_seed(1)
+    rm = ScalarHeadModel.from_causal_lm(GPT.from_pretrained(bases / "gpt"))
+    torch.nn.init.normal_(rm.score.weight, 0, 1.0)  # scores that differ between completions
+    rm.save_pretrained(path)
+    load_tokenizer(bases / "gpt").save_pretrained(path)
+    return path

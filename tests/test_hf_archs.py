@@ -283,7 +283,7 @@ def test_system_prompt_reaches_every_prompt(bases):
     from aligner.data.formats import add_system_prompt
     from aligner.model.load import load_tokenizer
     from aligner.model.tokenizer import system_prompt
-    from aligner.trainers.online import encode_prompts
+    from aligner.trainers.setup import encode_prompts
 
     text = system_prompt("gsm8k_system.txt")
     assert "\\boxed{}" in text and system_prompt("Be brief.") == "Be brief." and system_prompt(None) is None

@@ -12,21 +12,6 @@ from safetensors.torch import load_file
 from aligner.cli import main
 
 
-@pytest.fixture(scope="module")
-def reward_model(bases, tmp_path_factory):
-    from aligner.model.gpt import GPT
-    from aligner.model.heads import ScalarHeadModel
-    from aligner.model.load import load_tokenizer
-
-    path = tmp_path_factory.mktemp("rm") / "rm"
-    torch.manual_seed(1)
-    rm = ScalarHeadModel.from_causal_lm(GPT.from_pretrained(bases / "gpt"))
-    torch.nn.init.normal_(rm.score.weight, 0, 1.0)  # scores that differ between completions
-    rm.save_pretrained(path)
-    load_tokenizer(bases / "gpt").save_pretrained(path)
-    return path
-
-
 def ppo_recipe(tmp_path, base, rm, **sections):
     recipe = {
         "model": {"init_from": str(base)},

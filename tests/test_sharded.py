@@ -135,23 +135,26 @@ def test_grpo_under_fsdp2_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_
 @pytest.mark.parametrize(
     ("value_model", "mode"), [("separate", "fsdp2"), ("shared-lora", "fsdp2"), ("separate", "zero3")]
 )
-def test_ppo_sharded_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_path, id_reward, value_model, mode):
+def test_ppo_sharded_takes_the_steps_of_ddp_and_resumes_exactly(
+    bases, tmp_path, id_reward, reward_model, value_model, mode
+):
     """PPO shards its policy and its value model (a critic of its own, or a head on a LoRA policy whose
     reference is the policy with its adapter disabled) as units of their own under FSDP2, DeepSpeed
-    partitions both; rollouts come from a full copy of the policy. The sharded run's steps are the DDP
-    run's, and a run killed in the middle of a rollout resumes to the same final weights."""
+    partitions both, and its reward model like them; rollouts come from a full copy of the policy. The
+    sharded run's steps are the DDP run's, evals of 5 prompts included (3 and 2 per process, the reward
+    model in step on both), and a run killed in the middle of a rollout resumes to the same final weights."""
     if mode == "zero3":
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
     launch = {"config": "recipes/accelerate/zero3.yaml"} if mode == "zero3" else {"env": FSDP2}
     lora = value_model == "shared-lora"
-    ppo = {"reward_model": None, "rewards": [id_reward], "rollout_prompts": 8, "ppo_epochs": 2,
+    ppo = {"reward_model": str(reward_model), "rewards": [id_reward], "rollout_prompts": 8, "ppo_epochs": 2,
            "accuracy_items": 0, "value_model": "shared" if lora else "separate"}  # fmt: skip
     recipe = {
         "model": {"init_from": str(bases / "gpt")},
         "ppo": ppo,
         "rollout": {"max_new_tokens": 12},
         "sft": {"chat_template": "chatml"},
-        "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 4, "seq_len": 256},
+        "data": {"source": "world:rl", "num_rows": 32, "num_eval_rows": 5, "seq_len": 256},
         "train": {"lr": 1e-2, **TWO_PROCESS_RUN},
     }
     extra = {"lora": {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0}} if lora else {}
@@ -160,7 +163,7 @@ def test_ppo_sharded_takes_the_steps_of_ddp_and_resumes_exactly(bases, tmp_path,
     launch_two_processes(["ppo", str(path)])
     launch_two_processes(["ppo", str(path), "--train.name", mode], **launch)
     same_logged_steps(
-        runs, "train/loss", "train/grad_norm", "ppo/value_loss", "kl/mean", "rollout/score_mean", "eval/score",
+        runs, "train/loss", "train/grad_norm", "ppo/value_loss", "kl/mean", "rollout/reward_model", "eval/score",
         other=mode,
     )  # fmt: skip
     if mode == "fsdp2":

@@ -22,6 +22,7 @@ import torch
 from aligner.data.chat import pad_token_id, reply_stop_ids
 from aligner.logprobs import IGNORE_INDEX
 from aligner.model.forward import causal_lm_token_logprobs
+from aligner.rewards import RewardModelScorer
 from aligner.rollout import make_engine
 from aligner.rollout.engine import Completion, SamplingParams
 from aligner.rollout.torch_engine import TorchEngine
@@ -51,6 +52,9 @@ class OnlineTrainer(Trainer):
         self._sampler_step: int | None = None
         ref_model = ref_model.to(self.device).eval() if ref_model is not None else None  # None: LoRA's base
         self.ref_model = shard_like_policy(ref_model, self)
+        for fn in reward_set.fns:  # a reward model on the training device, sharded like the policy where it is
+            if isinstance(fn, RewardModelScorer):
+                fn.model = shard_like_policy(fn.model.to(self.device), self)
         self.reward_set = reward_set
         self.pad_id = pad_token_id(tokenizer)
         self.stop_ids = tuple(reply_stop_ids(tokenizer))
@@ -271,16 +275,19 @@ class OnlineTrainer(Trainer):
         """Greedy completions of the eval prompts: the mean of each reward function and of the total."""
         if not self.eval_data:
             return {}
-        rows = list(self.eval_data)[self.rank :: self.world]
+        mine = list(self.eval_data)[self.rank :: self.world]
+        # every process scores as many rows (the first repeated, its scores not counted), so that a sharded
+        # reward model runs its forwards in step on all of them
+        rows = mine + [self.eval_data[0]] * (-(-len(self.eval_data) // self.world) - len(mine))
         params = self.sampling_params(greedy=True)
         sums = dict.fromkeys([self.total_name, *self.reward_set.names], 0.0)  # the same keys on every process
         engine = TorchEngine(self.sampler_model(), pad_id=self.pad_id, compile=self.r.compile)
         for start in phase(range(0, len(rows), 64), "eval: greedy completions", "batch", min_items=4):
             _, _, totals, parts = self.complete_and_score(rows[start : start + 64], params, engine)
             for name, values in {self.total_name: totals, **parts}.items():
-                sums[name] += sum(values)
+                sums[name] += sum(values[: max(0, len(mine) - start)])
         names = sorted(sums)
-        reduced = self.reduce_sum([float(len(rows))] + [sums[k] for k in names])
+        reduced = self.reduce_sum([float(len(mine))] + [sums[k] for k in names])
         return {f"eval/{k}": v / max(reduced[0], 1) for k, v in zip(names, reduced[1:])}
 
 
@@ -302,49 +309,12 @@ class GroupRolloutTrainer(OnlineTrainer):
 # --- what the commands share ------------------------------------------------------------------------
 
 
-def encode_prompts(
-    rows: list[dict], tokenizer, max_prompt_len: int, source: str, system: str | None = None
-) -> tuple[list[dict], int]:
-    """Prompt records with their token ids (rendered with the generation prompt, as at rollout), dropping
-    prompts over `max_prompt_len` tokens; returns the records and how many were dropped. `system`: a
-    system turn for prompts without one (data.system_prompt)."""
-    from aligner.data.chat import encode_prompt
-    from aligner.data.formats import add_system_prompt, to_prompt_records
-    from aligner.errors import DataError
-    from aligner.tracking import phase
-
-    out, dropped = [], 0
-    for rec in phase(add_system_prompt(to_prompt_records(rows, source), system), f"encoding {source}", "prompt"):
-        ids = encode_prompt(tokenizer, rec["prompt"])
-        if len(ids) > max_prompt_len:
-            dropped += 1
-            continue
-        out.append({**rec, "prompt_ids": ids})
-    if not out:
-        raise DataError(
-            f"{source}: every prompt is longer than data.seq_len - max_new_tokens = {max_prompt_len} tokens; "
-            "raise data.seq_len or lower max_new_tokens"
-        )
-    return out, dropped
-
-
-def reward_set_of(names: list[str], weights: list[float], reward_model: str | None):
-    """The recipe's reward functions, with a reward model scored first (as `reward_model`) when one is named."""
-    from aligner.rewards import RewardModelScorer, RewardSet, resolve_reward
-
-    fns, labels = [resolve_reward(name) for name in names], list(names)
-    if reward_model:
-        fns.insert(0, RewardModelScorer(reward_model))
-        labels.insert(0, "reward_model")
-    return RewardSet(fns, weights or None, labels)
-
-
 def setup(recipe, name: str) -> tuple:
     """Tokenizer (with the chat template of section `name`), reward set and encoded train/eval prompts for an
     online-RL command, all checked before anything is written: (tokenizer, rewards, prompts, evals, note)."""
     from aligner.errors import ConfigError
     from aligner.model.tokenizer import system_prompt
-    from aligner.trainers.setup import load_splits, sft_tokenizer
+    from aligner.trainers.setup import encode_prompts, load_splits, reward_set_of, sft_tokenizer
 
     d, section = recipe.data, getattr(recipe, name)
     tokenizer = sft_tokenizer(recipe, name)

@@ -1,7 +1,8 @@
 """What every training command shares before and after its loop: the recipe's rows (one source, a mix, the
 eval split), the tokenizer with its chat template, the model to train (GPT core or transformers, a scalar
-head, LoRA / QLoRA adapters) at a learning rate that fits it, and the held-out task-world accuracy at the
-end. Each command (aligner.trainers.<algorithm>) calls these and adds only what is its own.
+head, LoRA / QLoRA adapters) at a learning rate that fits it, the online commands' encoded prompts and reward
+set, and the held-out task-world accuracy at the end. Each command (aligner.trainers.<algorithm>) calls these
+and adds only what is its own.
 """
 
 from __future__ import annotations
@@ -202,3 +203,42 @@ def final_accuracy(recipe: Recipe, model, tokenizer, items: int, max_new_tokens:
     summary = {k: v for k, v in acc.items() if k != "completions"} | {"split": "test"}
     (Path(run_dir) / "accuracy.json").write_text(json.dumps(summary, indent=1))
     return acc
+
+
+# --- the online commands' prompts and rewards -------------------------------------------------------------
+
+
+def encode_prompts(
+    rows: list[dict], tokenizer, max_prompt_len: int, source: str, system: str | None = None
+) -> tuple[list[dict], int]:
+    """Prompt records with their token ids (rendered with the generation prompt, as at rollout), dropping
+    prompts over `max_prompt_len` tokens; returns the records and how many were dropped. `system`: a
+    system turn for prompts without one (data.system_prompt)."""
+    from aligner.data.chat import encode_prompt
+    from aligner.data.formats import add_system_prompt, to_prompt_records
+    from aligner.tracking import phase
+
+    out, dropped = [], 0
+    for rec in phase(add_system_prompt(to_prompt_records(rows, source), system), f"encoding {source}", "prompt"):
+        ids = encode_prompt(tokenizer, rec["prompt"])
+        if len(ids) > max_prompt_len:
+            dropped += 1
+            continue
+        out.append({**rec, "prompt_ids": ids})
+    if not out:
+        raise DataError(
+            f"{source}: every prompt is longer than data.seq_len - max_new_tokens = {max_prompt_len} tokens; "
+            "raise data.seq_len or lower max_new_tokens"
+        )
+    return out, dropped
+
+
+def reward_set_of(names: list[str], weights: list[float], reward_model: str | None):
+    """The recipe's reward functions, with a reward model scored first (as `reward_model`) when one is named."""
+    from aligner.rewards import RewardModelScorer, RewardSet, resolve_reward
+
+    fns, labels = [resolve_reward(name) for name in names], list(names)
+    if reward_model:
+        fns.insert(0, RewardModelScorer(reward_model))
+        labels.insert(0, "reward_model")
+    return RewardSet(fns, weights or None, labels)

@@ -12,7 +12,8 @@ run that way.
 The online trainers generate on a full copy of the policy on each process (aligner.trainers.online:
 `sampler_model`), refreshed from the shards after every step (`copy_full_weights`, DeepSpeed's partitions
 too). PPO shards its policy and its value model (critic or value head) as units of their own
-(`PolicyAndValue.shard_units`). A 4-bit QLoRA base is not sharded.
+(`PolicyAndValue.shard_units`), and its reward model as the reference (`shard_like_policy`). A 4-bit QLoRA
+base is not sharded.
 
 Checkpoints of a sharded run hold the sharded state through torch.distributed.checkpoint (`sharded/`: every
 process writes its shard of the weights and of AdamW's moments, and reads it back on resume) and, beside

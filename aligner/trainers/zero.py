@@ -16,10 +16,10 @@ optimizer state to `sharded/`, read back on resume) and, beside them, the weight
 normal Hugging Face directory by the main process, as for FSDP2 (aligner.trainers.sharding). DeepSpeed
 runs on CPUs too (its CPU accelerator and gloo), which is how the 2-process tests run it.
 
-A frozen reference (DPO, GRPO, PPO, ...) is partitioned like the policy under ZeRO-3, and offloaded where
-the config offloads parameters (`partition_frozen`). The online trainers sample on every process from a
-full copy of the policy, as under FSDP2: the copy is refreshed after each optimizer step from the
-partitions, gathered one module at a time (`copy_gathered`), so the gathered weights never exceed the
+A frozen reference (DPO, GRPO, PPO, ...) and PPO's reward model are partitioned like the policy under ZeRO-3,
+and offloaded where the config offloads parameters (`partition_frozen`). The online trainers sample on every
+process from a full copy of the policy, as under FSDP2: the copy is refreshed after each optimizer step from
+the partitions, gathered one module at a time (`copy_gathered`), so the gathered weights never exceed the
 largest module's beside the copy.
 """
 
