@@ -205,3 +205,20 @@ def test_grpo_under_deepspeed_takes_the_steps_of_ddp_and_resumes_exactly(bases, 
     launch_two_processes(argv, config="recipes/accelerate/zero3.yaml")
     a, b = load_file(runs / "zero3/final/model.safetensors"), load_file(part / "final/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "zero3"])
+def test_sharded_pretrain_and_sft_end_with_samples_of_the_gathered_weights(bases, tmp_path, mode):
+    """What the main process runs alone after training (pretrain's samples, SFT's held-out accuracy) runs on
+    the gathered final weights where the model is sharded, whose forward needs every process."""
+    from test_pretrain_cli import tiny_recipe
+
+    if mode == "zero3":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    launch = {"config": "recipes/accelerate/zero3.yaml"} if mode == "zero3" else {"env": FSDP2}
+    recipe = tiny_recipe(tmp_path, train={"max_steps": 2, "save_every": 0, "eval_every": 0})
+    proc = launch_two_processes(["pretrain", str(recipe)], **launch)
+    assert proc.stdout.count("--- sample") == 1
+    sft = recipe_of(tmp_path, bases / "gpt", "sft")
+    proc = launch_two_processes(["sft", str(sft), "--sft.accuracy_items", "4", "--max_steps", "1"], **launch)
+    assert "held-out accuracy" in proc.stdout and "4 items" in proc.stdout

@@ -186,10 +186,15 @@ def train_and_score(trainer: Trainer, model, tokenizer, items: int, max_new_toke
     metrics = trainer.train()
     result = {"metrics": metrics, "run_dir": str(trainer.run_dir), "samples": [], "is_main": trainer.is_main}
     if trainer.is_main and items and trainer.recipe.data.source.startswith("world"):
-        # a sharded model runs only with every process: the main process scores the gathered final weights
-        scored = load_model(trainer.run_dir / "final").to(trainer.device) if trainer.sharded else model()
+        scored = trained_model(trainer, model)
         result["accuracy"] = final_accuracy(trainer.recipe, scored, tokenizer, items, max_new_tokens, trainer.run_dir)
     return result
+
+
+def trained_model(trainer: Trainer, model) -> torch.nn.Module:
+    """The trained model for the main process to run alone after training: `model()`, or where the training was
+    sharded (which runs a forward only with every process) the gathered final weights, loaded afresh."""
+    return load_model(trainer.run_dir / "final").to(trainer.device) if trainer.sharded else model()
 
 
 def final_accuracy(recipe: Recipe, model, tokenizer, items: int, max_new_tokens: int, run_dir: Path) -> dict:

@@ -29,7 +29,14 @@ from aligner.model.forward import causal_lm_token_logprobs
 from aligner.model.load import build_model, has_tokenizer, load_tokenizer
 from aligner.model.tokenizer import load_chat_template, system_prompt, train_tokenizer
 from aligner.trainers.base import Trainer, prepare_run_dir
-from aligner.trainers.setup import load_splits, prepare_model, sft_tokenizer, train_and_score, training_kind
+from aligner.trainers.setup import (
+    load_splits,
+    prepare_model,
+    sft_tokenizer,
+    train_and_score,
+    trained_model,
+    training_kind,
+)
 
 
 class SFTTrainer(Trainer):
@@ -122,9 +129,9 @@ def pretrain(recipe: Recipe) -> dict:
     metrics = trainer.train()
     result = {"metrics": metrics, "run_dir": str(run_dir), "samples": [], "is_main": trainer.is_main}
     if trainer.is_main and recipe.sft.samples > 0:
-        result["samples"] = sample_continuations(
-            trainer.unwrapped(), tokenizer, eval_texts or train_texts, recipe.sft.samples, recipe.sft.sample_tokens
-        )
+        model = trained_model(trainer, trainer.unwrapped)
+        texts = eval_texts or train_texts
+        result["samples"] = sample_continuations(model, tokenizer, texts, recipe.sft.samples, recipe.sft.sample_tokens)
     return result
 
 
