@@ -1,7 +1,7 @@
 """Two CPU processes (gloo) with DDP, FSDP2 (weights, gradients and optimizer state sharded) and DeepSpeed ZeRO-3
 (partitioned by DeepSpeed's engine, through recipes/accelerate/zero3.yaml): sft, dpo and the reward model take
 the steps of one process with the same global batch, checkpoint, resume exactly after a kill, and leave a final
-checkpoint that transformers loads; GRPO and PPO take the steps of DDP under FSDP2, GRPO under ZeRO-3. FSDP2
+checkpoint that transformers loads; GRPO and PPO take the steps of DDP under FSDP2 and ZeRO-3. FSDP2
 is asked for as an FSDP config file asks for it (ACCELERATE_USE_FSDP, FSDP_VERSION=2); accelerate shards only on
 accelerators, so on CPUs the loop does."""
 

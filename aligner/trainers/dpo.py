@@ -65,7 +65,7 @@ class DPOTrainer(Trainer):
         super().__init__(recipe, model, tokenizer, train_data, eval_data, **kw)
         self.dpo = recipe.dpo
         self.loss_fn = kto_loss if self.dpo.loss == "kto" else PREFERENCE_LOSSES[self.dpo.loss]
-        self.ref_model = shard_like_policy(ref_model.to(self.device).eval() if ref_model is not None else None, self)
+        self.ref_model = shard_like_policy(ref_model, self)
 
     packing = False  # pairs' 2B sequences packed padding-free into rows of `row_len` tokens (not KTO)
     row_len = 0

@@ -50,11 +50,10 @@ class OnlineTrainer(Trainer):
         super().__init__(recipe, model, tokenizer, prompts, eval_prompts, **kw)
         self._sampler = sampler.to(self.device).eval() if sampler is not None else None
         self._sampler_step: int | None = None
-        ref_model = ref_model.to(self.device).eval() if ref_model is not None else None  # None: LoRA's base
-        self.ref_model = shard_like_policy(ref_model, self)
+        self.ref_model = shard_like_policy(ref_model, self)  # None: LoRA's base
         for fn in reward_set.fns:  # a reward model on the training device, sharded like the policy where it is
             if isinstance(fn, RewardModelScorer):
-                fn.model = shard_like_policy(fn.model.to(self.device), self)
+                fn.model = shard_like_policy(fn.model, self)
         self.reward_set = reward_set
         self.pad_id = pad_token_id(tokenizer)
         self.stop_ids = tuple(reply_stop_ids(tokenizer))

@@ -101,11 +101,12 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def shard_like_policy(model: torch.nn.Module | None, trainer) -> torch.nn.Module | None:
-    """A frozen companion of the policy (its reference) sharded like it in a multi-process FSDP2 launch, or
-    partitioned like it under DeepSpeed ZeRO-3 (`zero.partition_frozen`), where every process runs it in step;
-    as it is otherwise (or None)."""
+    """A frozen companion of the policy (its reference, a reward model) on the trainer's device in eval mode,
+    sharded like the policy in a multi-process FSDP2 launch, or partitioned like it under DeepSpeed ZeRO-3
+    (`zero.partition_frozen`), where every process runs it in step; as it is otherwise (or None)."""
     if model is None:
         return None
+    model = model.to(trainer.device).eval()
     if zero.requested():
         return zero.partition_frozen(model, trainer.accelerator, trainer.cfg.micro_batch_size)
     if fsdp2_requested() and trainer.world > 1:

@@ -96,12 +96,8 @@ def partition_frozen(model: torch.nn.Module, accelerator, micro_batch: int) -> t
     zero = {k: auto.get(k) if v == "auto" else v for k, v in zero.items() if v != "auto" or k in auto}
     zero.pop("offload_optimizer", None)
     config = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "train_batch_size": micro_batch * accelerator.num_processes,
-        "gradient_accumulation_steps": 1,
+        **loop_settings(micro_batch, accelerator.num_processes),
         "zero_optimization": zero,
-        "bf16": {"enabled": False},  # the loop's autocast, as for the policy
-        "fp16": {"enabled": False},
         "steps_per_print": 2**31 - 1,
     }
     engine, *_ = deepspeed.initialize(model=model, config=config)
@@ -123,17 +119,25 @@ def configure(accelerator, cfg, world: int) -> None:
     """Under DeepSpeed, fill the launch's config with the loop's settings before `accelerator.prepare`."""
     if accelerator.distributed_type != "DEEPSPEED":
         return
-    plugin = accelerator.state.deepspeed_plugin
-    config = plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
-    config["gradient_accumulation_steps"] = 1  # the loop accumulates, marking the boundary itself
-    config["train_batch_size"] = cfg.micro_batch_size * world
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config.update(loop_settings(cfg.micro_batch_size, world))
     config["gradient_clipping"] = float(cfg.grad_clip)
-    config["bf16"] = {"enabled": False}  # the loop's autocast over fp32 master weights
-    config["fp16"] = {"enabled": False}
     config["zero_allow_untested_optimizer"] = True  # the loop's own (fused) AdamW
     config.setdefault("steps_per_print", 2**31 - 1)
     config.setdefault("wall_clock_breakdown", False)
+
+
+def loop_settings(micro_batch: int, world: int) -> dict:
+    """The DeepSpeed settings that are the loop's, for the policy's engine and a frozen companion's alike: its
+    micro-batch, its own accumulation (the boundary marked by `backward`), and no DeepSpeed mixed precision
+    (the loop's bf16 autocast over fp32 master weights)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * world,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+    }
 
 
 def backward(engine, loss: torch.Tensor, boundary: bool) -> None:
