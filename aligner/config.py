@@ -366,10 +366,9 @@ RESUME_FREE = {
     "data": {"eval_source", "eval_split", "num_eval_rows", "streaming"},
     "sft": {"accuracy_items", "accuracy_tokens", "samples", "sample_tokens"},
     "dpo": {"accuracy_items", "accuracy_tokens", "ref_cache_dir"},
-    "grpo": {"accuracy_items", "accuracy_tokens"},
-    "ppo": {"accuracy_items", "accuracy_tokens"},
     "rollout": {"engine", "compile", "vllm_memory", "vllm_sleep", "server_url", "sync_bucket_mb"},
 }  # fmt: skip
+END_EVALS = {"accuracy_items", "accuracy_tokens"}  # any other algorithm section's resume-free fields
 
 
 def recipe_changes(old: Recipe, new: Recipe) -> dict[str, tuple]:
@@ -379,7 +378,7 @@ def recipe_changes(old: Recipe, new: Recipe) -> dict[str, tuple]:
         f"{section}.{key}": (a[section][key], value)
         for section in SECTIONS
         for key, value in b[section].items()
-        if key not in RESUME_FREE.get(section, ()) and a[section].get(key) != value
+        if key not in RESUME_FREE.get(section, END_EVALS) and a[section].get(key) != value
     }
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from aligner import sections  # noqa: F401  (registers the algorithms)
 from aligner.errors import ConfigError
+from aligner.registry import ALGORITHMS
 from aligner.tracking import read_metrics
 
 # plot file -> (title, y label, metric keys drawn when a run has them)
@@ -30,15 +32,15 @@ CURVES = {
     ),
     "kl.png": ("KL to the reference", "nats", ("kl/mean", "grpo/kl", "eval/kl")),
 }
-STAGES = {"dpo/": "dpo", "rm/": "rm", "grpo/": "grpo", "ppo/": "ppo"}
 
 
 def stage_of(rows: list[dict], run_dir: Path) -> str:
-    """The command that wrote the run, from its metric names (pretrain and SFT: from accuracy.json)."""
-    keys = {k for r in rows for k in r}
-    for prefix, stage in STAGES.items():
-        if any(k.startswith(prefix) for k in keys):
-            return stage
+    """The command that wrote the run, from its metric names: each algorithm logs its loss's terms as
+    "<section>/..." (pretrain and SFT share theirs: told apart by accuracy.json)."""
+    keys = {k.split("/")[0] for r in rows for k in r}
+    for algorithm in ALGORITHMS.values():
+        if algorithm.section != "sft" and algorithm.section in keys:
+            return algorithm.name
     return "sft" if (run_dir / "accuracy.json").is_file() else "pretrain"
 
 

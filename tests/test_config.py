@@ -193,3 +193,16 @@ def test_columns_mix_and_streaming_errors(flags, match):
     with pytest.raises(ConfigError, match=match) as e:
         C.load_recipe(None, flags)
     assert "\n" not in str(e.value)
+
+
+def test_every_algorithms_end_of_run_evals_may_change_on_resume():
+    """accuracy_items and accuracy_tokens change no optimisation, in any algorithm's section."""
+    from aligner.config import load_recipe, parse_flags, recipe_changes
+
+    for command in ("grpo", "rloo", "reinforce_pp", "online_dpo", "ppo"):
+        old = load_recipe(None, command=command)
+        new = load_recipe(None, parse_flags(["--accuracy_items", "7", "--accuracy_tokens", "9"]), command=command)
+        assert getattr(new, command).accuracy_items == 7
+        assert recipe_changes(old, new) == {}
+        lr = load_recipe(None, parse_flags(["--lr", "0.5"]), command=command)
+        assert recipe_changes(old, lr) == {"train.lr": (old.train.lr, 0.5)}

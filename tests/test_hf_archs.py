@@ -185,6 +185,7 @@ def test_missing_start_checkpoint_names_the_command_that_makes_it(tmp_path, monk
         assert len(err.splitlines()) == 1 and f"runs/{stage}/final' does not exist" in err, err
         assert f"run `aligner {stage}` first" in err
     assert main(["eval", "runs/sft/final"]) == 2 and "run `aligner sft` first" in capsys.readouterr().err
+    assert main(["eval", "runs/rloo/final"]) == 2 and "run `aligner rloo` first" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 

@@ -89,3 +89,16 @@ def test_progress_in_a_log_file_writes_whole_lines(capsys):
     assert all(line.strip() for line in lines)
     assert lines[0].startswith("sft:   0%") and "step 3: eval/loss 0.4" in lines
     assert lines[-1].startswith("sft: 100%") and "loss=0.5" in lines[-1]
+
+
+def test_each_registered_algorithm_is_told_by_its_metric_names(tmp_path):
+    """Every algorithm logs its loss's terms as "<section>/..."; the registry says whose section is whose."""
+    from aligner.report import stage_of
+
+    cases = {"rloo": "rloo/clipfrac", "reinforce_pp": "reinforce_pp/clipfrac", "online_dpo": "online_dpo/margin",
+             "dpo": "dpo/loss", "grpo": "grpo/kl", "ppo": "ppo/value_loss", "rm": "rm/accuracy"}  # fmt: skip
+    for stage, key in cases.items():
+        assert stage_of([{"step": 1, "train/loss": 0.1, key: 0.0}], tmp_path) == stage
+    assert stage_of([{"step": 1, "train/loss": 0.1, "sft/nll": 1.0}], tmp_path) == "pretrain"
+    (tmp_path / "accuracy.json").write_text("{}")
+    assert stage_of([{"step": 1, "train/loss": 0.1}], tmp_path) == "sft"

@@ -19,6 +19,7 @@ from aligner.config import LoRAConfig, ModelConfig, resolve_path
 from aligner.errors import AlignerError, ConfigError
 from aligner.model.gpt import GPT, GPTConfig
 from aligner.model.tokenizer import end_of_turn_ids
+from aligner.registry import ALGORITHMS
 
 
 def vocab_padded(n: int, multiple: int = 64) -> int:
@@ -79,14 +80,11 @@ def locate(name_or_path: str | Path, what: str = "model.init_from") -> str:
         return name  # a Hub name: transformers downloads it (or says why not)
     parts = Path(name).parts
     stage = parts[-2] if len(parts) >= 2 and parts[-1] == "final" else None
-    if stage in STAGE_COMMANDS:
+    if stage in ALGORITHMS:  # runs/<stage>/final is written by `aligner <stage>`
         hint = f"; run `aligner {stage}` first (it writes {name}), or set {what} to a checkpoint or Hub model"
     else:
         hint = f"; set {what} to a checkpoint directory or a Hugging Face model name"
     raise ConfigError(f"{what}: '{name}' does not exist{hint}")
-
-
-STAGE_COMMANDS = ("pretrain", "sft", "rm", "dpo", "grpo", "ppo")  # runs/<stage>/final is written by `aligner <stage>`
 
 
 def resolve_dtype(name: str, loaded: bool = True) -> torch.dtype:
