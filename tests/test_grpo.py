@@ -11,6 +11,7 @@ from conftest import grpo_recipe, interrupted_copy
 from safetensors.torch import load_file
 
 from aligner.cli import main
+from aligner.data.collate import share_prompts
 from aligner.trainers.grpo import informative_first
 
 
@@ -265,3 +266,29 @@ def test_rollouts_sample_in_bf16_when_training_runs_under_bf16(bases, tmp_path, 
     assert main(["grpo", str(recipe)]) == 0
     m = metrics(tmp_path, "b")[0]
     assert 0 <= m["grpo/mismatch_kl"] < 0.05 and math.isfinite(m["train/grad_norm"])
+
+
+@pytest.mark.parametrize("arch", ["gpt", "hf"])
+def test_completions_sharing_their_prompt_take_the_padded_steps(bases, tmp_path, id_reward, monkeypatch, arch):
+    """`rollout.share_prompts`: a group's completions as branches after one copy of their prompt give the
+    padded batch's log-probs, so the run takes the same steps (the GPT core, and a transformers Llama)."""
+    import aligner.trainers.online as online
+
+    calls = []
+    monkeypatch.setattr(online, "share_prompts", lambda *a: calls.append(a[2]) or share_prompts(*a))
+    grpo = {"rewards": [id_reward], "mask_truncated": False, "num_iterations": 2, "beta": 0.05}
+    for name, share in (("shared", True), ("padded", False)):
+        recipe = grpo_recipe(
+            tmp_path, bases / ("gpt" if arch == "gpt" else "llama"), grpo=grpo, rollout={"share_prompts": share},
+            train={"name": name}, model={"arch": arch},
+        )  # fmt: skip
+        assert main(["grpo", str(recipe), "--max_steps", "4"]) == 0
+        if share:
+            assert calls and all(c >= 2 for c in calls)  # documents of 2 or more completions each
+            calls.clear()
+    assert not calls
+    a, b = metrics(tmp_path, "shared"), metrics(tmp_path, "padded")
+    for key in ("train/loss", "train/grad_norm", "grpo/kl", "rollout/reward_mean"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-7), key
+    wa, wb = (load_file(tmp_path / f"runs/{n}/final/model.safetensors") for n in ("shared", "padded"))
+    assert all(torch.allclose(wa[k], wb[k], atol=5e-5) for k in wa)  # other shapes: rounding, through Adam

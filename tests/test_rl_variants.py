@@ -11,6 +11,7 @@ from conftest import interrupted_copy, tiny_run_recipe
 from safetensors.torch import load_file
 
 from aligner.cli import main
+from aligner.data.collate import share_prompts
 
 # an untrained model gets no reward from the answer checker; a reward that varies within groups gives signal
 ID_REWARD = (
@@ -82,6 +83,28 @@ def test_reinforce_pp_runs_with_its_token_kl_and_normalised_advantages(bases, tm
     assert rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-4)  # policy = reference at the first rollout
     assert rows[1]["kl/mean"] != 0.0 and "reinforce_pp/clipfrac" in rows[0]
     assert moved(bases / "gpt", tmp_path / "runs/reinforce_pp")
+
+
+@pytest.mark.parametrize("name", ["rloo", "reinforce_pp"])
+def test_completions_sharing_their_prompt_take_the_padded_steps(bases, tmp_path, id_reward, monkeypatch, name):
+    """`rollout.share_prompts` (each group's prompt once per document of its completions) gives the padded
+    batch's log-probs: the same steps, with its KL to a frozen reference."""
+    import aligner.trainers.online as online
+
+    calls = []
+    monkeypatch.setattr(online, "share_prompts", lambda *a: calls.append(a[2]) or share_prompts(*a))
+    kl = {"rloo": "beta", "reinforce_pp": "kl_coef"}[name]
+    section = {"rewards": [id_reward], "mask_truncated": False, "num_iterations": 2, kl: 0.1}
+    for run, share in (("shared", True), ("padded", False)):
+        recipe = recipe_of(
+            tmp_path, bases / "gpt", name, **{name: section}, rollout={"share_prompts": share}, train={"name": run}
+        )
+        assert main([name, str(recipe), "--num_generations", "4", "--max_steps", "4"]) == 0
+        assert bool(calls) == share
+        calls.clear()
+    a, b = metrics(tmp_path, "shared"), metrics(tmp_path, "padded")
+    for key in ("train/loss", "train/grad_norm", "kl/mean"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=2e-6), key  # loss ~0: rounding
 
 
 def test_reinforce_pp_resume_is_exact(bases, tmp_path, id_reward):

@@ -215,3 +215,88 @@ def pad_unpaired(examples: Sequence[dict], pad_id: int) -> dict:
     batch = _pad_two_sides(examples, pad_id, "completion", "kl")
     batch["desirable"] = torch.tensor([bool(e["label"]) for e in examples])
     return batch
+
+
+# --- completions that share their prompt (GRPO's groups) ---------------------------------------------
+
+
+def prompt_groups(batch: dict) -> list[list[tuple[int, int, int]]]:
+    """The padded batch's rows with labels as (row, start, end), grouped by prompt (identical tokens, in
+    first-seen order): labels[start] is the row's first completion token, so input_ids[:start + 1] is the
+    prompt it continues and input_ids[start + 1 : end] the completion less its last token."""
+    ids, groups = batch["input_ids"], {}
+    for r, row in enumerate((batch["labels"] != IGNORE_INDEX).tolist()):
+        if any(row):
+            start = row.index(True)
+            groups.setdefault(tuple(ids[r, : start + 1].tolist()), []).append(
+                (r, start, len(row) - row[::-1].index(True))
+            )
+    return list(groups.values())
+
+
+def _document_lengths(groups: list, branches: int) -> list[int]:
+    return [
+        group[0][1] + 1 + sum(end - start - 1 for _, start, end in group[i : i + branches])
+        for group in groups
+        for i in range(0, len(group), branches)
+    ]
+
+
+def sharing_branches(batch: dict, groups: list, linear: float, attention: float, window: float) -> int:
+    """How many completions per document make `share_prompts`'s layout of the batch cheapest to run, or 0
+    when the padded batch is: forward costs in the units of `linear` (per token, the decoder's linear
+    layers) and `attention` (per query-key pair), the padded rows under causal attention (the keys after
+    each query skipped), the documents under a dense mask as wide as the widest, and none wider than
+    `window` (the longest row the model takes branches over, `forward.prefix_window`)."""
+    B, T = batch["input_ids"].shape
+    best, cheapest = 0, B * T * (linear + T / 2 * attention)
+    for branches in range(2, max(map(len, groups), default=0) + 1):
+        lengths = _document_lengths(groups, branches)
+        width = max(lengths)
+        cost = len(lengths) * width * (linear + width * attention)
+        if width <= window and cost < cheapest:
+            best, cheapest = branches, cost
+    return best
+
+
+def share_prompts(batch: dict, groups: list, branches: int) -> dict:
+    """The padded batch with its completions also laid out as branches after their shared prompt (the
+    completions of a GRPO group; `groups` from `prompt_groups`), at most `branches` per document, for a
+    forward that runs each prompt once per document (`forward.causal_lm_shared_logprobs`).
+
+    Adds `shared_input_ids`, `shared_position_ids`, `shared_doc_ids` and `shared_branch_ids` (D, W): one
+    document per row, the prompt (branch 0) and then each completion less its last token (branch 1, 2, ...),
+    every branch continuing the prompt's positions, so that under `attention.build_attn_mask` each
+    completion's hidden states are those of its own padded row; for each label of the batch, `shared_from`
+    (N,): the flat position in (D, W) whose hidden state predicts it (the prompt's last token for a
+    completion's first label), `shared_targets` (N,): the label, and `shared_slots` (N,): its flat position
+    in the padded (B, T) batch. Rows without labels are left out (their log-probs are 0 either way)."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    T, width = ids.shape[1], max(_document_lengths(groups, branches))
+    docs = [group[i : i + branches] for group in groups for i in range(0, len(group), branches)]
+    shape = (len(docs), width)
+    out = {
+        "shared_input_ids": torch.zeros(shape, dtype=torch.int64),
+        "shared_position_ids": torch.arange(width).repeat(len(docs), 1),
+        "shared_doc_ids": torch.full(shape, -1, dtype=torch.int64),
+        "shared_branch_ids": torch.zeros(shape, dtype=torch.int64),
+    }
+    sources, slots = [], []
+    for d, members in enumerate(docs):
+        prompt = members[0][1] + 1
+        out["shared_input_ids"][d, :prompt] = ids[members[0][0], :prompt]
+        out["shared_doc_ids"][d, :prompt] = d
+        at = prompt  # where the next completion's tokens begin
+        for b, (r, start, end) in enumerate(members, 1):
+            n = end - start - 1
+            out["shared_input_ids"][d, at : at + n] = ids[r, start + 1 : end]
+            out["shared_position_ids"][d, at : at + n] = torch.arange(start + 1, end)
+            out["shared_doc_ids"][d, at : at + n] = d
+            out["shared_branch_ids"][d, at : at + n] = b
+            keep = labels[r, start:end] != IGNORE_INDEX
+            sources.append((d * width + torch.tensor([prompt - 1, *range(at, at + n)]))[keep])
+            slots.append((r * T + torch.arange(start, end))[keep])
+            at += n
+    out["shared_from"], out["shared_slots"] = torch.cat(sources), torch.cat(slots)
+    out["shared_targets"] = labels.reshape(-1)[out["shared_slots"]]
+    return {**batch, **out}

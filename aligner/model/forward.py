@@ -12,12 +12,8 @@ import torch
 
 from aligner.errors import ConfigError
 from aligner.logprobs import IGNORE_INDEX, linear_token_logprobs, token_logprobs
+from aligner.model.attention import build_attn_mask
 from aligner.model.gpt import GPT, GPTConfig
-
-
-def logits_of(output) -> torch.Tensor:
-    """Logits from the GPT core (a tensor) or an HF model (an output object)."""
-    return output if torch.is_tensor(output) else output.logits
 
 
 def base_config(model: torch.nn.Module):
@@ -126,3 +122,55 @@ def causal_lm_token_logprobs(
         hidden = out.hidden_states[-1]
     # the head's weight as the forward left it: a sharded model (FSDP2) holds it unsharded only from its forward
     return linear_token_logprobs(hidden, fused_head(model), labels, temperature)
+
+
+def prefix_window(model: torch.nn.Module) -> float:
+    """The longest row over which the model's forward takes documents with branches after a shared prefix
+    (`attention.build_attn_mask`'s `branch_ids`): any for the GPT core; for a transformers model whose
+    attention is SDPA (a boolean 4-D mask used as given), rows up to its sliding window, which a given mask
+    replaces; 0 for other attention kernels (flash attention, eager with soft-capping)."""
+    cfg = base_config(model)
+    if isinstance(cfg, GPTConfig):
+        return float("inf")
+    if getattr(cfg, "_attn_implementation", None) != "sdpa":
+        return 0.0
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    return float("inf") if window is None else float(window)
+
+
+def forward_costs(model: torch.nn.Module) -> tuple[float, float]:
+    """The forward's multiply-adds x 2 per token in the decoder's linear layers and per query-key pair in
+    attention (QK^T and the weighted sum of V), summed over layers, from the config: what a layout of the
+    same tokens costs (`collate.shared_prompt_cost`)."""
+    cfg = base_config(model)
+    d, heads, layers = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers
+    hd = getattr(cfg, "head_dim", None) or d // heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    per_layer = d * hd * (2 * heads + 2 * kv) + 3 * d * cfg.intermediate_size
+    return 2.0 * per_layer * layers, 4.0 * heads * hd * layers
+
+
+def causal_lm_shared_logprobs(model: torch.nn.Module, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """`causal_lm_token_logprobs` of a padded batch (B, T) that `collate.share_prompts` laid out as
+    documents of completions branching from their shared prompt: each prompt runs once per document, and
+    each label's log-prob comes from the hidden state that predicts it. Returns (B, T) fp32, 0 where no label."""
+    ids, docs, branches = batch["shared_input_ids"], batch["shared_doc_ids"], batch["shared_branch_ids"]
+    positions, fused = batch["shared_position_ids"], fused_head(model) is not None
+    if isinstance(base_config(model), GPTConfig):
+        out = model(ids, position_ids=positions, return_hidden=fused, document_ids=docs, branch_ids=branches)
+    else:
+        mask = build_attn_mask(ids.shape[1], 0, None, ids.device, docs, branches)
+        kw = dict(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
+        if fused:  # the head on one position only; the last hidden state is the final norm's output
+            out = model(**kw, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+        else:
+            out = model(**kw).logits
+    rows = out.reshape(-1, out.shape[-1]).index_select(0, batch["shared_from"])  # (N, D) or (N, V)
+    targets = batch["shared_targets"]
+    if fused:  # the head's weight as the forward left it (FSDP2: unsharded only from its forward)
+        picked = linear_token_logprobs(rows, fused_head(model), targets, temperature)
+    else:
+        picked = token_logprobs(rows[None].float() / temperature, targets[None])[0]
+    B, T = batch["labels"].shape
+    flat = torch.zeros(B * T, dtype=torch.float32, device=picked.device)
+    return flat.index_put((batch["shared_slots"],), picked).view(B, T)

@@ -153,6 +153,9 @@ class RolloutConfig:
     # truncated importance sampling: weigh each token's surrogate by min(trainer / sampler probability, tis_cap)
     # where the sampler's numerics differ from the trainer's (vLLM, bf16); 0 = off (the mismatch is logged anyway)
     tis_cap: float = 0.0
+    # GRPO, RLOO, REINFORCE++: train on a group's completions as branches after one copy of their prompt
+    # where that makes the forward cheaper (exact: each completion attends to the prompt and itself only)
+    share_prompts: bool = True
 
     def checks(self, recipe) -> list[tuple[bool, str]]:
         return [

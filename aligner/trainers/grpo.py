@@ -129,7 +129,7 @@ class GRPOTrainer(OnlineTrainer):
         batch = pad_examples_with(examples, self.pad_id, per_token=("sampler_logps",))
         batch["advantages"] = torch.tensor([e["advantage"] for e in examples], dtype=torch.float32)
         batch["n_loss"] = self.loss_units(examples)
-        return batch
+        return self.laid_out(batch)
 
     def loss_units(self, examples: list) -> int:
         """What the loss is divided by, summed over the accumulated batch: completion tokens (dapo) or

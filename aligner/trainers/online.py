@@ -13,6 +13,7 @@ prompts greedily and reports the mean of every reward function (and their weight
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from pathlib import Path
@@ -20,8 +21,9 @@ from pathlib import Path
 import torch
 
 from aligner.data.chat import pad_token_id, reply_stop_ids
+from aligner.data.collate import prompt_groups, share_prompts, sharing_branches
 from aligner.logprobs import IGNORE_INDEX
-from aligner.model.forward import causal_lm_token_logprobs
+from aligner.model.forward import causal_lm_shared_logprobs, causal_lm_token_logprobs, forward_costs, prefix_window
 from aligner.rewards import RewardModelScorer
 from aligner.rollout import make_engine
 from aligner.rollout.engine import Completion, SamplingParams
@@ -226,9 +228,26 @@ class OnlineTrainer(Trainer):
 
     # --- what the sampled-completion trainers share (GRPO, RLOO, REINFORCE++) ---------------------------
 
+    @functools.cached_property
+    def sharing_costs(self) -> tuple[float, float, float] | None:
+        """`sharing_branches`'s costs and window for the policy, or None where it cannot share prompts."""
+        window = prefix_window(self.model) if self.r.share_prompts else 0.0
+        return (*forward_costs(self.model), window) if window > 0 else None
+
+    def laid_out(self, batch: dict) -> dict:
+        """A collated micro-batch, with its completions also laid out as branches after their shared prompt
+        (`collate.share_prompts`) where that costs the forward less (`rollout.share_prompts`)."""
+        if self.sharing_costs is None:
+            return batch
+        groups = prompt_groups(batch)
+        branches = sharing_branches(batch, groups, *self.sharing_costs)
+        return share_prompts(batch, groups, branches) if branches else batch
+
     def token_logps(self, model, batch: dict) -> torch.Tensor:
         """Per-token log-probs (B, T) of the labels under the sampling temperature, as the sampler saw them."""
         with self.autocast():
+            if "shared_from" in batch:
+                return causal_lm_shared_logprobs(model, batch, self.temperature)
             return causal_lm_token_logprobs(model, batch["input_ids"], batch["labels"], temperature=self.temperature)
 
     @torch.no_grad()

@@ -52,7 +52,7 @@ class ReinforcePPTrainer(GroupRolloutTrainer):
         return [self.collate(examples[i : i + mb]) for i in range(0, len(examples), mb)], metrics
 
     def collate(self, examples: list) -> dict:
-        return pad_examples_with(examples, self.pad_id, per_token=("old_logps", "advantages"))  # n_loss: tokens
+        return self.laid_out(pad_examples_with(examples, self.pad_id, per_token=("old_logps", "advantages")))
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logps = self.token_logps(model, batch)  # (B, T)

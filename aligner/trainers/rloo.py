@@ -62,7 +62,7 @@ class RLOOTrainer(GroupRolloutTrainer):
         keys = ("old_logps",) if "old_logps" in examples[0] else ()
         batch = pad_examples_with(examples, self.pad_id, per_token=keys, per_row=("advantage", "kept"))
         batch["n_loss"] = int(batch["kept"].sum())  # the loss's units: completions
-        return batch
+        return self.laid_out(batch)
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logps = self.token_logps(model, batch)  # (B, T)
