@@ -272,10 +272,10 @@ def test_rollouts_sample_in_bf16_when_training_runs_under_bf16(bases, tmp_path, 
 def test_completions_sharing_their_prompt_take_the_padded_steps(bases, tmp_path, id_reward, monkeypatch, arch):
     """`rollout.share_prompts`: a group's completions as branches after one copy of their prompt give the
     padded batch's log-probs, so the run takes the same steps (the GPT core, and a transformers Llama)."""
-    import aligner.trainers.online as online
+    import aligner.trainers.groups as groups
 
     calls = []
-    monkeypatch.setattr(online, "share_prompts", lambda *a: calls.append(a[2]) or share_prompts(*a))
+    monkeypatch.setattr(groups, "share_prompts", lambda *a: calls.append(a[2]) or share_prompts(*a))
     grpo = {"rewards": [id_reward], "mask_truncated": False, "num_iterations": 2, "beta": 0.05}
     for name, share in (("shared", True), ("padded", False)):
         recipe = grpo_recipe(

@@ -16,6 +16,7 @@ from aligner.data.collate import share_prompts
 # an untrained model gets no reward from the answer checker; a reward that varies within groups gives signal
 ID_REWARD = (
     "def low_ids(prompts, completions, completion_ids, **row):\n    return [-sum(c) / 1000 for c in completion_ids]\n"
+    "def flat(prompts, completions, **row):\n    return [0.5] * len(completions)\n"
 )
 
 
@@ -89,10 +90,10 @@ def test_reinforce_pp_runs_with_its_token_kl_and_normalised_advantages(bases, tm
 def test_completions_sharing_their_prompt_take_the_padded_steps(bases, tmp_path, id_reward, monkeypatch, name):
     """`rollout.share_prompts` (each group's prompt once per document of its completions) gives the padded
     batch's log-probs: the same steps, with its KL to a frozen reference."""
-    import aligner.trainers.online as online
+    import aligner.trainers.groups as groups
 
     calls = []
-    monkeypatch.setattr(online, "share_prompts", lambda *a: calls.append(a[2]) or share_prompts(*a))
+    monkeypatch.setattr(groups, "share_prompts", lambda *a: calls.append(a[2]) or share_prompts(*a))
     kl = {"rloo": "beta", "reinforce_pp": "kl_coef"}[name]
     section = {"rewards": [id_reward], "mask_truncated": False, "num_iterations": 2, kl: 0.1}
     for run, share in (("shared", True), ("padded", False)):
@@ -105,6 +106,17 @@ def test_completions_sharing_their_prompt_take_the_padded_steps(bases, tmp_path,
     a, b = metrics(tmp_path, "shared"), metrics(tmp_path, "padded")
     for key in ("train/loss", "train/grad_norm", "kl/mean"):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=2e-6), key  # loss ~0: rounding
+
+
+@pytest.mark.parametrize("name,tied", [("rloo", "2 of 2 groups"), ("reinforce_pp", "the 8 completions")])
+def test_a_rollout_whose_rewards_all_tie_is_named_with_its_counts(bases, tmp_path, capsys, id_reward, name, tied):
+    section = {"rewards": ["variant_reward:flat"], "mask_truncated": False}
+    recipe = recipe_of(tmp_path, bases / "gpt", name, **{name: section})
+    assert main([name, str(recipe), "--num_generations", "4", "--max_steps", "1"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{name}: step 1 had no gradient from its rewards: {tied} had equal rewards and " in err, err
+    assert "of 8 completions hit max_new_tokens (12); reward means: variant_reward:flat 0.50" in err
+    assert metrics(tmp_path, name)[0]["rollout/learning"] == 0
 
 
 def test_reinforce_pp_resume_is_exact(bases, tmp_path, id_reward):

@@ -33,8 +33,8 @@ from aligner.data.collate import pad_examples_with
 from aligner.logprobs import IGNORE_INDEX
 from aligner.losses import grpo_loss, sampler_correction
 from aligner.rollout.engine import SamplingParams
-from aligner.tracking import tqdm_write
-from aligner.trainers.online import OnlineTrainer, run_online
+from aligner.trainers.groups import GroupRolloutTrainer, learning_share
+from aligner.trainers.online import run_online
 from aligner.trainers.reference import reference_of
 
 
@@ -47,21 +47,17 @@ def informative_first(grouped: torch.Tensor, n: int) -> list[int]:
     return sorted(order[:n])
 
 
-class GRPOTrainer(OnlineTrainer):
+class GRPOTrainer(GroupRolloutTrainer):
     """Training data are prompt records {"prompt": messages, "prompt_ids": [...], **columns}; every
     optimizer step's micro-batches come from a rollout of the policy on them."""
 
     stage = "grpo"
 
-    def __init__(self, recipe: Recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=None, **kw):
-        self.g = recipe.grpo
-        super().__init__(recipe, model, tokenizer, prompts, eval_prompts, reward_set, ref_model=ref_model, **kw)
-        self.steps_per_rollout = self.g.num_iterations
-        self.prompts_per_rollout = self.global_batch // self.g.num_generations
-        self.no_gradient_rollouts = 0  # rollouts whose every completion had advantage 0 or was masked
-        self.reward_keys = {f"rollout/{name}" for name in reward_set.names}
+    def __init__(self, recipe: Recipe, *args, **kw):
+        self.g = recipe.grpo  # the section, as `self.c`
+        super().__init__(recipe, *args, **kw)
 
-    def compute_total_steps(self) -> int:
+    def compute_total_steps(self) -> int:  # with the oversampled prompts
         g = self.recipe.grpo
         return self.rollout_steps(self.global_batch // g.num_generations * g.oversample, g.num_iterations)
 
@@ -91,7 +87,6 @@ class GRPOTrainer(OnlineTrainer):
             self.add_reference_logps(batch)
         finished = [o.finished for o in outs]
         trained = sum(int(b["input_ids"].shape[0]) for b in batches)
-        learning = sum(e["advantage"] != 0.0 and e["kept"] for e in examples)
         metrics = {  # over every completion sampled, but rollout/skipped (of those trained on)
             "rollout/reward_mean": float(sampled.mean()),
             "rollout/reward_std": float(sampled.std()) if sampled.numel() > 1 else 0.0,
@@ -99,31 +94,10 @@ class GRPOTrainer(OnlineTrainer):
             "rollout/truncated": 1 - sum(finished) / len(finished),
             "rollout/zero_std_groups": float((grouped.std(-1) == 0).float().mean()),
             "rollout/skipped": 1 - trained / len(examples),  # completions left out of the forward (advantage 0)
-            "rollout/learning": learning / len(examples),  # completions in the loss with advantage != 0
+            "rollout/learning": learning_share(examples),  # completions in the loss with advantage != 0
             **{f"rollout/{name}": sum(v) / len(v) for name, v in parts.items()},
         }
         return batches, metrics
-
-    def train_step(self, step: int) -> dict:
-        metrics = super().train_step(step)
-        if step % self.steps_per_rollout == 0 and metrics["rollout/learning"] == 0 and self.g.beta == 0:
-            self.warn_no_gradient(step, metrics)
-        return metrics
-
-    def warn_no_gradient(self, step: int, m: dict) -> None:
-        """Say why a rollout gives no gradient at all (every group tied, or every completion that is not
-        truncated in a tied group), with the counts, and what usually causes it."""
-        self.no_gradient_rollouts += 1
-        if self.is_main and (self.no_gradient_rollouts <= 3 or self.no_gradient_rollouts % 20 == 0):
-            groups = self.prompts_per_rollout * self.world
-            rewards = ", ".join(f"{k.removeprefix('rollout/')} {v:.2f}" for k, v in m.items() if k in self.reward_keys)
-            tqdm_write(
-                f"grpo: step {step + 1} had no gradient: {m['rollout/zero_std_groups']:.0%} of {groups} groups had "
-                f"equal rewards and {m['rollout/truncated']:.0%} of the completions hit max_new_tokens "
-                f"({self.max_new_tokens}){' and are masked' if self.g.mask_truncated else ''}; reward means: "
-                f"{rewards}. Check that the rewards fit the model's replies (math_answer for general chat models) "
-                f"and max_new_tokens ({self.no_gradient_rollouts} rollouts without gradient so far)"
-            )
 
     def collate(self, examples: list) -> dict:
         batch = pad_examples_with(examples, self.pad_id, per_token=("sampler_logps",))

@@ -13,7 +13,6 @@ prompts greedily and reports the mean of every reward function (and their weight
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import time
 from pathlib import Path
@@ -21,9 +20,8 @@ from pathlib import Path
 import torch
 
 from aligner.data.chat import pad_token_id, reply_stop_ids
-from aligner.data.collate import prompt_groups, share_prompts, sharing_branches
 from aligner.logprobs import IGNORE_INDEX
-from aligner.model.forward import causal_lm_shared_logprobs, causal_lm_token_logprobs, forward_costs, prefix_window
+from aligner.model.forward import causal_lm_shared_logprobs, causal_lm_token_logprobs
 from aligner.rewards import RewardModelScorer
 from aligner.rollout import make_engine
 from aligner.rollout.engine import Completion, SamplingParams
@@ -228,21 +226,6 @@ class OnlineTrainer(Trainer):
 
     # --- what the sampled-completion trainers share (GRPO, RLOO, REINFORCE++) ---------------------------
 
-    @functools.cached_property
-    def sharing_costs(self) -> tuple[float, float, float] | None:
-        """`sharing_branches`'s costs and window for the policy, or None where it cannot share prompts."""
-        window = prefix_window(self.model) if self.r.share_prompts else 0.0
-        return (*forward_costs(self.model), window) if window > 0 else None
-
-    def laid_out(self, batch: dict) -> dict:
-        """A collated micro-batch, with its completions also laid out as branches after their shared prompt
-        (`collate.share_prompts`) where that costs the forward less (`rollout.share_prompts`)."""
-        if self.sharing_costs is None:
-            return batch
-        groups = prompt_groups(batch)
-        branches = sharing_branches(batch, groups, *self.sharing_costs)
-        return share_prompts(batch, groups, branches) if branches else batch
-
     def token_logps(self, model, batch: dict) -> torch.Tensor:
         """Per-token log-probs (B, T) of the labels under the sampling temperature, as the sampler saw them."""
         with self.autocast():
@@ -307,21 +290,6 @@ class OnlineTrainer(Trainer):
         names = sorted(sums)
         reduced = self.reduce_sum([float(len(mine))] + [sums[k] for k in names])
         return {f"eval/{k}": v / max(reduced[0], 1) for k, v in zip(names, reduced[1:])}
-
-
-class GroupRolloutTrainer(OnlineTrainer):
-    """Rollouts of `num_generations` completions for each of train.micro_batch_size x grad_accum x processes /
-    num_generations prompts, each serving `num_iterations` optimizer steps; the settings read from the
-    trainer's own section, `recipe.<stage>` (`self.c`). RLOO and REINFORCE++."""
-
-    def __init__(self, recipe, *args, **kw):
-        self.c = getattr(recipe, self.stage)
-        super().__init__(recipe, *args, **kw)
-        self.steps_per_rollout = self.c.num_iterations
-        self.prompts_per_rollout = self.global_batch // self.c.num_generations
-
-    def compute_total_steps(self) -> int:
-        return self.rollout_steps(self.global_batch // self.c.num_generations, self.c.num_iterations)
 
 
 # --- what the commands share ------------------------------------------------------------------------

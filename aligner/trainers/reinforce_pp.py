@@ -24,7 +24,8 @@ from aligner.config import Recipe
 from aligner.data.collate import pad_examples, pad_examples_with
 from aligner.logprobs import IGNORE_INDEX, kl_estimate
 from aligner.losses import ppo_policy_loss
-from aligner.trainers.online import GroupRolloutTrainer, run_online
+from aligner.trainers.groups import GroupRolloutTrainer, learning_share
+from aligner.trainers.online import run_online
 
 
 class ReinforcePPTrainer(GroupRolloutTrainer):
@@ -48,6 +49,7 @@ class ReinforcePPTrainer(GroupRolloutTrainer):
         for i, e in enumerate(examples):
             e["old_logps"], e["advantages"] = old[i, : len(e["input_ids"])], advantages[i, : len(e["input_ids"])]
         metrics = {**self.rollout_metrics(outs, scores, parts), "kl/mean": float(kl.sum(-1).mean())}
+        metrics["rollout/learning"] = learning_share(examples)
         mb = self.cfg.micro_batch_size
         return [self.collate(examples[i : i + mb]) for i in range(0, len(examples), mb)], metrics
 

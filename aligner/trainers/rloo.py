@@ -23,7 +23,8 @@ from aligner.config import Recipe
 from aligner.data.collate import pad_examples, pad_examples_with
 from aligner.logprobs import IGNORE_INDEX
 from aligner.losses import rloo_loss
-from aligner.trainers.online import GroupRolloutTrainer, run_online
+from aligner.trainers.groups import GroupRolloutTrainer, learning_share
+from aligner.trainers.online import run_online
 
 
 class RLOOTrainer(GroupRolloutTrainer):
@@ -55,6 +56,7 @@ class RLOOTrainer(GroupRolloutTrainer):
         grouped = torch.tensor(scores).view(-1, k)
         metrics.update(self.rollout_metrics(outs, scores, parts))
         metrics["rollout/zero_std_groups"] = float((grouped.std(-1) == 0).float().mean())
+        metrics["rollout/learning"] = learning_share(examples)
         mb = self.cfg.micro_batch_size
         return [self.collate(examples[i : i + mb]) for i in range(0, len(examples), mb)], metrics
 
