@@ -91,7 +91,17 @@ def run_training(command: str, argv: list[str]) -> int:
             f"data {d.source}{f' ({d.split})' if not d.source.startswith('world') else ''} -> {t.out_dir}/{t.name}",
             flush=True,
         )
-    result = ALGORITHMS[command].command()(recipe)
+    run_dir = Path(recipe.train.out_dir) / recipe.train.name
+    missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # the directories this run makes
+    try:
+        result = ALGORITHMS[command].command()(recipe)
+    except AlignerError as e:
+        from aligner.trainers.base import TrainingError
+        from aligner.trainers.checkpoints import discard_unstarted
+
+        if missing and main_process() and not isinstance(e, TrainingError):
+            discard_unstarted(run_dir, missing[-1])  # an input error before the first step leaves nothing behind
+        raise
     leave_process_group()
     if not result["is_main"]:
         return 0

@@ -177,6 +177,34 @@ def default_recipe_path(command: str) -> Path | None:
     return None
 
 
+def trained_here(init_from: str | None) -> bool:
+    """Whether the start model is fresh or a checkpoint this toolkit wrote (it saves recipe.yaml beside it)."""
+    return not init_from or (resolve_path(init_from) / "recipe.yaml").is_file()
+
+
+def read_yaml(path: Path, what: str, shown: str | Path | None = None):
+    """A YAML file's content (`yaml.safe_load`), or a one-line ConfigError naming the file (as `shown`) and
+    what is wrong: unreadable, not UTF-8 (the first bad byte and its line), malformed YAML (line and column)."""
+    shown = path if shown is None else shown
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{what} '{shown}' is not UTF-8: byte {e.start} (line {line}) is 0x{e.object[e.start]:02x}; "
+            "save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{what} '{shown}' cannot be read: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{shown}: malformed YAML{at}: {problem}") from None
+
+
 def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None, command: str = "sft") -> Recipe:
     """Load a recipe file (or the built-in defaults when `path` is None) and apply `overrides`.
 
@@ -189,13 +217,7 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
         source = str(path)
         if not p.is_file():
             raise ConfigError(f"recipe file '{path}' not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
+        raw = read_yaml(p, "recipe file", shown=path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
     try:

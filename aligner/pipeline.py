@@ -39,8 +39,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from aligner.config import ALGORITHMS  # every registered algorithm is a stage, in registration order
 from aligner.errors import AlignerError, ConfigError
 
@@ -85,15 +83,12 @@ class PipelineConfig:
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
     """The pipeline file, strictly: unknown stages or keys and wrong types are one-line errors."""
-    from aligner.config import build_section, resolve_path
+    from aligner.config import build_section, read_yaml, resolve_path
 
     p = resolve_path(path)
     if not p.is_file():
         raise ConfigError(f"pipeline file '{path}' not found")
-    try:
-        values = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    values = read_yaml(p, "pipeline file") or {}
     values = dict(values) if isinstance(values, dict) else {"stages": values}
     entries = values.pop("stages", None)
     if not isinstance(entries, dict) or not entries:

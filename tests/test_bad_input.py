@@ -49,6 +49,35 @@ QUICK = ["--max_steps", "1", "--train.progress", "false", "--accuracy_items", "0
 QUICK += ["--data.num_eval_rows", "4"]
 
 
+@pytest.mark.parametrize("name,content", [("bad.parquet", b"this is not parquet"), ("bad.csv", b'a,b\n"1,2\n')])
+def test_malformed_parquet_and_csv_files(scratch, capsys, name, content):
+    """One line: the datasets library's own log line about the file is not shown as well."""
+    (scratch / name).write_bytes(content)
+    line = one_line(capsys, main(["sft", "--model.init_from", "runs/sft/final", "--data.source", name]))
+    assert f"{name}' could not be read as {name.split('.')[1]}" in line
+
+
+def test_a_reward_function_that_raises_leaves_no_run_behind(scratch, capsys, monkeypatch):
+    """The error comes from the first rollout, after the run directory was made: it is removed again."""
+    (scratch / "broken_reward.py").write_text("def reward(prompts, completions, **row):\n    return 1 / 0\n")
+    monkeypatch.syspath_prepend(str(scratch))
+    before = files(scratch)
+    args = ["grpo", "--rewards", "[broken_reward:reward]", "--rollout.max_new_tokens", "4", *QUICK]
+    line = one_line(capsys, main([*args, "--train.out_dir", "new/runs"]))
+    assert "reward function 'broken_reward:reward' raised ZeroDivisionError" in line
+    assert files(scratch) == before and not (scratch / "new").exists() and not (scratch / "runs/grpo").exists()
+
+
+def test_recipe_pipeline_and_eval_spec_files_that_are_not_utf8(scratch, capsys):
+    (scratch / "bad.yaml").write_bytes(b"train:\n  lr: 0.001\n  name: caf\xe9\n")
+    before = files(scratch)
+    at = "is not UTF-8: byte 30 (line 3) is 0xe9; save it as UTF-8"
+    assert f"recipe file 'bad.yaml' {at}" in one_line(capsys, main(["sft", "bad.yaml"]))
+    assert f"pipeline file 'bad.yaml' {at}" in one_line(capsys, main(["pipeline", "bad.yaml"]))
+    assert f"bad.yaml' {at}" in one_line(capsys, main(["eval", "runs/sft/final", "bad.yaml"])).split("eval spec '")[1]
+    assert files(scratch) == before
+
+
 def test_data_file_that_is_not_utf8(scratch, capsys):
     (scratch / "chat.jsonl").write_bytes(b'{"prompt": "caf\xe9?", "completion": "yes"}\n')
     before = files(scratch)
@@ -94,7 +123,10 @@ def test_output_directory_that_is_a_file_or_read_only(scratch, capsys, monkeypat
 @pytest.mark.parametrize(
     "args,named",
     [(["-n", "0"], "-n: must be >= 1"), (["--max-new-tokens", "-1"], "--max-new-tokens: must be >= 1"),
-     (["--temperature", "-1"], "--temperature: must be >= 0"), (["--top-p", "1.5"], "--top-p: must be in (0, 1]"),
+     (["--temperature", "-1"], "--temperature: must be a finite number >= 0"),
+     (["--temperature", "nan"], "--temperature: must be a finite number >= 0 (0 = greedy), got nan"),
+     (["--temperature", "inf"], "--temperature: must be a finite number >= 0 (0 = greedy), got inf"),
+     (["--top-p", "1.5"], "--top-p: must be in (0, 1]"), (["--top-p", "nan"], "--top-p: must be in (0, 1]"),
      (["-n", "two"], "argument -n: invalid int value: 'two'")],
 )  # fmt: skip
 def test_generation_arguments(scratch, capsys, args, named):
@@ -120,6 +152,12 @@ def test_preference_rows_with_empty_replies_or_bad_margins(scratch, capsys, bad,
         line = one_line(capsys, main([command, "--data.source", "pairs.jsonl", *QUICK[:4]]))
         assert "pairs.jsonl' " + named in line, line
     assert files(scratch) == before
+
+
+def test_dpo_says_it_does_not_use_a_margin_column(scratch, capsys):
+    write_jsonl(scratch / "pairs.jsonl", [dict(r, margin=1.0) for r in PAIRS])
+    assert main(["dpo", "--data.source", "pairs.jsonl", *QUICK]) == 0
+    assert "the rows' margin column is not used by DPO" in capsys.readouterr().out
 
 
 def test_flag_values_keep_their_hyphens(scratch, capsys):

@@ -155,7 +155,7 @@ def test_reward_accuracy_counts_the_pairs_ranked_right(bases, reward_ckpt):
         ("metrics: [exact_match]\nbogus: 1\n", "bogus' (valid keys"),
         ("metrics: [exact]\n", "unknown metric 'exact'"),
         ("metrics: [exact_match]\ndata: {items: many}\n", "data.items must be int"),
-        ("metrics: [exact_match\n", "not valid YAML"),
+        ("metrics: [exact_match\n", "malformed YAML"),
         ("data: {items: 5}\n", "needs at least 'metrics'"),
     ],
 )
@@ -189,3 +189,16 @@ def test_intervals_by_hand():
     assert paired_difference([1, 0, 1], [1, 0, 1]) == (0.0, 0.0)  # the same replies: no uncertainty
     with pytest.raises(ValueError, match="3 items against 2"):
         paired_difference([1, 0, 1], [1, 0])
+
+
+def test_eval_shows_its_progress_and_writes_under_runs(bases, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(bases / "gpt", tmp_path / "runs" / "sft" / "final")
+    before = sorted(p.name for p in (tmp_path / "runs" / "sft" / "final").iterdir())
+    assert main(["eval", "runs/sft/final", "--items", "6", "--metrics", "exact_match"]) == 0
+    err = capsys.readouterr().err
+    assert "greedy replies" in err and "6/6" in err, err  # a bar on stderr, also when it is not a terminal
+    assert (tmp_path / "runs" / "eval" / "sft--final.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs" / "sft" / "final").iterdir()) == before

@@ -37,6 +37,7 @@ import codecs
 import glob
 import itertools
 import json
+import logging
 import math
 import random
 import re
@@ -218,6 +219,9 @@ def _read_file(path: Path, text_field: str, limit: int | None = None, streaming:
     import datasets
 
     datasets.disable_progress_bars()
+    logger = logging.getLogger("datasets")  # its readers log a malformed file's error too: the one line below says it
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         ds = datasets.load_dataset(BUILDERS[suffix], data_files=str(path), split="train", streaming=streaming)
         return [dict(row) for row in itertools.islice(ds, limit)] if streaming else ds.to_list()
@@ -227,6 +231,8 @@ def _read_file(path: Path, text_field: str, limit: int | None = None, streaming:
         if suffix == ".jsonl":
             _check_jsonl(path)
         raise DataError(f"data source '{path}' could not be read as {suffix[1:]}: {_first_line(e)}") from None
+    finally:
+        logger.setLevel(level)
 
 
 def _check_utf8(path: Path) -> None:

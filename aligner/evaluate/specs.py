@@ -8,8 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from aligner.errors import ConfigError, DataError
 from aligner.evaluate.metrics import (
     greedy_replies,
@@ -73,11 +71,9 @@ def find_spec(name_or_path: str) -> Path:
 
 def load_spec(name_or_path: str) -> EvalSpec:
     path = find_spec(name_or_path)
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    from aligner.config import build_section
+    from aligner.config import build_section, read_yaml
+
+    values = read_yaml(path, "eval spec")
 
     values = values or {}
     if not isinstance(values, dict) or "metrics" not in values:

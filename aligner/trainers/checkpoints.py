@@ -156,6 +156,23 @@ class Checkpointing:
             )
 
 
+def discard_unstarted(run_dir: Path, created: Path) -> None:
+    """Remove the run directory, and the new ones above it up to `created`, when the run stopped before it
+    logged a step or saved a checkpoint (it holds only its recipe.yaml and empty logs)."""
+    if not run_dir.is_dir():
+        return
+    metrics = run_dir / "metrics.jsonl"
+    if (metrics.is_file() and metrics.stat().st_size) or any(
+        p.name == "final" or ckpt.STEP_RE.match(p.name) for p in run_dir.iterdir()
+    ):
+        return
+    shutil.rmtree(run_dir)
+    for parent in run_dir.parents:
+        if created not in (parent, *parent.parents) or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber an existing run unless asked; called after all inputs have been validated."""
     run_dir = Path(run_dir)
