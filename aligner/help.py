@@ -71,7 +71,31 @@ def command_help(command: str, args: list[str], description: str = "") -> str:
             except ConfigError:  # ambiguous bare flag: only --section.key reaches this field
                 pass
             lines += field_lines(cls, f, getattr(getattr(recipe, section), f.name), ", ".join(names), width)
+            if (section, f.name) == ("train", "lr") and "train.lr" not in recipe.explicit:
+                lines += _lr_by_size(recipe, algorithm.hub_lr, width)
     return "\n".join(lines)
+
+
+def _lr_by_size(recipe, hub_lr: tuple[float, float], width: int) -> list[str]:
+    """What replaces train.lr at the start when the model is not one this toolkit trained
+    (`trainers.setup.resolve_lr`): nothing to say for its own checkpoints, written or still to come
+    (runs/<command>/final)."""
+    from pathlib import Path
+
+    from aligner.config import resolve_path, trained_here
+
+    init = recipe.model.init_from
+    parts = Path(init).parts if init else ()
+    to_come = parts[-2:-1] and parts[-1] == "final" and parts[-2] in ALGORITHMS and not resolve_path(init).exists()
+    if trained_here(init) or to_come:
+        return []
+    full, lora = hub_lr
+    text = (
+        f"not used as it stands: {recipe.model.init_from} was not trained here, so the run takes the rate for its "
+        f"size unless --lr is given: {full:g} ({lora:g} with LoRA) up to 1.5B parameters, half that up to 15B, "
+        "a quarter beyond"
+    )
+    return _wrap(text, width, "      ")
 
 
 # --- pieces ----------------------------------------------------------------------------------------------

@@ -111,6 +111,16 @@ def test_recipe_values_flags_and_defaults(capsys):
     assert "(only chat_template)" in help_text(capsys, "dpo", "--help")
 
 
+def test_a_hub_models_rate_comes_from_its_size_unless_given(capsys):
+    text = " ".join(
+        field_blocks(help_text(capsys, "sft", "recipes/real/sft_qwen.yaml", "--help"))["--train.lr"].split()
+    )
+    assert "Qwen/Qwen2.5-0.5B-Instruct was not trained here" in text
+    assert "the rate for its size unless --lr is given: 2e-05 (0.0002 with LoRA) up to 1.5B parameters" in text
+    given = field_blocks(help_text(capsys, "sft", "recipes/real/sft_qwen.yaml", "--lr", "1e-5", "--help"))
+    assert "not used" not in given["--train.lr"]
+
+
 def test_bad_input_is_still_one_line_exit_2(capsys):
     for args in (["sft", "--lrr", "1", "--help"], ["sft", "missing.yaml", "--help"], ["dpo", "--beta", "x", "-h"]):
         assert main(args) == 2

@@ -88,6 +88,23 @@ def test_grpo_default_recipe(at_chain):  # dapo: a token sum over the whole batc
     same_steps(at_chain, "grpo", [(16, 1), (8, 2)], args)
 
 
+@pytest.mark.parametrize("flags", [["--loss_type", "grpo"], ["--loss_type", "dr_grpo"], ["--importance", "sequence"]])
+def test_grpo_aggregations(at_chain, flags):  # bnpo is the micro-batch's token mean by definition: not here
+    args = ["--data.num_rows", "32", "--data.num_eval_rows", "0", "--accuracy_items", "0", "--max_new_tokens", "16"]
+    same_steps(at_chain, "grpo", [(16, 1), (8, 2)], [*args, *flags, "--num_iterations", "2", "--max_steps", "3"])
+
+
+@pytest.mark.parametrize("command", ["rloo", "reinforce_pp", "online_dpo"])
+def test_rloo_reinforce_pp_and_online_dpo_default_recipes(at_chain, command):
+    args = ["--data.num_rows", "32", "--data.num_eval_rows", "0", "--accuracy_items", "0", "--max_new_tokens", "16"]
+    same_steps(at_chain, command, [(16, 1), (4, 4)], args)
+
+
+def test_pretrain_default_recipe(at_chain):
+    args = ["--data.num_rows", "200", "--data.num_eval_rows", "0", "--tokenizer.train_rows", "200"]
+    same_steps(at_chain, "pretrain", [(8, 1), (2, 4)], [*args, "--accuracy_items", "0", "--samples", "0"])
+
+
 def test_ppo_default_recipe(at_chain):
     args = ["--data.num_rows", "32", "--data.num_eval_rows", "0", "--accuracy_items", "0", "--max_new_tokens", "16"]
     same_steps(at_chain, "ppo", [(8, 1), (4, 2)], [*args, "--rollout_prompts", "16"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from aligner.config import Recipe, resolve_path
+from aligner.config import Recipe, resolve_path, trained_here
 from aligner.data.sources import load_rows, mix_rows, mix_shares
 from aligner.errors import ConfigError, DataError
 from aligner.model.forward import base_config
@@ -120,11 +120,6 @@ def default_lr(stage: str, lora: bool, n_params: int) -> float:
 
     lr = ALGORITHMS[stage].hub_lr[int(lora)]
     return lr if n_params <= 1.5e9 else lr / 2 if n_params <= 15e9 else lr / 4
-
-
-def trained_here(init_from: str | None) -> bool:
-    """Whether the start model is fresh or a checkpoint this toolkit wrote (it saves recipe.yaml beside it)."""
-    return not init_from or (resolve_path(init_from) / "recipe.yaml").is_file()
 
 
 def resolve_lr(recipe: Recipe, model: torch.nn.Module, stage: str) -> None:
