@@ -388,7 +388,7 @@ RESUME_FREE = {
     "data": {"eval_source", "eval_split", "num_eval_rows", "streaming"},
     "sft": {"accuracy_items", "accuracy_tokens", "samples", "sample_tokens"},
     "dpo": {"accuracy_items", "accuracy_tokens", "ref_cache_dir"},
-    "rollout": {"engine", "compile", "vllm_memory", "vllm_sleep", "server_url", "sync_bucket_mb"},
+    "rollout": {"engine", "compile", "vllm_memory", "vllm_sleep", "server_url", "sync_bucket_mb", "share_prompts"},
 }  # fmt: skip
 END_EVALS = {"accuracy_items", "accuracy_tokens"}  # any other algorithm section's resume-free fields
 

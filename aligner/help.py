@@ -80,14 +80,11 @@ def _lr_by_size(recipe, hub_lr: tuple[float, float], width: int) -> list[str]:
     """What replaces train.lr at the start when the model is not one this toolkit trained
     (`trainers.setup.resolve_lr`): nothing to say for its own checkpoints, written or still to come
     (runs/<command>/final)."""
-    from pathlib import Path
-
     from aligner.config import resolve_path, trained_here
+    from aligner.registry import final_of
 
     init = recipe.model.init_from
-    parts = Path(init).parts if init else ()
-    to_come = parts[-2:-1] and parts[-1] == "final" and parts[-2] in ALGORITHMS and not resolve_path(init).exists()
-    if trained_here(init) or to_come:
+    if trained_here(init) or (final_of(init) and not resolve_path(init).exists()):
         return []
     full, lora = hub_lr
     text = (

@@ -47,6 +47,12 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {}
 
 
+def final_of(path) -> str | None:
+    """The algorithm whose run writes `path`, when it names a run's final checkpoint (.../<command>/final)."""
+    parts = str(path).replace("\\", "/").rstrip("/").split("/")
+    return parts[-2] if len(parts) >= 2 and parts[-1] == "final" and parts[-2] in ALGORITHMS else None
+
+
 def register(algorithm: Algorithm) -> Algorithm:
     """Add an algorithm (and its section) to the registry; a name already taken is an error."""
     if algorithm.name in ALGORITHMS and ALGORITHMS[algorithm.name] != algorithm:

@@ -19,7 +19,7 @@ from aligner.config import LoRAConfig, ModelConfig, resolve_path
 from aligner.errors import AlignerError, ConfigError
 from aligner.model.gpt import GPT, GPTConfig
 from aligner.model.tokenizer import end_of_turn_ids
-from aligner.registry import ALGORITHMS
+from aligner.registry import final_of
 
 
 def vocab_padded(n: int, multiple: int = 64) -> int:
@@ -78,9 +78,8 @@ def locate(name_or_path: str | Path, what: str = "model.init_from") -> str:
     local = name.startswith((".", "/", "~")) or resolve_path(first).is_dir() or not _HUB_ID.fullmatch(name)
     if not local:
         return name  # a Hub name: transformers downloads it (or says why not)
-    parts = Path(name).parts
-    stage = parts[-2] if len(parts) >= 2 and parts[-1] == "final" else None
-    if stage in ALGORITHMS:  # runs/<stage>/final is written by `aligner <stage>`
+    stage = final_of(name)
+    if stage:  # runs/<stage>/final is written by `aligner <stage>`
         hint = f"; run `aligner {stage}` first (it writes {name}), or set {what} to a checkpoint or Hub model"
     else:
         hint = f"; set {what} to a checkpoint directory or a Hugging Face model name"
