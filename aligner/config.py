@@ -380,29 +380,5 @@ def check_writable(path: str | Path, what: str) -> None:
             return
 
 
-# fields that do not change what a run optimises (cadence, where and how it reports, end-of-run evals): a
-# resumed run may change them freely; a change to any other field needs train.resume_with_changes
-RESUME_FREE = {
-    "train": {"name", "out_dir", "eval_every", "save_every", "keep_checkpoints", "log_every", "trackers", "progress",
-              "resume", "resume_with_changes", "overwrite", "compile"},
-    "data": {"eval_source", "eval_split", "num_eval_rows", "streaming"},
-    "sft": {"accuracy_items", "accuracy_tokens", "samples", "sample_tokens"},
-    "dpo": {"accuracy_items", "accuracy_tokens", "ref_cache_dir"},
-    "rollout": {"engine", "compile", "vllm_memory", "vllm_sleep", "server_url", "sync_bucket_mb", "share_prompts"},
-}  # fmt: skip
-END_EVALS = {"accuracy_items", "accuracy_tokens"}  # any other algorithm section's resume-free fields
-
-
-def recipe_changes(old: Recipe, new: Recipe) -> dict[str, tuple]:
-    """{"section.key": (old value, new value)} for every field outside RESUME_FREE that differs."""
-    a, b = old.to_dict(), new.to_dict()
-    return {
-        f"{section}.{key}": (a[section][key], value)
-        for section in SECTIONS
-        for key, value in b[section].items()
-        if key not in RESUME_FREE.get(section, END_EVALS) and a[section].get(key) != value
-    }
-
-
 def save_recipe(recipe: Recipe, directory: Path) -> None:
     (Path(directory) / "recipe.yaml").write_text(recipe.to_yaml())

@@ -197,7 +197,8 @@ def test_columns_mix_and_streaming_errors(flags, match):
 
 def test_every_algorithms_end_of_run_evals_may_change_on_resume():
     """accuracy_items and accuracy_tokens change no optimisation, in any algorithm's section."""
-    from aligner.config import load_recipe, parse_flags, recipe_changes
+    from aligner.config import load_recipe, parse_flags
+    from aligner.trainers.checkpoints import recipe_changes
 
     for command in ("grpo", "rloo", "reinforce_pp", "online_dpo", "ppo"):
         old = load_recipe(None, command=command)

@@ -11,9 +11,33 @@ import time
 from pathlib import Path
 
 from aligner import checkpoint as ckpt
-from aligner.config import save_recipe
+from aligner.config import Recipe, save_recipe
 from aligner.errors import ConfigError
+from aligner.registry import SECTIONS
 from aligner.trainers.sharding import full_state_dict, load_sharded, save_sharded
+
+# fields that do not change what a run optimises (cadence, where and how it reports, end-of-run evals): a
+# resumed run may change them freely; a change to any other field needs train.resume_with_changes
+RESUME_FREE = {
+    "train": {"name", "out_dir", "eval_every", "save_every", "keep_checkpoints", "log_every", "trackers", "progress",
+              "resume", "resume_with_changes", "overwrite", "compile"},
+    "data": {"eval_source", "eval_split", "num_eval_rows", "streaming"},
+    "sft": {"accuracy_items", "accuracy_tokens", "samples", "sample_tokens"},
+    "dpo": {"accuracy_items", "accuracy_tokens", "ref_cache_dir"},
+    "rollout": {"engine", "compile", "vllm_memory", "vllm_sleep", "server_url", "sync_bucket_mb", "share_prompts"},
+}  # fmt: skip
+END_EVALS = {"accuracy_items", "accuracy_tokens"}  # any other algorithm section's resume-free fields
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> dict[str, tuple]:
+    """{"section.key": (old value, new value)} for every field outside RESUME_FREE that differs."""
+    a, b = old.to_dict(), new.to_dict()
+    return {
+        f"{section}.{key}": (a[section][key], value)
+        for section in SECTIONS
+        for key, value in b[section].items()
+        if key not in RESUME_FREE.get(section, END_EVALS) and a[section].get(key) != value
+    }
 
 
 class Checkpointing:
@@ -68,7 +92,7 @@ class Checkpointing:
     def resume(self) -> None:
         """Continue from the newest intact checkpoint: one whose files do not match its manifest, or whose
         state cannot be read, is skipped with a line saying so. The recipe must not have changed in what
-        shapes the optimisation (`aligner.config.recipe_changes`) unless train.resume_with_changes, which
+        shapes the optimisation (`recipe_changes`) unless train.resume_with_changes, which
         applies the new values and records them in <run dir>/resume_changes.jsonl."""
         found = ckpt.list_checkpoints(self.run_dir)
         for _, path in reversed(found):
@@ -118,7 +142,7 @@ class Checkpointing:
     def check_recipe(self, path: Path) -> dict:
         """The changes from the checkpoint's recipe that matter to the optimisation; an error unless
         train.resume_with_changes."""
-        from aligner.config import load_recipe, recipe_changes
+        from aligner.config import load_recipe
 
         saved = Path(path) / "recipe.yaml"
         if not saved.is_file():
