@@ -53,10 +53,6 @@ class GRPOTrainer(GroupRolloutTrainer):
 
     stage = "grpo"
 
-    def __init__(self, recipe: Recipe, *args, **kw):
-        self.g = recipe.grpo  # the section, as `self.c`
-        super().__init__(recipe, *args, **kw)
-
     def compute_total_steps(self) -> int:  # with the oversampled prompts
         g = self.recipe.grpo
         return self.rollout_steps(self.global_batch // g.num_generations * g.oversample, g.num_iterations)
@@ -64,12 +60,12 @@ class GRPOTrainer(GroupRolloutTrainer):
     # --- rollouts ------------------------------------------------------------------------------------
 
     def sampling(self, rollout: int) -> SamplingParams:
-        return self.sampling_params(n=self.g.num_generations, seed=self.sampling_seed(rollout))
+        return self.sampling_params(n=self.c.num_generations, seed=self.sampling_seed(rollout))
 
     @torch.no_grad()
     def make_rollout(self, rollout: int) -> tuple[list[dict], dict]:
         """Sample, score and batch one rollout: this process's micro-batches and the rollout's metrics."""
-        G, k = self.g.num_generations, self.g.oversample
+        G, k = self.c.num_generations, self.c.oversample
         rows = self.rollout_rows(rollout, self.prompts_per_rollout * k)
         outs, _, totals, parts = self.complete_and_score(rows, self.sampling(rollout))
         sampled = torch.tensor(totals)  # (N*G,), every completion sampled
@@ -77,8 +73,8 @@ class GRPOTrainer(GroupRolloutTrainer):
         groups = informative_first(grouped, len(rows) // k)
         trained_outs = [outs[i * G + j] for i in groups for j in range(G)]
         rewards = grouped[groups].reshape(-1)  # the groups trained on
-        advantages = group_advantages(rewards, G, self.g.scale_rewards)
-        examples = self.completion_examples(trained_outs, self.g.mask_truncated)
+        advantages = group_advantages(rewards, G, self.c.scale_rewards)
+        examples = self.completion_examples(trained_outs, self.c.mask_truncated)
         for e, adv in zip(examples, advantages.tolist()):
             e["advantage"] = adv
         mb = self.cfg.micro_batch_size
@@ -109,7 +105,7 @@ class GRPOTrainer(GroupRolloutTrainer):
         """What the loss is divided by, summed over the accumulated batch: completion tokens (dapo) or
         completions with any token in the loss (the other aggregations)."""
         in_loss = [sum(x != IGNORE_INDEX for x in e["labels"]) for e in examples]
-        if self.g.loss_type == "dapo":
+        if self.c.loss_type == "dapo":
             return sum(in_loss)
         return sum(bool(e["kept"] and n) for e, n in zip(examples, in_loss))
 
@@ -118,7 +114,7 @@ class GRPOTrainer(GroupRolloutTrainer):
         (`skip_zero_advantage`, beta 0, any aggregation but bnpo's per-micro-batch mean): they add exactly 0
         to the loss and its gradient, so only the loss's units (n_loss) still count them. One example
         stays when every advantage is 0, so each process still runs a backward per micro-batch."""
-        g = self.g
+        g = self.c
         if not g.skip_zero_advantage or g.beta > 0 or g.loss_type == "bnpo":
             return self.collate(examples)
         live = [e for e in examples if e["advantage"] != 0.0] or [min(examples, key=lambda e: len(e["input_ids"]))]
@@ -129,9 +125,9 @@ class GRPOTrainer(GroupRolloutTrainer):
     def add_reference_logps(self, batch: dict) -> None:
         """Old log-probs (when a rollout serves several steps) and reference log-probs (when beta > 0)."""
         dev = self.to_device(batch)
-        if self.g.num_iterations > 1:
+        if self.c.num_iterations > 1:
             batch["old_logps"] = self.token_logps(self.model, dev).cpu()
-        if self.g.beta > 0:
+        if self.c.beta > 0:
             with reference_of(self.policy(), self.ref_model) as ref:
                 batch["ref_logps"] = self.token_logps(ref, dev).cpu()
 
@@ -148,7 +144,7 @@ class GRPOTrainer(GroupRolloutTrainer):
         mask = (batch["labels"] != IGNORE_INDEX).float()
         old = batch.get("old_logps")
         old = old if old is not None else logps.detach()  # the trainer's log-probs of the sampled tokens
-        g = self.g
+        g = self.c
         weights, stats = sampler_correction(old, batch["sampler_logps"], mask, self.r.tis_cap)
         loss, loss_stats = grpo_loss(
             logps,
